@@ -1,0 +1,32 @@
+# The two commands a fresh clone needs: `make demo` and `make test`.
+# Both create the virtual environment on first use (pip takes torch from the wheels
+# on disk where they exist; see README).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint stop bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/mmrag demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+stop: $(STAMP)
+	$(VENV)/bin/mmrag stack down
+
+bench: $(STAMP)
+	$(PY) bench/ingest.py

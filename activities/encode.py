@@ -1,0 +1,129 @@
+"""GPU-side ingest: fetch, decode, encode and store one batch, on ``mmrag-gpu-encode``.
+
+Pixels never leave this worker: the activity receives URIs, decodes in a thread pool
+while the model encodes the previous micro-batch, writes the vectors to Milvus itself and
+returns only per-asset outcomes. A file that cannot be decoded fails alone.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.encoder import ClipEncoder, get_encoder
+from activities.media import BadMediaError, decode_image
+from activities.storage import ObjectMissingError, store_for
+from activities.vectors import ChunkRow, get_store
+from workers.settings import Settings
+from workflows.activity_payloads import DESCRIBE_ENCODER, ENCODE_BATCH, EncodeBatchInput, EncoderInfo
+from workflows.contracts import FAILED, INGESTED, AssetOutcome, ObjectRef
+
+IMAGE_CHUNK = "image"
+
+
+class EncodeActivities:
+    """Holds the warm model; one instance per encode worker process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._decode_pool = ThreadPoolExecutor(
+            max_workers=max(1, settings.decode_threads), thread_name_prefix="decode"
+        )
+        # One forward pass at a time: concurrent activities overlap their decoding and
+        # Milvus writes with each other's model time instead of fighting over the device.
+        self._model_lock = threading.Lock()
+
+    @property
+    def encoder(self) -> ClipEncoder:
+        s = self.settings
+        return get_encoder(s.clip_model, s.clip_pretrained, s.resolved_checkpoint(), s.device, s.torch_threads)
+
+    @activity.defn(name=DESCRIBE_ENCODER)
+    def describe_encoder(self) -> EncoderInfo:
+        enc = self.encoder
+        return EncoderInfo(enc.model_name, enc.pretrained, enc.dim, str(enc.device))
+
+    @activity.defn(name=ENCODE_BATCH)
+    def encode_batch(self, inp: EncodeBatchInput) -> list[AssetOutcome]:
+        enc = self.encoder
+        if (enc.model_name, enc.pretrained, enc.dim) != (
+            inp.index.model,
+            inp.index.pretrained,
+            inp.index.dim,
+        ):
+            raise ApplicationError(
+                f"this encode worker runs {enc.model_name}/{enc.pretrained or 'local'} "
+                f"(dim {enc.dim}) but index version {inp.index.version} was built with "
+                f"{inp.index.model}/{inp.index.pretrained or 'local'} (dim {inp.index.dim}): "
+                "start encode workers with the index's MMRAG_CLIP_MODEL / MMRAG_CLIP_PRETRAINED",
+                type="EncoderMismatch",
+                non_retryable=True,
+            )
+        outcomes: dict[str, AssetOutcome] = {}
+        rows: list[ChunkRow] = []
+        vectors: list[np.ndarray] = []
+        micro = max(1, self.settings.batch_size)
+        done = 0
+        for refs, pixels in self._decoded_micro_batches(inp.objects, micro, outcomes):
+            if pixels:
+                with self._model_lock:
+                    vectors.append(enc.encode_images(pixels))
+                rows.extend(self._row(inp.tenant, ref, inp.tags) for ref in refs)
+            done += len(refs)
+            activity.heartbeat(done)
+        store = get_store(self.settings.milvus_endpoint(), self.settings.milvus_token.get_secret_value())
+        # Failed assets lose their vectors too: an object overwritten by a corrupt version
+        # must not keep answering with its old content.
+        store.replace_assets(
+            inp.index.collection,
+            inp.tenant,
+            [o.asset_id for o in inp.objects],
+            rows,
+            np.concatenate(vectors) if vectors else np.zeros((0, enc.dim), np.float32),
+        )
+        generations = {o.asset_id: o.generation for o in inp.objects}
+        for row in rows:
+            outcomes[row.asset_id] = AssetOutcome(
+                row.uri, row.asset_id, INGESTED, generation=generations[row.asset_id], chunks=1
+            )
+        return [outcomes[o.asset_id] for o in inp.objects]
+
+    def _decoded_micro_batches(
+        self, objects: list[ObjectRef], micro: int, failures: dict[str, AssetOutcome]
+    ) -> Iterator[tuple[list[ObjectRef], list]]:  # type: ignore[type-arg]
+        """Yield (refs, pixel tensors) per micro-batch; decoding runs ahead in the pool."""
+        futures: list[Future] = [self._decode_pool.submit(self._load, ref) for ref in objects]  # type: ignore[type-arg]
+        for start in range(0, len(objects), micro):
+            refs, pixels = [], []
+            for ref, future in zip(objects[start : start + micro], futures[start : start + micro], strict=True):
+                try:
+                    pixels.append(future.result())
+                    refs.append(ref)
+                except (BadMediaError, ObjectMissingError) as e:
+                    failures[ref.asset_id] = AssetOutcome(
+                        ref.uri, ref.asset_id, FAILED, generation=ref.generation, reason=str(e)
+                    )
+            yield refs, pixels
+
+    def _load(self, ref: ObjectRef):  # type: ignore[no-untyped-def]
+        s = self.settings
+        data = store_for(ref.uri).read(ref.uri, s.max_object_bytes, ref.generation)
+        image = decode_image(data, s.max_object_bytes, s.max_image_pixels)
+        return self.encoder.preprocess(image)
+
+    @staticmethod
+    def _row(tenant: str, ref: ObjectRef, tags: dict[str, str]) -> ChunkRow:
+        return ChunkRow(
+            asset_id=ref.asset_id,
+            tenant=tenant,
+            uri=ref.uri,
+            media_type=ref.media_type or "image",
+            chunk=IMAGE_CHUNK,
+            created_at=ref.created_at,
+            tags=tags,
+        )

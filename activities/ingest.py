@@ -1,0 +1,137 @@
+"""CPU-side ingest activities on the ``mmrag`` queue: index resolution, listing with cheap
+checks, and registry + audit writes. None of them touches pixels."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities import registry
+from activities.media import HEAD_BYTES, BadMediaError, check_object
+from activities.storage import ObjectMissingError, Page, UnsupportedUriError, normalize_uri, store_for
+from activities.vectors import get_store
+from workers.settings import Settings
+from workflows.activity_payloads import (
+    CREATE_FIRST_INDEX,
+    RECORD_OUTCOMES,
+    RESOLVE_INDEX,
+    SCAN_PAGE,
+    CreateIndexInput,
+    RecordOutcomesInput,
+    ScanPageInput,
+    ScanPageResult,
+)
+from workflows.contracts import (
+    FAILED,
+    INGESTED,
+    UNCHANGED,
+    AssetOutcome,
+    IndexTarget,
+    ObjectRef,
+    asset_id_for,
+)
+
+
+class IngestActivities:
+    """Activities that need the registry, the store listing and Milvus metadata calls."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._head_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sniff")
+
+    @property
+    def engine(self):  # type: ignore[no-untyped-def]
+        return registry.get_engine(self.settings.database_endpoint())
+
+    @activity.defn(name=RESOLVE_INDEX)
+    def resolve_index(self) -> IndexTarget | None:
+        """The active index version, or None when nothing was ever indexed."""
+        return registry.active_index(self.engine)
+
+    @activity.defn(name=CREATE_FIRST_INDEX)
+    def create_first_index(self, inp: CreateIndexInput) -> IndexTarget:
+        """Create version 1 (collection + alias) for the encoder's model; idempotent."""
+        info = activity.info()
+        target = registry.create_first_index(
+            self.engine,
+            self.settings.collection_prefix,
+            inp.model,
+            inp.pretrained,
+            inp.dim,
+            actor=info.workflow_id,
+        )
+        store = get_store(self.settings.milvus_endpoint(), self.settings.milvus_token.get_secret_value())
+        store.ensure_collection(target.collection, target.dim)
+        store.point_alias(self.settings.collection_prefix, target.collection)
+        return target
+
+    @activity.defn(name=SCAN_PAGE)
+    def scan_page(self, inp: ScanPageInput) -> ScanPageResult:
+        """List one page of a source and sort it into encode / unchanged / rejected."""
+        try:
+            source = normalize_uri(inp.source)
+            store = store_for(source)
+            if inp.single_object:
+                page = Page([store.stat(source)], "")
+            else:
+                page = store.list_page(source, inp.page_token, inp.page_size)
+        except (ObjectMissingError, UnsupportedUriError) as e:
+            return ScanPageResult(
+                rejected=[AssetOutcome(uri=inp.source, asset_id="", status=FAILED, reason=str(e))]
+            )
+        for ref in page.objects:
+            ref.asset_id = asset_id_for(inp.tenant, ref.uri)
+        known = registry.known_generations(
+            self.engine, inp.tenant, [r.asset_id for r in page.objects]
+        )
+        result = ScanPageResult(next_token=page.next_token)
+        candidates: list[ObjectRef] = []
+        for ref in page.objects:
+            previous = known.get(ref.asset_id)
+            if (
+                not inp.force
+                and previous is not None
+                and previous == (ref.generation, INGESTED, inp.index_version)
+            ):
+                result.unchanged.append(
+                    AssetOutcome(ref.uri, ref.asset_id, UNCHANGED, generation=ref.generation)
+                )
+            else:
+                candidates.append(ref)
+        checks = self._head_pool.map(self._cheap_check, candidates)
+        for ref, reason in zip(candidates, checks, strict=True):
+            if reason:
+                result.rejected.append(
+                    AssetOutcome(ref.uri, ref.asset_id, FAILED, generation=ref.generation, reason=reason)
+                )
+            else:
+                result.to_encode.append(ref)
+        return result
+
+    def _cheap_check(self, ref: ObjectRef) -> str:
+        """Sniff the first bytes; fill in the media type; return a failure reason or ""."""
+        try:
+            head = store_for(ref.uri).read_head(ref.uri, HEAD_BYTES) if ref.size else b""
+            ref.media_type = check_object(head, ref.size, self.settings.max_object_bytes)
+        except (BadMediaError, ObjectMissingError) as e:
+            return str(e)
+        return ""
+
+    @activity.defn(name=RECORD_OUTCOMES)
+    def record_outcomes(self, inp: RecordOutcomesInput) -> None:
+        info = activity.info()
+        try:
+            registry.record_outcomes(
+                self.engine,
+                inp.tenant,
+                inp.index_version,
+                inp.objects,
+                inp.outcomes,
+                inp.tags,
+                workflow_id=info.workflow_id,
+                run_id=info.workflow_run_id,
+            )
+        except ValueError as e:  # malformed input: retrying cannot help
+            raise ApplicationError(str(e), non_retryable=True) from e

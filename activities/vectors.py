@@ -1,0 +1,208 @@
+"""The vector store: one Milvus collection per index version, read through an alias.
+
+Rows are keyed deterministically (``<asset_id>:<chunk>``) and written by
+delete-then-insert per asset, so a re-run leaves the same rows, an object whose chunk
+count changed leaves no stale chunks, and Milvus 2.3's partition-key + upsert bug (see
+DESIGN.md) cannot bite: tenant is a plain scalar field that every read filters on.
+
+Filters are compiled from structured values with escaped literals (``literal``), never
+taken as expression strings from a caller.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+from pymilvus import DataType, MilvusClient
+
+MAX_URI = 2048
+MAX_SNIPPET = 2048
+
+
+@dataclass
+class ChunkRow:
+    """One vector and what a search needs to cite it."""
+
+    asset_id: str
+    tenant: str
+    uri: str
+    media_type: str
+    chunk: str  # locator: "image", "page:3", "frame:12.500"
+    created_at: int
+    tags: dict[str, str] = field(default_factory=dict)
+    snippet: str = ""
+
+    @property
+    def pk(self) -> str:
+        return f"{self.asset_id}:{self.chunk}"
+
+
+def literal(value: str | int | float | bool) -> str:
+    """A Milvus expression literal; strings are JSON-escaped so they cannot end the literal."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if not isinstance(value, str):
+        raise TypeError(f"unsupported filter value type {type(value).__name__}")
+    return json.dumps(value, ensure_ascii=False)
+
+
+def in_list(field_name: str, values: Iterable[str | int]) -> str:
+    return f"{field_name} in [{', '.join(literal(v) for v in values)}]"
+
+
+def tag_value(key: str, value: str) -> str:
+    return f"{key}={value}"
+
+
+class VectorStore:
+    """A thin, typed facade over ``MilvusClient`` for the calls mmrag makes."""
+
+    def __init__(self, uri: str, token: str = "") -> None:
+        self.client = MilvusClient(uri=uri, token=token or "")
+        self._lock = threading.Lock()
+
+    # -- collections and aliases -------------------------------------------------------
+    def ensure_collection(self, name: str, dim: int) -> None:
+        with self._lock:
+            if self.client.has_collection(name):
+                return
+            schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=128)
+            schema.add_field("asset_id", DataType.VARCHAR, max_length=64)
+            schema.add_field("tenant", DataType.VARCHAR, max_length=128)
+            schema.add_field("uri", DataType.VARCHAR, max_length=MAX_URI)
+            schema.add_field("media_type", DataType.VARCHAR, max_length=64)
+            schema.add_field("chunk", DataType.VARCHAR, max_length=64)
+            schema.add_field("created_at", DataType.INT64)
+            schema.add_field(
+                "tags",
+                DataType.ARRAY,
+                element_type=DataType.VARCHAR,
+                max_capacity=64,
+                max_length=256,
+            )
+            schema.add_field("snippet", DataType.VARCHAR, max_length=MAX_SNIPPET)
+            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+            index = self.client.prepare_index_params()
+            index.add_index(
+                field_name="vector",
+                index_type="HNSW",
+                metric_type="COSINE",
+                params={"M": 16, "efConstruction": 200},
+            )
+            self.client.create_collection(name, schema=schema, index_params=index)
+            self.client.load_collection(name)
+
+    def point_alias(self, alias: str, collection: str) -> None:
+        """Make ``alias`` name ``collection`` in one step (create or alter)."""
+        with self._lock:
+            aliases = self.client.list_aliases(collection).get("aliases", [])
+            if alias in aliases:
+                return
+            try:
+                self.client.alter_alias(collection_name=collection, alias=alias)
+            except Exception:
+                self.client.create_alias(collection_name=collection, alias=alias)
+
+    # -- writes -----------------------------------------------------------------------
+    def replace_assets(
+        self,
+        collection: str,
+        tenant: str,
+        asset_ids: Sequence[str],
+        rows: Sequence[ChunkRow],
+        vectors: np.ndarray,
+    ) -> int:
+        """Delete every chunk of ``asset_ids``, then insert ``rows``: idempotent.
+
+        Assets in ``asset_ids`` without rows (they failed this time) end with no vectors.
+        """
+        if asset_ids:
+            self.delete_assets(collection, tenant, asset_ids)
+        if not rows:
+            return 0
+        data = [
+            {
+                "pk": r.pk,
+                "asset_id": r.asset_id,
+                "tenant": r.tenant,
+                "uri": r.uri[:MAX_URI],
+                "media_type": r.media_type,
+                "chunk": r.chunk,
+                "created_at": int(r.created_at),
+                "tags": [tag_value(k, v) for k, v in sorted(r.tags.items())][:64],
+                "snippet": r.snippet[:MAX_SNIPPET],
+                "vector": vec,
+            }
+            for r, vec in zip(rows, vectors.astype(np.float32).tolist(), strict=True)
+        ]
+        result = self.client.insert(collection, data)
+        return int(result.get("insert_count", len(data)))
+
+    def delete_assets(self, collection: str, tenant: str, asset_ids: Sequence[str]) -> None:
+        expr = f"tenant == {literal(tenant)} and {in_list('asset_id', asset_ids)}"
+        self.client.delete(collection, filter=expr)
+
+    # -- reads ------------------------------------------------------------------------
+    def count(self, collection: str, tenant: str | None = None, strong: bool = True) -> int:
+        expr = f"tenant == {literal(tenant)}" if tenant is not None else ""
+        rows = self.client.query(
+            collection,
+            filter=expr,
+            output_fields=["count(*)"],
+            consistency_level="Strong" if strong else "Bounded",
+        )
+        return int(rows[0]["count(*)"]) if rows else 0
+
+    def pks(self, collection: str, tenant: str) -> list[str]:
+        rows = self.client.query(
+            collection,
+            filter=f"tenant == {literal(tenant)}",
+            output_fields=["pk"],
+            consistency_level="Strong",
+            limit=16384,
+        )
+        return sorted(r["pk"] for r in rows)
+
+    def search(
+        self,
+        collection: str,
+        vector: Sequence[float],
+        tenant: str,
+        top_k: int,
+        extra_filter: str = "",
+        strong: bool = False,
+    ) -> list[dict[str, object]]:
+        """Nearest chunks of one tenant; ``extra_filter`` must come from this module's helpers."""
+        expr = f"tenant == {literal(tenant)}"
+        if extra_filter:
+            expr = f"{expr} and ({extra_filter})"
+        hits = self.client.search(
+            collection,
+            data=[list(vector)],
+            filter=expr,
+            limit=top_k,
+            output_fields=["asset_id", "uri", "media_type", "chunk", "created_at", "tags", "snippet"],
+            search_params={"metric_type": "COSINE", "params": {"ef": max(64, top_k)}},
+            consistency_level="Strong" if strong else "Bounded",
+        )
+        out = []
+        for hit in hits[0] if hits else []:
+            entity = dict(hit.get("entity", {}))
+            entity["score"] = float(hit.get("distance", 0.0))
+            entity["pk"] = hit.get("id")
+            out.append(entity)
+        return out
+
+
+@lru_cache(maxsize=4)
+def get_store(uri: str, token: str = "") -> VectorStore:
+    """One client per process and endpoint: connections are expensive to set up."""
+    return VectorStore(uri, token)

@@ -1,0 +1,98 @@
+"""Start ingest workflows from Python, and follow them with a progress bar."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from dataclasses import asdict
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import WorkflowIDConflictPolicy
+
+from activities.storage import normalize_uri
+from workflows.contracts import (
+    INGEST_BATCH_WORKFLOW,
+    TASK_QUEUE,
+    IngestBatchInput,
+    IngestProgress,
+    IngestResult,
+)
+
+
+def batch_workflow_id(inp: IngestBatchInput) -> str:
+    """Same sources, tenant, tags and force flag: the same id, so a second start attaches."""
+    key = json.dumps([inp.sources, inp.tags, inp.force], sort_keys=True)
+    return f"ingest-batch/{inp.tenant}/{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+async def start_ingest(
+    client: Client,
+    tenant: str,
+    paths_or_uris: list[str],
+    tags: dict[str, str] | None = None,
+    force: bool = False,
+    **options: int,
+) -> WorkflowHandle[object, IngestResult]:
+    sources = [normalize_uri(p) for p in paths_or_uris]
+    inp = IngestBatchInput(tenant=tenant, sources=sources, tags=tags or {}, force=force, **options)
+    return await client.start_workflow(
+        INGEST_BATCH_WORKFLOW,
+        inp,
+        id=batch_workflow_id(inp),
+        task_queue=TASK_QUEUE,
+        result_type=IngestResult,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        static_summary=f"ingest {len(sources)} source(s) for tenant {tenant}",
+    )
+
+
+async def follow(handle: WorkflowHandle[object, IngestResult], console: Console) -> IngestResult:
+    """Show progress from the workflow's ``progress`` query until it returns."""
+    result_task = asyncio.ensure_future(handle.result())
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("ingesting", total=None)
+        while not result_task.done():
+            try:
+                p = await handle.query("progress", result_type=IngestProgress)
+                bar.update(
+                    task,
+                    completed=p.seen,
+                    total=p.seen + p.in_flight,
+                    description=(
+                        f"ingested {p.ingested} unchanged {p.unchanged} failed {p.failed}"
+                    ),
+                )
+            except Exception:  # the run may be between continue-as-new runs
+                pass
+            await asyncio.wait([result_task], timeout=0.5)
+    return result_task.result()
+
+
+def print_summary(result: IngestResult, console: Console) -> None:
+    console.print(
+        f"[bold]tenant {result.tenant}[/bold] index v{result.index_version}: "
+        f"[green]{result.ingested} ingested[/green], {result.unchanged} unchanged, "
+        f"[red]{result.failed} failed[/red] ({result.vectors} vectors written)"
+    )
+    if result.failures:
+        table = Table("object", "why it failed", show_lines=False)
+        for f in result.failures:
+            table.add_row(f.uri, f.reason)
+        console.print(table)
+        if result.failed > len(result.failures):
+            console.print(f"... and {result.failed - len(result.failures)} more (see the audit log)")
+
+
+def result_json(result: IngestResult) -> str:
+    return json.dumps(asdict(result), indent=2)

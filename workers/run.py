@@ -1,0 +1,95 @@
+"""Worker entry point: one role per task queue, or all of them in one process for development.
+
+Roles (see DESIGN.md): ``cpu`` runs the workflows and the storage / Milvus / Postgres
+activities on ``mmrag``; ``encode`` runs CLIP on ``mmrag-gpu-encode`` with the model
+loaded before polling starts; ``generate`` runs LLM generation on ``mmrag-gpu-generate``.
+SIGTERM and SIGINT shut down gracefully: running activities get
+``MMRAG_GRACEFUL_SHUTDOWN_SECONDS`` to finish before they are handed back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from workers.settings import Settings, get_settings
+from workers.temporal_client import connect
+from workflows.contracts import ENCODE_TASK_QUEUE, TASK_QUEUE
+
+ROLES = ("all", "cpu", "encode", "generate")
+log = logging.getLogger("mmrag.worker")
+
+
+def cpu_worker(client: Client, settings: Settings) -> Worker:
+    from activities.ingest import IngestActivities
+    from workflows.ingest import IngestAsset, IngestBatch
+
+    ingest = IngestActivities(settings)
+    return Worker(
+        client,
+        task_queue=TASK_QUEUE,
+        workflows=[IngestBatch, IngestAsset],
+        activities=[ingest.resolve_index, ingest.create_first_index, ingest.scan_page, ingest.record_outcomes],
+        activity_executor=ThreadPoolExecutor(settings.max_concurrent_activities),
+        max_concurrent_activities=settings.max_concurrent_activities,
+        graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown_seconds),
+    )
+
+
+def encode_worker(client: Client, settings: Settings) -> Worker:
+    from activities.encode import EncodeActivities
+
+    encode = EncodeActivities(settings)
+    info = encode.describe_encoder()  # warm: load the model before taking any task
+    log.info("encoder ready: %s/%s dim=%d on %s", info.model, info.pretrained, info.dim, info.device)
+    return Worker(
+        client,
+        task_queue=ENCODE_TASK_QUEUE,
+        activities=[encode.describe_encoder, encode.encode_batch],
+        activity_executor=ThreadPoolExecutor(settings.max_concurrent_encode_activities),
+        max_concurrent_activities=settings.max_concurrent_encode_activities,
+        graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown_seconds),
+    )
+
+
+def build_workers(role: str, client: Client, settings: Settings) -> list[Worker]:
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}: choose one of {', '.join(ROLES)}")
+    workers = []
+    if role in ("all", "cpu"):
+        workers.append(cpu_worker(client, settings))
+    if role in ("all", "encode"):
+        workers.append(encode_worker(client, settings))
+    if role == "generate":
+        raise ValueError("the generate role has no activities yet: run --role cpu and encode")
+    return workers
+
+
+async def run_workers(role: str, settings: Settings | None = None) -> None:
+    settings = settings or get_settings()
+    client = await connect(settings)
+    workers = build_workers(role, client, settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(w.run()) for w in workers]
+    queues = ", ".join(w.task_queue for w in workers)
+    log.info("worker running (role %s) on %s", role, queues)
+    print(f"mmrag worker ready: role={role} queues={queues}", flush=True)
+    done_or_stop = asyncio.create_task(stop.wait())
+    finished, _ = await asyncio.wait([done_or_stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for task in finished:
+        if task is not done_or_stop and task.exception():
+            log.error("worker stopped: %s", task.exception())
+    log.info("shutting down (graceful timeout %ss)", settings.graceful_shutdown_seconds)
+    await asyncio.gather(*(w.shutdown() for w in workers), return_exceptions=True)
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception():
+            raise task.exception()  # type: ignore[misc]

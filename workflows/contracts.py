@@ -1,0 +1,162 @@
+"""The public API of mmrag: workflow names, task queues and their JSON-stable payloads.
+
+Other backends (Go, Java, TypeScript, Python) start these workflows by *name* on
+``TASK_QUEUE`` with JSON input whose keys are the field names below. Fields are only ever
+added with defaults, never renamed or removed, so a caller written against an older
+version keeps working. ``CONTRACT_VERSION`` moves when a field is added.
+
+This module must stay importable inside the Temporal workflow sandbox: standard library
+only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+CONTRACT_VERSION = 1
+
+# Task queues (see DESIGN.md): workflows and CPU activities, CLIP encoding, LLM generation.
+TASK_QUEUE = "mmrag"
+ENCODE_TASK_QUEUE = "mmrag-gpu-encode"
+GENERATE_TASK_QUEUE = "mmrag-gpu-generate"
+
+# Workflow type names: the stable strings other backends use.
+INGEST_ASSET_WORKFLOW = "IngestAsset"
+INGEST_BATCH_WORKFLOW = "IngestBatch"
+
+# Custom search attributes (registered by `mmrag stack up` / `mmrag temporal setup`).
+SEARCH_ATTRIBUTES: dict[str, str] = {
+    "MmragTenant": "Keyword",
+    "MmragSource": "Keyword",
+    "MmragAssetId": "Keyword",
+    "MmragIndexVersion": "Int",
+    "MmragOutcome": "Keyword",
+}
+
+# Asset outcome statuses.
+INGESTED = "ingested"
+UNCHANGED = "unchanged"
+FAILED = "failed"
+
+
+def asset_id_for(tenant: str, uri: str) -> str:
+    """Deterministic asset id: the same object of the same tenant is always the same asset."""
+    return hashlib.sha256(f"{tenant}\x00{uri}".encode()).hexdigest()[:32]
+
+
+def ingest_asset_workflow_id(tenant: str, uri: str, generation: str) -> str:
+    """Workflow id for one object version: starting it twice is a no-op, not a second run."""
+    return f"ingest-asset/{tenant}/{asset_id_for(tenant, uri)}/{generation}"
+
+
+@dataclass
+class ObjectRef:
+    """One object in storage, as listed: what the cheap checks and the encoder need."""
+
+    uri: str
+    generation: str
+    size: int
+    asset_id: str = ""
+    media_type: str = ""
+    content_type: str = ""
+    created_at: int = 0  # object creation/modification time, epoch seconds
+
+
+@dataclass
+class AssetOutcome:
+    """What happened to one object in an ingest."""
+
+    uri: str
+    asset_id: str
+    status: str  # ingested | unchanged | failed
+    generation: str = ""
+    reason: str = ""  # why it failed, in words a user can act on
+    chunks: int = 0  # vectors written for it
+
+
+@dataclass
+class IndexTarget:
+    """The index version an ingest writes into (one Milvus collection per version)."""
+
+    version: int
+    collection: str
+    model: str
+    pretrained: str
+    dim: int
+
+
+@dataclass
+class IngestAssetInput:
+    """Input of ``IngestAsset``: one object (a ``file://`` or ``gs://`` URI, or a local path)."""
+
+    tenant: str
+    uri: str
+    tags: dict[str, str] = field(default_factory=dict)
+    force: bool = False  # re-encode even when the generation is unchanged
+
+
+@dataclass
+class IngestTotals:
+    """Running counts of an ingest; carried across continue-as-new."""
+
+    seen: int = 0
+    ingested: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    vectors: int = 0
+    failures: list[AssetOutcome] = field(default_factory=list)  # capped, see MAX_REPORTED_FAILURES
+
+
+MAX_REPORTED_FAILURES = 200
+
+
+@dataclass
+class IngestBatchInput:
+    """Input of ``IngestBatch``: folders, prefixes or objects, ingested page by page.
+
+    ``sources`` are ``file://`` URIs, ``gs://bucket/prefix`` URIs or absolute local paths.
+    The ``cursor_*`` fields and ``totals`` are continuation state set by the workflow
+    itself when it continues as new; callers leave them out.
+    """
+
+    tenant: str
+    sources: list[str]
+    tags: dict[str, str] = field(default_factory=dict)
+    force: bool = False
+    batch_size: int = 0  # objects per encode activity; 0 = the worker's setting
+    page_size: int = 256  # objects listed per page
+    max_concurrent_batches: int = 2
+    encode_heartbeat_timeout_s: int = 30  # a dead encode worker's batch is retried after this
+    cursor_source: int = 0
+    cursor_page_token: str = ""
+    totals: IngestTotals = field(default_factory=IngestTotals)
+
+
+@dataclass
+class IngestResult:
+    """Output of ``IngestBatch`` and ``IngestAsset``."""
+
+    tenant: str
+    index_version: int
+    seen: int
+    ingested: int
+    unchanged: int
+    failed: int
+    vectors: int
+    failures: list[AssetOutcome] = field(default_factory=list)
+
+
+@dataclass
+class IngestProgress:
+    """Answer of the ``progress`` query on ``IngestBatch``."""
+
+    tenant: str
+    source: str
+    sources_done: int
+    sources_total: int
+    seen: int
+    ingested: int
+    unchanged: int
+    failed: int
+    in_flight: int

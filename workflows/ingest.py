@@ -1,0 +1,296 @@
+"""Ingest workflows: ``IngestAsset`` (one object) and ``IngestBatch`` (folders and prefixes).
+
+Both run the same steps: resolve the active index version, scan (list + cheap checks +
+registry comparison) on ``mmrag``, encode + store in GPU-sized batches on
+``mmrag-gpu-encode``, then record registry rows and audit rows on ``mmrag``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+from dataclasses import replace
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePair
+
+from workflows.activity_payloads import (
+    CREATE_FIRST_INDEX,
+    DESCRIBE_ENCODER,
+    ENCODE_BATCH,
+    RECORD_OUTCOMES,
+    RESOLVE_INDEX,
+    SCAN_PAGE,
+    CreateIndexInput,
+    EncodeBatchInput,
+    EncoderInfo,
+    RecordOutcomesInput,
+    ScanPageInput,
+    ScanPageResult,
+)
+from workflows.contracts import (
+    ENCODE_TASK_QUEUE,
+    FAILED,
+    INGEST_ASSET_WORKFLOW,
+    INGEST_BATCH_WORKFLOW,
+    INGESTED,
+    MAX_REPORTED_FAILURES,
+    AssetOutcome,
+    IndexTarget,
+    IngestAssetInput,
+    IngestBatchInput,
+    IngestProgress,
+    IngestResult,
+    IngestTotals,
+    ObjectRef,
+)
+
+TENANT_KEY = SearchAttributeKey.for_keyword("MmragTenant")
+SOURCE_KEY = SearchAttributeKey.for_keyword("MmragSource")
+ASSET_ID_KEY = SearchAttributeKey.for_keyword("MmragAssetId")
+INDEX_VERSION_KEY = SearchAttributeKey.for_int("MmragIndexVersion")
+OUTCOME_KEY = SearchAttributeKey.for_keyword("MmragOutcome")
+
+# Pages processed per run before continuing as new: keeps histories far below the
+# suggested limit even for very large buckets.
+PAGES_PER_RUN = 20
+
+DB_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
+ENCODE_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=2),
+    maximum_interval=timedelta(seconds=60),
+    maximum_attempts=10,
+    non_retryable_error_types=["EncoderMismatch"],
+)
+
+
+async def resolve_index() -> IndexTarget:
+    """The active index version, creating version 1 from the encoder's model if none exists."""
+    target = await workflow.execute_activity(
+        RESOLVE_INDEX,
+        start_to_close_timeout=timedelta(seconds=30),
+        retry_policy=DB_RETRY,
+        result_type=Optional[IndexTarget],  # noqa: UP045 - a runtime type for the converter
+        summary="active index version",
+    )
+    if target is not None:
+        return target
+    info = await workflow.execute_activity(
+        DESCRIBE_ENCODER,
+        task_queue=ENCODE_TASK_QUEUE,
+        start_to_close_timeout=timedelta(minutes=10),  # may load the model the first time
+        retry_policy=ENCODE_RETRY,
+        result_type=EncoderInfo,
+        summary="encoder model and dimension",
+    )
+    return await workflow.execute_activity(
+        CREATE_FIRST_INDEX,
+        CreateIndexInput(model=info.model, pretrained=info.pretrained, dim=info.dim),
+        start_to_close_timeout=timedelta(minutes=2),
+        retry_policy=DB_RETRY,
+        result_type=IndexTarget,
+        summary="create index version 1",
+    )
+
+
+async def scan(
+    tenant: str,
+    source: str,
+    token: str,
+    page_size: int,
+    index: IndexTarget,
+    force: bool,
+    single_object: bool = False,
+) -> ScanPageResult:
+    return await workflow.execute_activity(
+        SCAN_PAGE,
+        ScanPageInput(tenant, source, token, page_size, index.version, force, single_object),
+        start_to_close_timeout=timedelta(minutes=5),
+        retry_policy=DB_RETRY,
+        result_type=ScanPageResult,
+        summary=f"list + check {source}",
+    )
+
+
+async def encode_and_record(
+    tenant: str,
+    index: IndexTarget,
+    objects: list[ObjectRef],
+    tags: dict[str, str],
+    heartbeat_timeout: timedelta,
+) -> list[AssetOutcome]:
+    outcomes = await workflow.execute_activity(
+        ENCODE_BATCH,
+        EncodeBatchInput(tenant=tenant, index=index, objects=objects, tags=tags),
+        task_queue=ENCODE_TASK_QUEUE,
+        start_to_close_timeout=timedelta(minutes=30),
+        heartbeat_timeout=heartbeat_timeout,
+        retry_policy=ENCODE_RETRY,
+        result_type=list[AssetOutcome],
+        summary=f"encode {len(objects)} objects",
+    )
+    await record(tenant, index, objects, outcomes, tags)
+    return outcomes
+
+
+async def record(
+    tenant: str,
+    index: IndexTarget,
+    objects: list[ObjectRef],
+    outcomes: list[AssetOutcome],
+    tags: dict[str, str],
+) -> None:
+    if not any(o.status in (INGESTED, FAILED) for o in outcomes):
+        return
+    await workflow.execute_activity(
+        RECORD_OUTCOMES,
+        RecordOutcomesInput(tenant, index.version, objects, outcomes, tags),
+        start_to_close_timeout=timedelta(minutes=2),
+        retry_policy=DB_RETRY,
+        summary=f"registry + audit for {len(outcomes)} assets",
+    )
+
+
+def count(totals: IngestTotals, outcomes: list[AssetOutcome]) -> None:
+    for o in outcomes:
+        totals.seen += 1
+        if o.status == INGESTED:
+            totals.ingested += 1
+            totals.vectors += o.chunks
+        elif o.status == FAILED:
+            totals.failed += 1
+            if len(totals.failures) < MAX_REPORTED_FAILURES:
+                totals.failures.append(o)
+        else:
+            totals.unchanged += 1
+
+
+def result_of(tenant: str, index: IndexTarget, totals: IngestTotals) -> IngestResult:
+    return IngestResult(
+        tenant=tenant,
+        index_version=index.version,
+        seen=totals.seen,
+        ingested=totals.ingested,
+        unchanged=totals.unchanged,
+        failed=totals.failed,
+        vectors=totals.vectors,
+        failures=totals.failures,
+    )
+
+
+def outcome_label(totals: IngestTotals) -> str:
+    return "completed_with_failures" if totals.failed else "completed"
+
+
+@workflow.defn(name=INGEST_BATCH_WORKFLOW)
+class IngestBatch:
+    """Ingest every object under some sources, page by page, in GPU-sized batches."""
+
+    def __init__(self) -> None:
+        self._totals = IngestTotals()
+        self._input: IngestBatchInput | None = None
+        self._source_index = 0
+        self._in_flight = 0
+
+    @workflow.run
+    async def run(self, inp: IngestBatchInput) -> IngestResult:
+        self._input = inp
+        self._totals = inp.totals
+        index = await resolve_index()
+        workflow.upsert_search_attributes(
+            [
+                SearchAttributePair(TENANT_KEY, inp.tenant),
+                SearchAttributePair(SOURCE_KEY, ",".join(inp.sources)[:256]),
+                SearchAttributePair(INDEX_VERSION_KEY, index.version),
+                SearchAttributePair(OUTCOME_KEY, "running"),
+            ]
+        )
+        batch_size = inp.batch_size or 32
+        heartbeat = timedelta(seconds=inp.encode_heartbeat_timeout_s)
+        slots = asyncio.Semaphore(max(1, inp.max_concurrent_batches))
+
+        async def batch(objects: list[ObjectRef]) -> None:
+            async with slots:
+                self._in_flight += len(objects)
+                try:
+                    outcomes = await encode_and_record(inp.tenant, index, objects, inp.tags, heartbeat)
+                finally:
+                    self._in_flight -= len(objects)
+                count(self._totals, outcomes)
+
+        pages = 0
+        for self._source_index in range(inp.cursor_source, len(inp.sources)):
+            source = inp.sources[self._source_index]
+            token = inp.cursor_page_token if self._source_index == inp.cursor_source else ""
+            while True:
+                page = await scan(inp.tenant, source, token, inp.page_size, index, inp.force)
+                await record(inp.tenant, index, [], page.rejected, inp.tags)
+                count(self._totals, page.unchanged + page.rejected)
+                chunks = [
+                    page.to_encode[i : i + batch_size]
+                    for i in range(0, len(page.to_encode), batch_size)
+                ]
+                await asyncio.gather(*(batch(c) for c in chunks))
+                pages += 1
+                token = page.next_token
+                if not token:
+                    break
+                if pages >= PAGES_PER_RUN or workflow.info().is_continue_as_new_suggested():
+                    workflow.continue_as_new(
+                        replace(
+                            inp,
+                            cursor_source=self._source_index,
+                            cursor_page_token=token,
+                            totals=self._totals,
+                        )
+                    )
+        workflow.upsert_search_attributes([SearchAttributePair(OUTCOME_KEY, outcome_label(self._totals))])
+        return result_of(inp.tenant, index, self._totals)
+
+    @workflow.query(name="progress")
+    def progress(self) -> IngestProgress:
+        inp = self._input
+        t = self._totals
+        sources = inp.sources if inp else []
+        return IngestProgress(
+            tenant=inp.tenant if inp else "",
+            source=sources[self._source_index] if self._source_index < len(sources) else "",
+            sources_done=self._source_index,
+            sources_total=len(sources),
+            seen=t.seen,
+            ingested=t.ingested,
+            unchanged=t.unchanged,
+            failed=t.failed,
+            in_flight=self._in_flight,
+        )
+
+
+@workflow.defn(name=INGEST_ASSET_WORKFLOW)
+class IngestAsset:
+    """Ingest one object: the entry point for event-driven ingest of a single upload."""
+
+    @workflow.run
+    async def run(self, inp: IngestAssetInput) -> IngestResult:
+        index = await resolve_index()
+        workflow.upsert_search_attributes(
+            [
+                SearchAttributePair(TENANT_KEY, inp.tenant),
+                SearchAttributePair(SOURCE_KEY, inp.uri[:256]),
+                SearchAttributePair(INDEX_VERSION_KEY, index.version),
+            ]
+        )
+        totals = IngestTotals()
+        page = await scan(inp.tenant, inp.uri, "", 1, index, inp.force, single_object=True)
+        await record(inp.tenant, index, [], page.rejected, inp.tags)
+        count(totals, page.unchanged + page.rejected)
+        asset_ids = [o.asset_id for o in page.to_encode + page.unchanged + page.rejected]
+        if asset_ids and asset_ids[0]:
+            workflow.upsert_search_attributes([SearchAttributePair(ASSET_ID_KEY, asset_ids[0])])
+        if page.to_encode:
+            outcomes = await encode_and_record(
+                inp.tenant, index, page.to_encode[:1], inp.tags, timedelta(seconds=30)
+            )
+            count(totals, outcomes)
+        workflow.upsert_search_attributes([SearchAttributePair(OUTCOME_KEY, outcome_label(totals))])
+        return result_of(inp.tenant, index, totals)
