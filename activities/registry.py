@@ -8,6 +8,7 @@ append-only triggers allow).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -134,22 +135,24 @@ def record_outcomes(
     audit: list[AuditRecord] = []
     for outcome in changed:
         ref = by_id.get(outcome.asset_id)
-        registry_rows.append(
-            {
-                "tenant": tenant,
-                "asset_id": outcome.asset_id,
-                "uri": outcome.uri,
-                "generation": outcome.generation,
-                "size_bytes": ref.size if ref else 0,
-                "media_type": (ref.media_type if ref else "") or "",
-                "status": outcome.status,
-                "reason": outcome.reason,
-                "chunks": outcome.chunks,
-                "index_version": index_version,
-                "tags": tags,
-            }
-        )
+        if outcome.asset_id:  # "" for a source that could not be listed: audit only
+            registry_rows.append(
+                {
+                    "tenant": tenant,
+                    "asset_id": outcome.asset_id,
+                    "uri": outcome.uri,
+                    "generation": outcome.generation,
+                    "size_bytes": ref.size if ref else 0,
+                    "media_type": (ref.media_type if ref else "") or "",
+                    "status": outcome.status,
+                    "reason": outcome.reason,
+                    "chunks": outcome.chunks,
+                    "index_version": index_version,
+                    "tags": tags,
+                }
+            )
         action = "asset.ingest" if outcome.status == INGESTED else "asset.fail"
+        subject = outcome.asset_id or hashlib.sha256(outcome.uri.encode()).hexdigest()[:32]
         details: dict[str, Any] = {"generation": outcome.generation, "index_version": index_version}
         if outcome.status == INGESTED:
             details["chunks"] = outcome.chunks
@@ -159,7 +162,7 @@ def record_outcomes(
             AuditRecord(
                 tenant=tenant,
                 action=action,
-                idempotency_key=f"{run_id}/{action}/{outcome.asset_id}/{outcome.generation}",
+                idempotency_key=f"{run_id}/{action}/{subject}/{outcome.generation}",
                 asset_id=outcome.asset_id,
                 uri=outcome.uri,
                 workflow_id=workflow_id,
@@ -167,7 +170,14 @@ def record_outcomes(
                 details=details,
             )
         )
-    statement = insert(Asset).values(registry_rows)
+    with Session(engine) as session, session.begin():
+        if registry_rows:
+            session.execute(_upsert_assets(registry_rows))
+        write_audit(session, audit)
+
+
+def _upsert_assets(rows: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
+    statement = insert(Asset).values(rows)
     statement = statement.on_conflict_do_update(
         index_elements=["tenant", "asset_id"],
         set_={
@@ -183,6 +193,4 @@ def record_outcomes(
             "updated_at": func.now(),
         },
     )
-    with Session(engine) as session, session.begin():
-        session.execute(statement)
-        write_audit(session, audit)
+    return statement

@@ -206,3 +206,25 @@ class VectorStore:
 def get_store(uri: str, token: str = "") -> VectorStore:
     """One client per process and endpoint: connections are expensive to set up."""
     return VectorStore(uri, token)
+
+
+def compile_filters(
+    media_types: Sequence[str] = (),
+    created_after: int = 0,
+    created_before: int = 0,
+    tags: dict[str, str] | None = None,
+    asset_ids: Sequence[str] = (),
+) -> str:
+    """Structured filter values -> one Milvus expression; values can only ever be literals."""
+    clauses: list[str] = []
+    if media_types:
+        clauses.append(in_list("media_type", media_types))
+    if created_after:
+        clauses.append(f"created_at >= {int(created_after)}")
+    if created_before:
+        clauses.append(f"created_at < {int(created_before)}")
+    for key, value in sorted((tags or {}).items()):
+        clauses.append(f"array_contains(tags, {literal(tag_value(key, value))})")
+    if asset_ids:
+        clauses.append(in_list("asset_id", asset_ids))
+    return " and ".join(clauses)

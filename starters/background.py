@@ -1,4 +1,9 @@
-"""A worker process in the background for the demo, tracked by a pid file under state_dir."""
+"""Worker processes in the background: for the demo, the tests and the benchmarks.
+
+One class serves all three so the way a worker is started, waited for and stopped is
+the same everywhere: started in its own session, ready when it prints ``READY_LINE``,
+stopped by its own pid (SIGTERM for a graceful shutdown, SIGKILL after a timeout).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,78 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
+from workers.settings import REPO_ROOT
+
 READY_LINE = "mmrag worker ready"
+
+
+@dataclass
+class WorkerProcess:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    role: str
+
+    @classmethod
+    def start(
+        cls,
+        state_dir: Path,
+        role: str,
+        env: dict[str, str],
+        timeout: float = 120,
+        log_name: str = "",
+    ) -> WorkerProcess:
+        """Start ``mmrag worker --role ROLE`` and return once it polls its queues."""
+        log_path = state_dir / "logs" / (log_name or f"worker-{role}-{uuid.uuid4().hex[:6]}.log")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "starters.cli", "worker", "--role", role],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=REPO_ROOT,
+                start_new_session=True,
+            )
+        worker = cls(proc, log_path, role)
+        deadline = time.monotonic() + timeout
+        while READY_LINE not in worker.log():
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"the {role} worker exited with status {proc.returncode}:\n{worker.tail()}"
+                )
+            if time.monotonic() > deadline:
+                worker.kill()
+                raise RuntimeError(f"the {role} worker was not ready in {timeout:.0f}s:\n{worker.tail()}")
+            time.sleep(0.1)
+        return worker
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM (graceful shutdown), then SIGKILL if it has not exited in ``timeout``."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
 
 
 def _pid_file(state_dir: Path) -> Path:
@@ -17,30 +91,12 @@ def _pid_file(state_dir: Path) -> Path:
 
 
 def start_background_worker(state_dir: Path, env: dict[str, str], timeout: float = 120) -> int:
-    """Start ``mmrag worker --role all`` detached; return its pid once it polls."""
+    """The demo's worker: outlives this process, tracked by a pid file for `stack down`."""
     stop_background_worker(state_dir)
-    (state_dir / "logs").mkdir(parents=True, exist_ok=True)
-    (state_dir / "run").mkdir(parents=True, exist_ok=True)
-    log_path = state_dir / "logs" / "worker.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "starters.cli", "worker", "--role", "all"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
-            start_new_session=True,
-        )
-    _pid_file(state_dir).write_text(str(proc.pid))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if READY_LINE in log_path.read_text(errors="replace"):
-            return proc.pid
-        if proc.poll() is not None:
-            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
-            raise RuntimeError(f"the worker exited with status {proc.returncode}:\n{tail}")
-        time.sleep(0.2)
-    proc.terminate()
-    raise RuntimeError(f"the worker did not become ready in {timeout:.0f}s; see {log_path}")
+    worker = WorkerProcess.start(state_dir, "all", {**os.environ, **env}, timeout, "worker.log")
+    _pid_file(state_dir).parent.mkdir(parents=True, exist_ok=True)
+    _pid_file(state_dir).write_text(str(worker.proc.pid))
+    return worker.proc.pid
 
 
 def stop_background_worker(state_dir: Path, timeout: float = 30) -> None:

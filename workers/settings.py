@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     decode_threads: int = 4
     torch_threads: int = 0  # 0: torch's default
 
+    # Ask: prompt fusion budgets (tokens).
+    prompt_token_budget: int = 3000
+    prompt_chunk_tokens: int = 200
+
     # Workers.
     max_concurrent_activities: int = 8
     max_concurrent_encode_activities: int = 2

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from workflows.contracts import AssetOutcome, IndexTarget, ObjectRef
+from workflows.contracts import AskFilters, AssetOutcome, IndexTarget, ObjectRef, Source
 
 # Activity type names.
 RESOLVE_INDEX = "resolve_index"
@@ -68,3 +68,87 @@ class RecordOutcomesInput:
     objects: list[ObjectRef]
     outcomes: list[AssetOutcome]
     tags: dict[str, str] = field(default_factory=dict)
+
+
+# -- Ask ------------------------------------------------------------------------------
+ENCODE_QUERY = "encode_query"
+RETRIEVE = "retrieve"
+GENERATE = "generate"
+FINALIZE_ANSWER = "finalize_answer"
+
+
+@dataclass
+class EncodeQueryInput:
+    text: str = ""
+    image_uri: str = ""
+    image_base64: str = ""
+    hybrid_weight: float = 0.5
+
+
+@dataclass
+class QueryVector:
+    vector: list[float]
+    model: str
+    ms: float
+    cached: bool = False
+
+
+@dataclass
+class RetrieveInput:
+    tenant: str
+    question: str
+    vector: list[float]
+    encoder_model: str
+    top_k: int
+    filters: AskFilters
+    rerank: bool
+    max_answer_tokens: int
+
+
+@dataclass
+class Retrieval:
+    index_version: int
+    sources: list[Source]
+    system_prompt: str
+    user_prompt: str
+    prompt_tokens: int
+    extractive_answer: str
+    ms: float
+
+
+@dataclass
+class GenerateInput:
+    system_prompt: str
+    user_prompt: str
+    max_tokens: int
+    source_ids: list[str]
+
+
+@dataclass
+class Generation:
+    text: str
+    kind: str  # generated | extractive (no LLM configured)
+    model: str
+    ms: float
+    cached: bool = False
+
+
+@dataclass
+class FinalizeInput:
+    tenant: str
+    question: str
+    answer: str
+    answer_kind: str
+    sources: list[Source]
+    context: str
+    degraded: bool
+    degraded_reason: str
+    latency_ms: float
+    index_version: int
+
+
+@dataclass
+class FinalAnswer:
+    answer: str
+    answer_kind: str
+    ms: float

@@ -160,3 +160,64 @@ class IngestProgress:
     unchanged: int
     failed: int
     in_flight: int
+
+
+# -- Ask ----------------------------------------------------------------------------------
+ASK_WORKFLOW = "Ask"
+MAX_INLINE_IMAGE_BYTES = 256 * 1024  # larger query images go by URI
+
+
+@dataclass
+class AskFilters:
+    """Structured filters; compiled with escaped literals, never taken as an expression."""
+
+    media_types: list[str] = field(default_factory=list)  # e.g. ["image/png"]
+    created_after: int = 0  # epoch seconds, inclusive; 0 = no bound
+    created_before: int = 0  # epoch seconds, exclusive; 0 = no bound
+    tags: dict[str, str] = field(default_factory=dict)  # every pair must match
+    asset_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AskInput:
+    """Input of ``Ask``: text, an image (URI or small inline base64), or both (hybrid)."""
+
+    tenant: str
+    text: str = ""
+    image_uri: str = ""
+    image_base64: str = ""
+    top_k: int = 5
+    filters: AskFilters = field(default_factory=AskFilters)
+    hybrid_weight: float = 0.5  # weight of the image vector in a hybrid query
+    rerank: bool = True
+    generate: bool = True  # False: retrieval only, extractive answer
+    max_answer_tokens: int = 300
+
+
+@dataclass
+class Source:
+    """One retrieved chunk, cited in the answer as ``[id]``."""
+
+    id: str  # "S1", "S2", ... in rank order
+    asset_id: str
+    uri: str
+    score: float
+    media_type: str
+    chunk: str  # locator: "image", "page:3", "frame:12.500"
+    snippet: str = ""
+
+
+@dataclass
+class AskResult:
+    """Output of ``Ask``."""
+
+    answer: str
+    sources: list[Source]
+    latency_ms: float
+    stage_ms: dict[str, float] = field(default_factory=dict)
+    degraded: bool = False
+    degraded_reason: str = ""
+    answer_kind: str = ""  # generated | extractive | refused | none
+    index_version: int = 0
+    encoder_model: str = ""
+    llm_model: str = ""

@@ -1,0 +1,192 @@
+"""Ask activities on the ``mmrag`` worker: retrieval (search, re-rank, prompt fusion) and
+finalisation (validation, citations, audit). Both run as local activities: short steps
+that should not pay a task-queue round trip each."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+from pathlib import PurePosixPath
+from urllib.parse import unquote
+
+from sqlalchemy.orm import Session
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities import registry
+from activities.generation import SourceChunk, extractive_answer, fuse_prompt
+from activities.guardrails import I_DONT_KNOW, insert_citations, redact_pii, validate_answer
+from activities.vectors import compile_filters, get_store
+from workers.settings import Settings
+from workflows.activity_payloads import (
+    FINALIZE_ANSWER,
+    RETRIEVE,
+    FinalAnswer,
+    FinalizeInput,
+    Retrieval,
+    RetrieveInput,
+)
+from workflows.contracts import IndexTarget, Source
+
+RERANK_POOL = 4  # candidates fetched per requested result when re-ranking
+TEXT_WEIGHT = 0.35  # weight of the caption/snippet match in the fused re-rank score
+INDEX_CACHE_SECONDS = 2.0
+_WORD = re.compile(r"[a-z0-9]+")
+_STOP = frozenset("a an the of on in at to and or is are with for by from this that what which".split())
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)
+
+
+def caption_of(hit: dict[str, object]) -> str:
+    """The words a chunk carries besides its pixels: snippet, file name and tags."""
+    name = PurePosixPath(unquote(str(hit.get("uri", "")))).stem.replace("-", " ").replace("_", " ")
+    tags = " ".join(str(t) for t in hit.get("tags") or [])  # type: ignore[attr-defined]
+    return " ".join(p for p in (str(hit.get("snippet") or ""), name, tags) if p)
+
+
+def _terms(text: str) -> set[str]:
+    return {w for w in _WORD.findall(text.lower()) if w not in _STOP}
+
+
+def rerank(question: str, hits: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Cross-modal score fusion: CLIP similarity fused with the query's match of each
+    chunk's caption (snippet, file name, tags); stable for ties."""
+    query = _terms(question)
+    if not query:
+        return hits
+    for hit in hits:
+        overlap = len(query & _terms(caption_of(hit))) / len(query)
+        hit["fused"] = (1 - TEXT_WEIGHT) * float(hit["score"]) + TEXT_WEIGHT * overlap  # type: ignore[arg-type]
+    return sorted(hits, key=lambda h: -float(h["fused"]))  # type: ignore[arg-type]
+
+
+class AskActivities:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._index: tuple[float, IndexTarget | None] = (0.0, None)
+        self._lock = threading.Lock()
+
+    @property
+    def engine(self):  # type: ignore[no-untyped-def]
+        return registry.get_engine(self.settings.database_endpoint())
+
+    def active_index(self) -> IndexTarget | None:
+        """The active version, cached for a moment: one Postgres read per ~2 s, not per ask."""
+        with self._lock:
+            at, index = self._index
+            if index is None or time.monotonic() - at > INDEX_CACHE_SECONDS:
+                index = registry.active_index(self.engine)
+                self._index = (time.monotonic(), index)
+            return index
+
+    @activity.defn(name=RETRIEVE)
+    def retrieve(self, inp: RetrieveInput) -> Retrieval:
+        started = time.perf_counter()
+        index = self.active_index()
+        if index is None:
+            return Retrieval(0, [], "", "", 0, "Nothing has been ingested yet.", _ms(started))
+        if index.model != inp.encoder_model:
+            raise ApplicationError(
+                f"the query was encoded with {inp.encoder_model} but the active index "
+                f"v{index.version} holds {index.model} vectors: run encode workers with "
+                "the index's model",
+                type="EncoderMismatch",
+                non_retryable=True,
+            )
+        f = inp.filters
+        expr = compile_filters(f.media_types, f.created_after, f.created_before, f.tags, f.asset_ids)
+        top_k = max(1, min(inp.top_k, 100))
+        store = get_store(self.settings.milvus_endpoint(), self.settings.milvus_token.get_secret_value())
+        hits = store.search(
+            self.settings.collection_prefix,
+            inp.vector,
+            inp.tenant,
+            top_k * RERANK_POOL if inp.rerank else top_k,
+            expr,
+        )
+        if inp.rerank:
+            hits = rerank(inp.question, hits)
+        hits = hits[:top_k]
+        sources = [
+            Source(
+                id=f"S{i}",
+                asset_id=str(h["asset_id"]),
+                uri=str(h["uri"]),
+                score=round(float(h.get("fused", h["score"])), 4),  # type: ignore[arg-type]
+                media_type=str(h["media_type"]),
+                chunk=str(h["chunk"]),
+                snippet=redact_pii(str(h.get("snippet") or ""))[0],
+            )
+            for i, h in enumerate(hits, 1)
+        ]
+        chunks = [
+            SourceChunk(
+                id=s.id,
+                asset_id=s.asset_id,
+                uri=s.uri,
+                chunk=s.chunk,
+                media_type=s.media_type,
+                score=s.score,
+                snippet=s.snippet,
+                caption=caption_of(h),
+            )
+            for s, h in zip(sources, hits, strict=True)
+        ]
+        prompt = fuse_prompt(
+            inp.question,
+            chunks,
+            token_budget=self.settings.prompt_token_budget,
+            per_chunk_tokens=self.settings.prompt_chunk_tokens,
+        )
+        return Retrieval(
+            index_version=index.version,
+            sources=sources,
+            system_prompt=prompt.system,
+            user_prompt=prompt.user,
+            prompt_tokens=prompt.tokens,
+            extractive_answer=extractive_answer(inp.question, chunks) if chunks else "",
+            ms=_ms(started),
+        )
+
+    @activity.defn(name=FINALIZE_ANSWER)
+    def finalize_answer(self, inp: FinalizeInput) -> FinalAnswer:
+        """Validate a generated answer, insert citations, write the audit row (no raw PII)."""
+        started = time.perf_counter()
+        answer, kind = inp.answer, inp.answer_kind
+        source_ids = [s.id for s in inp.sources]
+        if kind == "generated":
+            check = validate_answer(answer, source_ids, inp.context)
+            if check.ok:
+                answer = insert_citations(answer, check.cited)
+            else:
+                answer, kind = insert_citations(I_DONT_KNOW, source_ids), "refused"
+        elif kind == "none":
+            answer = answer or "No indexed content matches this question and its filters."
+        info = activity.info()
+        with Session(self.engine) as session, session.begin():
+            registry.write_audit(
+                session,
+                [
+                    registry.AuditRecord(
+                        tenant=inp.tenant,
+                        action="query.ask",
+                        idempotency_key=f"{info.workflow_run_id}/query.ask",
+                        workflow_id=info.workflow_id,
+                        run_id=info.workflow_run_id,
+                        details={
+                            "question_sha256": hashlib.sha256(inp.question.encode()).hexdigest(),
+                            "sources": [s.asset_id for s in inp.sources],
+                            "latency_ms": round(inp.latency_ms, 1),
+                            "degraded": inp.degraded,
+                            "degraded_reason": inp.degraded_reason,
+                            "answer_kind": kind,
+                            "index_version": inp.index_version,
+                        },
+                    )
+                ],
+            )
+        return FinalAnswer(answer=answer, answer_kind=kind, ms=_ms(started))

