@@ -34,7 +34,30 @@ RERANK_POOL = 4  # candidates fetched per requested result when re-ranking
 TEXT_WEIGHT = 0.35  # weight of the caption/snippet match in the fused re-rank score
 INDEX_CACHE_SECONDS = 2.0
 _WORD = re.compile(r"[a-z0-9]+")
-_STOP = frozenset("a an the of on in at to and or is are with for by from this that what which".split())
+_STOP = frozenset(
+    [
+        "a",
+        "an",
+        "the",
+        "of",
+        "on",
+        "in",
+        "at",
+        "to",
+        "and",
+        "or",
+        "is",
+        "are",
+        "with",
+        "for",
+        "by",
+        "from",
+        "this",
+        "that",
+        "what",
+        "which",
+    ]
+)
 
 
 def _ms(started: float) -> float:
@@ -98,9 +121,13 @@ class AskActivities:
                 non_retryable=True,
             )
         f = inp.filters
-        expr = compile_filters(f.media_types, f.created_after, f.created_before, f.tags, f.asset_ids)
+        expr = compile_filters(
+            f.media_types, f.created_after, f.created_before, f.tags, f.asset_ids
+        )
         top_k = max(1, min(inp.top_k, 100))
-        store = get_store(self.settings.milvus_endpoint(), self.settings.milvus_token.get_secret_value())
+        store = get_store(
+            self.settings.milvus_endpoint(), self.settings.milvus_token.get_secret_value()
+        )
         hits = store.search(
             self.settings.collection_prefix,
             inp.vector,
@@ -150,6 +177,7 @@ class AskActivities:
             prompt_tokens=prompt.tokens,
             extractive_answer=extractive_answer(inp.question, chunks) if chunks else "",
             ms=_ms(started),
+            context=prompt.context,
         )
 
     @activity.defn(name=FINALIZE_ANSWER)

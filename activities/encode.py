@@ -12,8 +12,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 from temporalio import activity
@@ -81,7 +81,9 @@ class EncodeActivities:
     @property
     def encoder(self) -> ClipEncoder:
         s = self.settings
-        return get_encoder(s.clip_model, s.clip_pretrained, s.resolved_checkpoint(), s.device, s.torch_threads)
+        return get_encoder(
+            s.clip_model, s.clip_pretrained, s.resolved_checkpoint(), s.device, s.torch_threads
+        )
 
     @activity.defn(name=DESCRIBE_ENCODER)
     def describe_encoder(self) -> EncoderInfo:
@@ -117,7 +119,9 @@ class EncodeActivities:
             done += len(refs)
             if activity.in_activity():  # also callable directly, e.g. by bench/ingest.py
                 activity.heartbeat(done)
-        store = get_store(self.settings.milvus_endpoint(), self.settings.milvus_token.get_secret_value())
+        store = get_store(
+            self.settings.milvus_endpoint(), self.settings.milvus_token.get_secret_value()
+        )
         # Failed assets lose their vectors too: an object overwritten by a corrupt version
         # must not keep answering with its old content.
         store.replace_assets(
@@ -141,7 +145,9 @@ class EncodeActivities:
         futures: list[Future] = [self._decode_pool.submit(self._load, ref) for ref in objects]  # type: ignore[type-arg]
         for start in range(0, len(objects), micro):
             refs, pixels = [], []
-            for ref, future in zip(objects[start : start + micro], futures[start : start + micro], strict=True):
+            for ref, future in zip(
+                objects[start : start + micro], futures[start : start + micro], strict=True
+            ):
                 try:
                     pixels.append(future.result())
                     refs.append(ref)
@@ -174,11 +180,15 @@ class EncodeActivities:
             try:
                 pixels = self._query_image(inp)
             except (BadMediaError, ObjectMissingError, UnsupportedUriError, ValueError) as e:
-                raise ApplicationError(f"query image: {e}", type="BadQuery", non_retryable=True) from e
+                raise ApplicationError(
+                    f"query image: {e}", type="BadQuery", non_retryable=True
+                ) from e
             with self._model_lock:
                 parts.append((inp.hybrid_weight, enc.encode_images([pixels])[0]))
         if not parts:
-            raise ApplicationError("the query has neither text nor image", type="BadQuery", non_retryable=True)
+            raise ApplicationError(
+                "the query has neither text nor image", type="BadQuery", non_retryable=True
+            )
         if len(parts) == 1:
             vector = parts[0][1]
         else:

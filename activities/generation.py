@@ -56,8 +56,10 @@ log = logging.getLogger(__name__)
 # --- token counting ----------------------------------------------------------------------
 
 TIKTOKEN_ENCODING = "cl100k_base"
-# Where tiktoken fetches cl100k_base from; its cache file is named by the SHA-1 of this URL.
+# Where tiktoken fetches cl100k_base from; its cache file is named by the SHA-1 of this URL
+# and must have this SHA-256 (else tiktoken deletes it and downloads it again).
 _TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+_TIKTOKEN_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
 
 # Chat format overhead (OpenAI's published rule for gpt-3.5/4-family chat models): ~3
 # tokens framing each message plus 3 priming the reply.
@@ -83,7 +85,12 @@ def _tiktoken_cache_file() -> str | None:
     if not cache_dir:
         return None
     path = os.path.join(cache_dir, hashlib.sha1(_TIKTOKEN_URL.encode()).hexdigest())
-    return path if os.path.isfile(path) else None
+    try:
+        with open(path, "rb") as f:
+            ok = hashlib.sha256(f.read()).hexdigest() == _TIKTOKEN_SHA256
+    except OSError:
+        return None
+    return path if ok else None
 
 
 @lru_cache(maxsize=1)
@@ -98,8 +105,8 @@ def _encoder() -> Any | None:
         return None
     if _tiktoken_cache_file() is None:
         log.info(
-            "tiktoken %s not in its cache (set TIKTOKEN_CACHE_DIR to a folder holding %s); "
-            "counting tokens approximately",
+            "tiktoken %s not in its cache (set TIKTOKEN_CACHE_DIR to a folder holding it as "
+            "%s); counting tokens approximately",
             TIKTOKEN_ENCODING,
             hashlib.sha1(_TIKTOKEN_URL.encode()).hexdigest(),
         )
@@ -108,8 +115,10 @@ def _encoder() -> Any | None:
         import tiktoken
 
         return tiktoken.get_encoding(TIKTOKEN_ENCODING)
-    except Exception as exc:  # a corrupt cache file: tiktoken would try to re-download
-        log.warning("tiktoken %s unusable (%s); counting tokens approximately", TIKTOKEN_ENCODING, exc)
+    except Exception as exc:  # e.g. tiktoken's own loader changed
+        log.warning(
+            "tiktoken %s unusable (%s); counting tokens approximately", TIKTOKEN_ENCODING, exc
+        )
         return None
 
 
@@ -181,17 +190,28 @@ _SPACES_RE = re.compile(r"[ \t\r\f\v]+")
 
 
 def _clean(text: str) -> str:
-    return "\n".join(_SPACES_RE.sub(" ", line).strip() for line in text.strip().splitlines()).strip()
+    return "\n".join(
+        _SPACES_RE.sub(" ", line).strip() for line in text.strip().splitlines()
+    ).strip()
+
+
+def fits(text: str, max_tokens: int) -> bool:
+    """Whether ``text`` has at most ``max_tokens`` tokens; cheap for long texts, because no
+    token spans two whitespace-separated words (so words are a lower bound)."""
+    if len(text.split()) > max_tokens:
+        return False
+    return count_tokens(text) <= max_tokens
 
 
 def truncate_to_tokens(text: str, max_tokens: int, *, marker: str = ELLIPSIS) -> str:
     """The longest prefix of ``text`` ending at a word boundary that, with ``marker``
     appended, fits ``max_tokens``; ``text`` itself if it fits; ``""`` if nothing does."""
-    if count_tokens(text) <= max_tokens:
+    if fits(text, max_tokens):
         return text
     if max_tokens <= 0:
         return ""
-    cuts = [m.start() for m in re.finditer(r"\s+", text)]
+    # Only the first max_tokens words can be kept (each word is at least one token).
+    cuts = [m.start() for m in re.finditer(r"\s+", text)][: max_tokens + 1]
     lo, hi, best = 0, len(cuts) - 1, ""
     while lo <= hi:  # binary search on the number of whole words kept
         mid = (lo + hi) // 2
@@ -214,13 +234,13 @@ def summarize_extractive(text: str, max_tokens: int, question: str = "") -> str:
     Whole text if it fits. Otherwise sentences are taken by relevance to ``question``
     (content-word overlap, ties in document order; skipping any that no longer fit) or,
     without a question, as a leading run; they are re-assembled in document order, gaps
-    marked with "…". If the first pick alone does not fit, it is cut at a word boundary. Nothing is paraphrased, so the summary stays verifiable against
-    the source.
+    marked with "…". If the first pick alone does not fit, it is cut at a word boundary.
+    Nothing is paraphrased, so the summary stays verifiable against the source.
     """
     text = _clean(text)
     if max_tokens <= 0 or not text:
         return ""
-    if count_tokens(text) <= max_tokens:
+    if fits(text, max_tokens):
         return text
     sentences = [s for s in _SENTENCE_SPLIT_RE.split(text) if s and s.strip()]
     q_words = set(content_words(question))
@@ -230,23 +250,18 @@ def summarize_extractive(text: str, max_tokens: int, question: str = "") -> str:
 
     order = sorted(range(len(sentences)), key=relevance) if q_words else list(range(len(sentences)))
     chosen: list[int] = []
-    used = 0
+    summary = ""
     for i in order:
-        cost = count_tokens(sentences[i]) + 2  # joining space / ellipsis
-        if used + cost <= max_tokens:
+        trial = _join_selected(sentences, sorted([*chosen, i]))
+        if fits(trial, max_tokens):
             chosen.append(i)
-            used += cost
+            summary = trial
         elif not chosen:
             # The first choice does not fit: cut it at a word boundary rather than skip it.
             return truncate_to_tokens(sentences[i], max_tokens)
         elif not q_words:
             break  # document order: keep a contiguous lead
-    while chosen:
-        summary = _join_selected(sentences, sorted(chosen))
-        if count_tokens(summary) <= max_tokens:
-            return summary
-        chosen.remove(max(chosen))
-    return truncate_to_tokens(sentences[order[0]], max_tokens)
+    return summary
 
 
 def _join_selected(sentences: list[str], idx: list[int]) -> str:
@@ -330,15 +345,15 @@ def _source_body(src: SourceChunk, question: str, max_tokens: int) -> tuple[str,
     snippet, c2 = redact_pii(_clean(src.snippet))
     parts: list[str] = []
     left = max_tokens
-    if caption:
-        cap = summarize_extractive(f"Caption: {caption}", left, question)
-        if cap:
-            parts.append(cap)
-            left -= count_tokens(cap) + 1
-    if snippet and left >= MIN_CHUNK_TOKENS:
-        text = summarize_extractive(f"Text: {snippet}", left, question)
-        if text:
-            parts.append(text)
+    for label, text in (("Caption: ", caption), ("Text: ", snippet)):
+        room = left - count_tokens(label) - (1 if parts else 0)
+        if not text or room < (1 if not parts else MIN_CHUNK_TOKENS):
+            continue
+        summary = summarize_extractive(text, room, question)
+        if summary:
+            part = label + summary
+            parts.append(part)
+            left -= count_tokens(part) + 1
     return "\n".join(parts), merge_counts(c1, c2)
 
 
@@ -355,7 +370,8 @@ def fuse_prompt(
     header line is extra). Sources are added in order until the budget is spent; the one
     that does not fit is shortened if at least :data:`MIN_CHUNK_TOKENS` remain for it, and
     it and every lower-ranked source are otherwise dropped (``used`` says which made it).
-    A question longer than half the space left after the system prompt is shortened.
+    A question longer than half the space left after the system prompt is shortened. A
+    source with neither caption nor text is left out (there is nothing to cite in it).
 
     ``token_budget`` covers the prompt only (system + user + chat framing); leave room for
     the answer's ``max_tokens`` within the model's context window yourself. Raises
@@ -456,7 +472,9 @@ class TransientLlmError(LlmError):
     """429, 5xx, timeout or connection failure: retry later (with the activity's backoff;
     ``retry_after_s`` is the server's ``Retry-After`` when it sent one)."""
 
-    def __init__(self, message: str, *, status: int | None = None, retry_after_s: float | None = None):
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after_s: float | None = None
+    ):
         super().__init__(message)
         self.status = status
         self.retry_after_s = retry_after_s

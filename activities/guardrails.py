@@ -94,7 +94,8 @@ _SSN_RE = re.compile(r"(?<![\w-])(\d{3})-(\d{2})-(\d{4})(?![\w-])")
 
 # UK National Insurance number, e.g. "QQ 12 34 56 C" or "AB123456C".
 _NINO_RE = re.compile(
-    r"(?<![A-Za-z0-9])[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D](?![A-Za-z0-9])"
+    r"(?<![A-Za-z0-9])[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z]"
+    r" ?\d{2} ?\d{2} ?\d{2} ?[A-D](?![A-Za-z0-9])"
 )
 
 # A value (with at least one digit) introduced by an ID keyword: the keyword stays.
@@ -113,8 +114,8 @@ _PHONE_US_RE = re.compile(
 )
 # National numbers with the trunk prefix 0 (UK, DE, FR, ...): 9–12 digits in 2–4 groups.
 _PHONE_NATIONAL_RE = re.compile(
-    r"(?<![\w.,+:/-])(?:\(0[1-9]\d{0,3}\)|0[1-9]\d{0,3})(?P<sep>[ -])\d{2,8}(?:(?P=sep)\d{2,8}){0,3}"
-    r"(?![\w:/-]|[.,]\d)"
+    r"(?<![\w.,+:/-])(?:\(0[1-9]\d{0,3}\)|0[1-9]\d{0,3})"
+    r"(?P<sep>[ -])\d{2,8}(?:(?P=sep)\d{2,8}){0,3}(?![\w:/-]|[.,]\d)"
 )
 _PHONE_KEYWORD_RE = re.compile(
     r"(?P<kw>\b(?i:tel|telephone|phone|mobile|cell|fax)\b\.?(?: (?i:no\.?|number))?\s*[:#]?\s*)"
@@ -219,9 +220,10 @@ def redact_pii(text: str) -> tuple[str, dict[str, int]]:
     docstring for the exact rules. Idempotent: redacting twice changes nothing more.
     """
     counts = dict.fromkeys(PII_KINDS, 0)
-    if not text:
-        return text, counts
-    out = _sub(_EMAIL_RE, text, EMAIL, counts)
+    has_at = "@" in text
+    if not has_at and not any(ch.isdigit() for ch in text):
+        return text, counts  # every detector needs an "@" or a digit
+    out = _sub(_EMAIL_RE, text, EMAIL, counts) if has_at else text
     out = _IBAN_RE.sub(lambda m: _replace_iban(m, counts), out)
     out = _sub(_CARD_RE, out, CARD, counts, lambda m: _card_ok(m.group(0)))
     out = _sub(_SSN_RE, out, ID, counts, lambda m: _ssn_ok(*m.groups()))
@@ -281,8 +283,7 @@ def insert_citations(answer: str, cited: Iterable[str]) -> str:
 _WORD_RE = re.compile(r"[^\W_]+", re.UNICODE)
 
 # Function words that carry no claim; they must not make an invented answer look grounded.
-STOP_WORDS = frozenset(
-    """
+_STOP_WORDS_TEXT = """
     a about above after again against all also am an and any are aren't as at be because
     been before being below between both but by can cannot could did do does doing down
     during each few for from further had has have having he her here hers herself him
@@ -293,8 +294,8 @@ STOP_WORDS = frozenset(
     us very was we were what when where which while who whom whose why will with within
     without would yes yet you your yours yourself yourselves shown show shows according
     source sources based image images document documents answer question retrieved
-    """.split()
-)
+"""
+STOP_WORDS = frozenset(_STOP_WORDS_TEXT.split())
 
 _ABSTAIN_RE = re.compile(
     r"\b(?:i\s+(?:do\s+not|don'?t|cannot|can'?t)\s+know|not\s+enough\s+information"

@@ -10,7 +10,13 @@ from temporalio.exceptions import ApplicationError
 
 from activities import registry
 from activities.media import HEAD_BYTES, BadMediaError, check_object
-from activities.storage import ObjectMissingError, Page, UnsupportedUriError, normalize_uri, store_for
+from activities.storage import (
+    ObjectMissingError,
+    Page,
+    UnsupportedUriError,
+    normalize_uri,
+    store_for,
+)
 from activities.vectors import get_store
 from workers.settings import Settings
 from workflows.activity_payloads import (
@@ -62,7 +68,9 @@ class IngestActivities:
             inp.dim,
             actor=info.workflow_id,
         )
-        store = get_store(self.settings.milvus_endpoint(), self.settings.milvus_token.get_secret_value())
+        store = get_store(
+            self.settings.milvus_endpoint(), self.settings.milvus_token.get_secret_value()
+        )
         store.ensure_collection(target.collection, target.dim)
         store.point_alias(self.settings.collection_prefix, target.collection)
         return target
@@ -104,7 +112,9 @@ class IngestActivities:
         for ref, reason in zip(candidates, checks, strict=True):
             if reason:
                 result.rejected.append(
-                    AssetOutcome(ref.uri, ref.asset_id, FAILED, generation=ref.generation, reason=reason)
+                    AssetOutcome(
+                        ref.uri, ref.asset_id, FAILED, generation=ref.generation, reason=reason
+                    )
                 )
             else:
                 result.to_encode.append(ref)

@@ -72,9 +72,7 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
     if len(data) == 0:
         raise BadMediaError("empty file (0 bytes)")
     if len(data) > max_bytes:
-        raise BadMediaError(
-            f"file too large: more than {max_bytes} bytes (MMRAG_MAX_OBJECT_BYTES)"
-        )
+        raise BadMediaError(f"file too large: more than {max_bytes} bytes (MMRAG_MAX_OBJECT_BYTES)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -102,9 +100,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image) or image
     if image.mode == "RGB":
         return image
-    if image.mode in ("RGBA", "LA", "PA") or (
-        image.mode == "P" and "transparency" in image.info
-    ):
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))

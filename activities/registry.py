@@ -45,7 +45,9 @@ def write_audit(session: Session, records: Iterable[AuditRecord]) -> None:
     rows = [r.__dict__ for r in records]
     if rows:
         session.execute(
-            insert(AuditEvent).values(rows).on_conflict_do_nothing(index_elements=["idempotency_key"])
+            insert(AuditEvent)
+            .values(rows)
+            .on_conflict_do_nothing(index_elements=["idempotency_key"])
         )
 
 
@@ -94,7 +96,12 @@ def create_first_index(
                     action="index.create",
                     idempotency_key=f"index.create/{version}",
                     actor=actor,
-                    details={"version": version, "model": model, "pretrained": pretrained, "dim": dim},
+                    details={
+                        "version": version,
+                        "model": model,
+                        "pretrained": pretrained,
+                        "dim": dim,
+                    },
                 )
             ],
         )

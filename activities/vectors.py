@@ -189,7 +189,15 @@ class VectorStore:
             data=[list(vector)],
             filter=expr,
             limit=top_k,
-            output_fields=["asset_id", "uri", "media_type", "chunk", "created_at", "tags", "snippet"],
+            output_fields=[
+                "asset_id",
+                "uri",
+                "media_type",
+                "chunk",
+                "created_at",
+                "tags",
+                "snippet",
+            ],
             search_params={"metric_type": "COSINE", "params": {"ef": max(64, top_k)}},
             consistency_level="Strong" if strong else "Bounded",
         )

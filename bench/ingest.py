@@ -29,7 +29,11 @@ from starters.synthetic_corpus import write_corpus  # noqa: E402
 from workers.settings import TINY_MODEL_DIR, get_settings  # noqa: E402
 
 MODELS = {
-    "ViT-B-32": {"MMRAG_CLIP_MODEL": "ViT-B-32", "MMRAG_CLIP_PRETRAINED": "", "MMRAG_CLIP_CHECKPOINT": ""},
+    "ViT-B-32": {
+        "MMRAG_CLIP_MODEL": "ViT-B-32",
+        "MMRAG_CLIP_PRETRAINED": "",
+        "MMRAG_CLIP_CHECKPOINT": "",
+    },
     "mmrag-tiny": {
         "MMRAG_CLIP_MODEL": "mmrag-tiny",
         "MMRAG_CLIP_PRETRAINED": "",
@@ -54,11 +58,15 @@ def bare_loop(tenant: str, corpus: Path, batch_size: int) -> float:
     token = ""
     n = 0
     while True:
-        page = ingest.scan_page(ScanPageInput(tenant, corpus.as_uri(), token, 256, index.version, True))
+        page = ingest.scan_page(
+            ScanPageInput(tenant, corpus.as_uri(), token, 256, index.version, True)
+        )
         for i in range(0, len(page.to_encode), batch_size):
             objects = page.to_encode[i : i + batch_size]
             outcomes = encode.encode_batch(EncodeBatchInput(tenant, index, objects))
-            registry.record_outcomes(ingest.engine, tenant, index.version, objects, outcomes, {}, "bench", tenant)
+            registry.record_outcomes(
+                ingest.engine, tenant, index.version, objects, outcomes, {}, "bench", tenant
+            )
             n += len(objects)
         token = page.next_token
         if not token:
@@ -79,7 +87,9 @@ async def durable(tenant: str, corpus: Path, batch_size: int, expected: int) -> 
     return expected / elapsed
 
 
-def measure(model: str, images: int, batch_size: int, rounds: int, image_size: int) -> dict[str, float]:
+def measure(
+    model: str, images: int, batch_size: int, rounds: int, image_size: int
+) -> dict[str, float]:
     os.environ.update(MODELS[model])
     get_settings.cache_clear()
     with tempfile.TemporaryDirectory(prefix="mmrag-bench-") as tmp:
@@ -108,13 +118,21 @@ def measure(model: str, images: int, batch_size: int, rounds: int, image_size: i
                 for r in range(rounds):
                     bare_runs.append(bare_loop(f"bare-{r}", corpus, batch_size))
                     durable_runs.append(asyncio.run(durable(f"durable-{r}", corpus, batch_size, n)))
-                    print(f"{model} round {r}: bare {bare_runs[-1]:.1f} img/s, durable {durable_runs[-1]:.1f} img/s", flush=True)
+                    print(
+                        f"{model} round {r}: bare {bare_runs[-1]:.1f} img/s, durable {durable_runs[-1]:.1f} img/s",
+                        flush=True,
+                    )
             finally:
                 worker.stop()
         finally:
             stack.down()
     bare_ips, durable_ips = statistics.median(bare_runs), statistics.median(durable_runs)
-    return {"images": n, "bare_ips": round(bare_ips, 2), "durable_ips": round(durable_ips, 2), "ratio": round(durable_ips / bare_ips, 3)}
+    return {
+        "images": n,
+        "bare_ips": round(bare_ips, 2),
+        "durable_ips": round(durable_ips, 2),
+        "ratio": round(durable_ips / bare_ips, 3),
+    }
 
 
 def main() -> None:
@@ -128,8 +146,12 @@ def main() -> None:
     args = parser.parse_args()
     figures: dict[str, object] = {"batch_size": args.batch_size, "image_px": args.image_size}
     if not args.skip_vit:
-        figures["ViT-B-32"] = measure("ViT-B-32", args.images, args.batch_size, args.rounds, args.image_size)
-    figures["mmrag-tiny"] = measure("mmrag-tiny", args.tiny_images, args.batch_size, args.rounds, args.image_size)
+        figures["ViT-B-32"] = measure(
+            "ViT-B-32", args.images, args.batch_size, args.rounds, args.image_size
+        )
+    figures["mmrag-tiny"] = measure(
+        "mmrag-tiny", args.tiny_images, args.batch_size, args.rounds, args.image_size
+    )
     print(json.dumps(figures))
 
 

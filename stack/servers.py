@@ -499,6 +499,10 @@ class Postgres(Server):
             self._prepare_root(user)
         if not self.initdb_marker.exists():
             self._initdb(user)
+            if user is not None:
+                # Again, right before the start: a pytest session starting meanwhile resets
+                # its /tmp/pytest-of-<user> to 0700, which locks the system user out.
+                self._prepare_root(user)
         self._clear_stale_postmaster_pid()
 
     def _prepare_root(self, user: str) -> None:

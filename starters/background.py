@@ -57,7 +57,9 @@ class WorkerProcess:
                 )
             if time.monotonic() > deadline:
                 worker.kill()
-                raise RuntimeError(f"the {role} worker was not ready in {timeout:.0f}s:\n{worker.tail()}")
+                raise RuntimeError(
+                    f"the {role} worker was not ready in {timeout:.0f}s:\n{worker.tail()}"
+                )
             time.sleep(0.1)
         return worker
 

@@ -61,7 +61,9 @@ def cmd_stack(args: argparse.Namespace) -> int:
             status = stack.status()
             for name, info in status.items():
                 state = "[green]running[/green]" if info.get("running") else "[red]stopped[/red]"
-                console.print(f"{name:10} {state}  pid={info.get('pid') or '-'}  {info.get('endpoint', '')}")
+                console.print(
+                    f"{name:10} {state}  pid={info.get('pid') or '-'}  {info.get('endpoint', '')}"
+                )
             return 0 if all(i.get("running") for i in status.values()) else 1
     except StackError as e:
         raise UserError(str(e)) from e
@@ -121,6 +123,44 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- ask ------------------------------------------------------------------------------
+def cmd_ask(args: argparse.Namespace) -> int:
+    return asyncio.run(_ask(args))
+
+
+async def _ask(args: argparse.Namespace) -> int:
+    from starters.ask import ask, image_fields, parse_filters, print_answer, result_json
+    from workers.temporal_client import connect
+    from workflows.contracts import AskInput
+
+    try:
+        filters = parse_filters(args.filter)
+        image = image_fields(args.image)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    if not args.question and not image:
+        raise UserError("ask needs a question, --image, or both")
+    client = await connect()
+    result = await ask(
+        client,
+        AskInput(
+            tenant=args.tenant,
+            text=args.question,
+            top_k=args.top_k,
+            filters=filters,
+            rerank=not args.no_rerank,
+            generate=not args.no_generate,
+            max_answer_tokens=args.max_tokens,
+            **image,
+        ),
+    )
+    if args.json:
+        print(result_json(result))
+    else:
+        print_answer(result, console)
+    return 0
+
+
 # -- demo -----------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from starters.demo import run_demo
@@ -137,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temporal-port", type=int, default=7233)
     p.add_argument("--ui-port", type=int, default=8233)
     p.add_argument("--milvus-port", type=int, default=19530)
-    p.add_argument("--milvus-extra-base", type=int, default=19600, help="first of Milvus's internal ports")
+    p.add_argument(
+        "--milvus-extra-base", type=int, default=19600, help="first of Milvus's internal ports"
+    )
     p.add_argument("--postgres-port", type=int, default=5433)
     p.set_defaults(func=cmd_stack)
 
@@ -160,6 +202,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", default="default")
     p.add_argument("--top-k", type=int, default=5)
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("ask", help="ask a question; answer with cited sources")
+    p.add_argument("question", nargs="?", default="")
+    p.add_argument(
+        "--image", default="", metavar="PATH|URI", help="query image (image or hybrid search)"
+    )
+    p.add_argument("--tenant", default="default")
+    p.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="media_type=, created_after=, created_before=, tag.KEY=, asset_id= (repeatable)",
+    )
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--no-rerank", action="store_true")
+    p.add_argument("--no-generate", action="store_true", help="retrieval only (extractive answer)")
+    p.add_argument("--max-tokens", type=int, default=300)
+    p.add_argument("--json", action="store_true", help="print the Ask result contract as JSON")
+    p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("demo", help="stack, workers, demo corpus, answers and the Web UI link")
     p.set_defaults(func=cmd_demo)

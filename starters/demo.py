@@ -54,7 +54,9 @@ def run_demo(console: Console) -> int:
     if not corpus.exists():
         write_corpus(corpus, per_class=3, seed=2026)
     (corpus / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
-    console.print(f"  {sum(1 for _ in corpus.iterdir())} files in {corpus} (one deliberately corrupt)")
+    console.print(
+        f"  {sum(1 for _ in corpus.iterdir())} files in {corpus} (one deliberately corrupt)"
+    )
 
     console.rule("4. durable ingest (IngestBatch workflow)")
     result = asyncio.run(_ingest(str(corpus), console))

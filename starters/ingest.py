@@ -91,7 +91,9 @@ def print_summary(result: IngestResult, console: Console) -> None:
             table.add_row(f.uri, f.reason)
         console.print(table)
         if result.failed > len(result.failures):
-            console.print(f"... and {result.failed - len(result.failures)} more (see the audit log)")
+            console.print(
+                f"... and {result.failed - len(result.failures)} more (see the audit log)"
+            )
 
 
 def result_json(result: IngestResult) -> str:

@@ -17,6 +17,7 @@ from temporalio.client import Client
 
 from stack.services import Stack, StackPorts
 from starters.background import WorkerProcess
+from tests.llm_server import LlmTestServer
 from workers.settings import TINY_MODEL_DIR
 
 TEST_MAX_OBJECT_BYTES = 2_000_000
@@ -58,9 +59,12 @@ def test_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerStack
             "TEMPORAL_NAMESPACE": "default",
             "STORAGE_EMULATOR_HOST": endpoints["gcs_emulator"],
         }
-        env.pop("TEMPORAL_PROFILE", None)
+        for inherited in ("TEMPORAL_PROFILE", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
+            env.pop(inherited, None)
         # This process (the test client, direct registry/Milvus reads) uses the same settings.
-        os.environ.update({k: v for k, v in env.items() if k.startswith(("MMRAG_", "TEMPORAL_", "STORAGE_"))})
+        os.environ.update(
+            {k: v for k, v in env.items() if k.startswith(("MMRAG_", "TEMPORAL_", "STORAGE_"))}
+        )
         from workers.settings import get_settings
 
         get_settings.cache_clear()
@@ -72,20 +76,42 @@ def test_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerStack
         stack.down()
 
 
+LLM_API_KEY = "sk-test-canary-0123456789abcdef"  # must never appear in logs or payloads
+LLM_ENV = {
+    "OPENAI_API_KEY": LLM_API_KEY,
+    "MMRAG_LLM_MODEL": "test-llm",
+    "MMRAG_LLM_TIMEOUT_S": "2",
+    "MMRAG_BREAKER_FAIL_MAX": "3",
+    "MMRAG_BREAKER_RESET_S": "4",
+}
+
+
 @dataclass
 class Workers:
-    """The shared cpu and encode worker processes; fault tests may replace the encoder."""
+    """The shared worker processes, one per role; fault tests may replace one."""
 
     cpu: WorkerProcess
     encode: WorkerProcess
+    generate: WorkerProcess
 
     def alive(self) -> bool:
-        return self.cpu.proc.poll() is None and self.encode.proc.poll() is None
+        return all(w.alive() for w in (self.cpu, self.encode, self.generate))
 
 
 @pytest.fixture(scope="session")
-def worker(test_stack: ServerStack) -> Workers:
-    return Workers(cpu=test_stack.start_worker("cpu"), encode=test_stack.start_worker("encode"))
+def llm(test_stack: ServerStack) -> Iterator[LlmTestServer]:
+    """A real HTTP OpenAI-compatible server the generate worker talks to."""
+    with LlmTestServer(api_key=LLM_API_KEY) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def worker(test_stack: ServerStack, llm: LlmTestServer) -> Workers:
+    return Workers(
+        cpu=test_stack.start_worker("cpu"),
+        encode=test_stack.start_worker("encode"),
+        generate=test_stack.start_worker("generate", OPENAI_BASE_URL=llm.base_url, **LLM_ENV),
+    )
 
 
 @pytest_asyncio.fixture(scope="session")

@@ -57,7 +57,9 @@ def audit_events(tenant: str) -> list[AuditEvent]:
         return list(session.scalars(select(AuditEvent).where(AuditEvent.tenant == tenant)))
 
 
-def png_bytes(size: tuple[int, int] = (32, 32), colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+def png_bytes(
+    size: tuple[int, int] = (32, 32), colour: tuple[int, int, int] = (200, 30, 30)
+) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, colour).save(buf, "PNG")
     return buf.getvalue()
@@ -67,12 +69,16 @@ def png_bomb(width: int = 60_000, height: int = 60_000) -> bytes:
     """A small PNG whose header declares a huge image (a decompression bomb)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     row = b"\x00" + b"\x00" * (width * 3)
     body = zlib.compress(row * 4, 9)  # a few rows; the declared size is what matters
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+    )
 
 
 def write_bad_corpus(directory: Path, oversized_bytes: int) -> dict[str, str]:
@@ -99,3 +105,13 @@ def write_bad_corpus(directory: Path, oversized_bytes: int) -> dict[str, str]:
         "doc.pdf": "unsupported media type application/pdf",
         "oversized.bmp": "too large",
     }
+
+
+def wait_searchable(tenant: str, expected: int, timeout: float = 15.0) -> None:
+    """Asks read with Bounded consistency (fast); wait until fresh writes are visible to it."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (seen := store().count(collection(), tenant, strong=False)) < expected:
+        assert time.monotonic() < deadline, f"{seen}/{expected} rows visible after {timeout}s"
+        time.sleep(0.2)

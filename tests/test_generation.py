@@ -91,7 +91,11 @@ def _sources(n: int = 3, words: int = 20) -> list[SourceChunk]:
 @pytest.mark.parametrize(
     ("text", "kind", "value"),
     [
-        ("write to john.doe+rag@mail.example.co.uk today", "EMAIL", "john.doe+rag@mail.example.co.uk"),
+        (
+            "write to john.doe+rag@mail.example.co.uk today",
+            "EMAIL",
+            "john.doe+rag@mail.example.co.uk",
+        ),
         ("call +44 20 7946 0958 today", "PHONE", "+44 20 7946 0958"),
         ("call +1 (555) 123-4567", "PHONE", "+1 (555) 123-4567"),
         ("office (555) 123-4567.", "PHONE", "(555) 123-4567"),
@@ -513,7 +517,9 @@ def test_401_is_permanent_and_never_shows_the_key(server: LlmTestServer) -> None
     assert gen.breaker_state() == "closed"
 
 
-@pytest.mark.parametrize(("status", "hint"), [(400, "accepts this request"), (404, "MMRAG_LLM_MODEL")])
+@pytest.mark.parametrize(
+    ("status", "hint"), [(400, "accepts this request"), (404, "MMRAG_LLM_MODEL")]
+)
 def test_4xx_is_permanent_with_a_hint(server: LlmTestServer, status: int, hint: str) -> None:
     gen = _generator(server)
     server.set_mode("status", status=status)

@@ -30,7 +30,6 @@ from tests.helpers import (
 from workflows.contracts import IngestResult, asset_id_for
 
 
-
 async def ingest(client: Client, tenant: str, sources: list[str], **kw) -> IngestResult:  # type: ignore[no-untyped-def]
     handle = await start_ingest(client, tenant, sources, **kw)
     return await asyncio.wait_for(handle.result(), timeout=180)

@@ -11,7 +11,6 @@ import asyncio
 import os
 from pathlib import Path
 
-import pytest
 from temporalio.client import Client, WorkflowHistory
 from temporalio.worker import Replayer
 
@@ -22,7 +21,6 @@ from workflows.ingest import IngestAsset, IngestBatch
 
 HISTORIES = Path(__file__).parent / "fixtures" / "histories"
 WORKFLOWS = [IngestBatch, IngestAsset]
-
 
 
 def committed_histories() -> list[Path]:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -52,8 +54,11 @@ class Running:
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    state_dir = tmp_path_factory.mktemp("stack")
+def running() -> Iterator[Running]:
+    # Not under pytest's tmp_path: as root PostgreSQL runs as another user, and every pytest
+    # session that starts resets /tmp/pytest-of-root to 0700, locking that user out of a
+    # data directory below it.
+    state_dir = Path(tempfile.mkdtemp(prefix="mmrag-test-stack-"))
     stack = Stack(state_dir, StackPorts.free(), services=ALL)
     try:
         t0 = time.monotonic()
@@ -62,7 +67,10 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
         r.pids()
         yield r
     finally:
-        stack.down()
+        try:
+            stack.down()
+        finally:
+            shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def gone(pid: int) -> bool:

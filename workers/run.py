@@ -20,22 +20,32 @@ from temporalio.worker import Worker
 
 from workers.settings import Settings, get_settings
 from workers.temporal_client import connect
-from workflows.contracts import ENCODE_TASK_QUEUE, TASK_QUEUE
+from workflows.contracts import ENCODE_TASK_QUEUE, GENERATE_TASK_QUEUE, TASK_QUEUE
 
 ROLES = ("all", "cpu", "encode", "generate")
 log = logging.getLogger("mmrag.worker")
 
 
 def cpu_worker(client: Client, settings: Settings) -> Worker:
+    from activities.ask import AskActivities
     from activities.ingest import IngestActivities
+    from workflows.ask import Ask
     from workflows.ingest import IngestAsset, IngestBatch
 
     ingest = IngestActivities(settings)
+    ask = AskActivities(settings)
     return Worker(
         client,
         task_queue=TASK_QUEUE,
-        workflows=[IngestBatch, IngestAsset],
-        activities=[ingest.resolve_index, ingest.create_first_index, ingest.scan_page, ingest.record_outcomes],
+        workflows=[IngestBatch, IngestAsset, Ask],
+        activities=[
+            ingest.resolve_index,
+            ingest.create_first_index,
+            ingest.scan_page,
+            ingest.record_outcomes,
+            ask.retrieve,
+            ask.finalize_answer,
+        ],
         activity_executor=ThreadPoolExecutor(settings.max_concurrent_activities),
         max_concurrent_activities=settings.max_concurrent_activities,
         graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown_seconds),
@@ -47,13 +57,32 @@ def encode_worker(client: Client, settings: Settings) -> Worker:
 
     encode = EncodeActivities(settings)
     info = encode.describe_encoder()  # warm: load the model before taking any task
-    log.info("encoder ready: %s/%s dim=%d on %s", info.model, info.pretrained, info.dim, info.device)
+    log.info(
+        "encoder ready: %s/%s dim=%d on %s", info.model, info.pretrained, info.dim, info.device
+    )
     return Worker(
         client,
         task_queue=ENCODE_TASK_QUEUE,
-        activities=[encode.describe_encoder, encode.encode_batch],
+        activities=[encode.describe_encoder, encode.encode_batch, encode.encode_query],
         activity_executor=ThreadPoolExecutor(settings.max_concurrent_encode_activities),
         max_concurrent_activities=settings.max_concurrent_encode_activities,
+        graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown_seconds),
+    )
+
+
+def generate_worker(client: Client, settings: Settings) -> Worker:
+    from activities.generate import GenerateActivities
+
+    generate = GenerateActivities()
+    log.info(
+        "LLM: %s", generate.config.model if generate.generator else "none (extractive answers)"
+    )
+    return Worker(
+        client,
+        task_queue=GENERATE_TASK_QUEUE,
+        activities=[generate.generate],
+        activity_executor=ThreadPoolExecutor(settings.max_concurrent_activities),
+        max_concurrent_activities=settings.max_concurrent_activities,
         graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown_seconds),
     )
 
@@ -66,8 +95,8 @@ def build_workers(role: str, client: Client, settings: Settings) -> list[Worker]
         workers.append(cpu_worker(client, settings))
     if role in ("all", "encode"):
         workers.append(encode_worker(client, settings))
-    if role == "generate":
-        raise ValueError("the generate role has no activities yet: run --role cpu and encode")
+    if role in ("all", "generate"):
+        workers.append(generate_worker(client, settings))
     return workers
 
 

@@ -114,6 +114,7 @@ class Retrieval:
     prompt_tokens: int
     extractive_answer: str
     ms: float
+    context: str = ""  # the sources' text as the LLM sees it: what grounding is checked against
 
 
 @dataclass

@@ -131,7 +131,7 @@ class Ask:
                 answer,
                 kind,
                 retrieval.sources,
-                retrieval.user_prompt,
+                retrieval.context,
                 degraded,
                 reason,
                 latency_ms,

@@ -8,9 +8,9 @@ registry comparison) on ``mmrag``, encode + store in GPU-sized batches on
 from __future__ import annotations
 
 import asyncio
-from typing import Optional
 from dataclasses import replace
 from datetime import timedelta
+from typing import Optional
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePair
@@ -56,7 +56,9 @@ OUTCOME_KEY = SearchAttributeKey.for_keyword("MmragOutcome")
 # suggested limit even for very large buckets.
 PAGES_PER_RUN = 20
 
-DB_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
+DB_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30)
+)
 ENCODE_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2),
     maximum_interval=timedelta(seconds=60),
@@ -214,7 +216,9 @@ class IngestBatch:
             async with slots:
                 self._in_flight += len(objects)
                 try:
-                    outcomes = await encode_and_record(inp.tenant, index, objects, inp.tags, heartbeat)
+                    outcomes = await encode_and_record(
+                        inp.tenant, index, objects, inp.tags, heartbeat
+                    )
                 finally:
                     self._in_flight -= len(objects)
                 count(self._totals, outcomes)
@@ -245,7 +249,9 @@ class IngestBatch:
                             totals=self._totals,
                         )
                     )
-        workflow.upsert_search_attributes([SearchAttributePair(OUTCOME_KEY, outcome_label(self._totals))])
+        workflow.upsert_search_attributes(
+            [SearchAttributePair(OUTCOME_KEY, outcome_label(self._totals))]
+        )
         return result_of(inp.tenant, index, self._totals)
 
     @workflow.query(name="progress")

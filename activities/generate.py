@@ -1,0 +1,61 @@
+"""LLM generation on ``mmrag-gpu-generate``: the openai client behind a circuit breaker.
+
+Transient failures (429, 5xx, timeouts) raise a retryable error, so Temporal's retry
+policy backs off; an open breaker and permanent rejections raise non-retryable errors
+the ``Ask`` workflow turns into a degraded answer. With no LLM configured the activity
+says so and the workflow keeps its extractive answer.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.generation import (
+    FusedPrompt,
+    LlmConfig,
+    LlmUnavailableError,
+    PermanentLlmError,
+    TransientLlmError,
+    get_generator,
+)
+from workflows.activity_payloads import GENERATE, GenerateInput, Generation
+
+
+class GenerateActivities:
+    def __init__(self, config: LlmConfig | None = None) -> None:
+        self.config = config or LlmConfig.from_env()
+        self.generator = get_generator(self.config) if self.config.enabled else None
+
+    @activity.defn(name=GENERATE)
+    def generate(self, inp: GenerateInput) -> Generation:
+        started = time.perf_counter()
+        if self.generator is None:
+            return Generation(text="", kind="extractive", model="", ms=0.0)
+        prompt = FusedPrompt(
+            system=inp.system_prompt,
+            user=inp.user_prompt,
+            used=inp.source_ids,
+            tokens=0,
+            redactions={},
+        )
+        try:
+            result = self.generator.generate(prompt, self.config.model, inp.max_tokens)
+        except LlmUnavailableError as e:
+            raise ApplicationError(str(e), type="LlmUnavailable", non_retryable=True) from e
+        except PermanentLlmError as e:
+            raise ApplicationError(str(e), type="PermanentLlmError", non_retryable=True) from e
+        except TransientLlmError as e:
+            # Honour Retry-After, capped: the Ask's schedule-to-close bounds the total anyway.
+            delay = timedelta(seconds=min(e.retry_after_s, 10)) if e.retry_after_s else None
+            raise ApplicationError(str(e), type="TransientLlmError", next_retry_delay=delay) from e
+        return Generation(
+            text=result.text,
+            kind="generated",
+            model=result.model,
+            ms=round((time.perf_counter() - started) * 1000, 2),
+            cached=result.cached,
+        )

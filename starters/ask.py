@@ -1,0 +1,96 @@
+"""Execute ``Ask`` from Python and render its answer for a terminal."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+from rich.console import Console
+from temporalio.client import Client
+
+from activities.storage import normalize_uri
+from workflows.contracts import (
+    ASK_WORKFLOW,
+    MAX_INLINE_IMAGE_BYTES,
+    TASK_QUEUE,
+    AskFilters,
+    AskInput,
+    AskResult,
+)
+
+FILTER_KEYS = (
+    "media_type=, created_after=, created_before= (ISO date or epoch), tag.KEY=, asset_id="
+)
+
+
+def parse_filters(values: list[str]) -> AskFilters:
+    """``--filter`` values -> structured filters; a typo is a user error, not a query."""
+    filters = AskFilters()
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep:
+            raise ValueError(f"--filter {value!r}: write KEY=VALUE with KEY one of {FILTER_KEYS}")
+        if key == "media_type":
+            filters.media_types.append(val)
+        elif key in ("created_after", "created_before"):
+            setattr(filters, key, _epoch(val))
+        elif key.startswith("tag.") and len(key) > 4:
+            filters.tags[key[4:]] = val
+        elif key == "asset_id":
+            filters.asset_ids.append(val)
+        else:
+            raise ValueError(f"--filter {key!r} is not a filter: use {FILTER_KEYS}")
+    return filters
+
+
+def _epoch(value: str) -> int:
+    if value.isdigit():
+        return int(value)
+    try:
+        return int(datetime.fromisoformat(value).timestamp())
+    except ValueError as e:
+        raise ValueError(f"{value!r} is neither an ISO date (2026-01-31) nor epoch seconds") from e
+
+
+def image_fields(image: str) -> dict[str, str]:
+    """A small local image goes inline; anything else by URI (pixels stay out of payloads)."""
+    if not image:
+        return {}
+    path = Path(image)
+    if "://" not in image and path.is_file() and path.stat().st_size <= MAX_INLINE_IMAGE_BYTES:
+        return {"image_base64": base64.b64encode(path.read_bytes()).decode()}
+    return {"image_uri": normalize_uri(image)}
+
+
+async def ask(client: Client, inp: AskInput) -> AskResult:
+    return await client.execute_workflow(
+        ASK_WORKFLOW,
+        inp,
+        id=f"ask/{inp.tenant}/{uuid.uuid4().hex}",
+        task_queue=TASK_QUEUE,
+        result_type=AskResult,
+        static_summary=f"ask for tenant {inp.tenant}",
+    )
+
+
+def print_answer(result: AskResult, console: Console) -> None:
+    console.print(result.answer, highlight=False, markup=False)
+    if result.degraded:
+        console.print(f"[yellow]degraded:[/yellow] {result.degraded_reason}")
+    for s in result.sources:
+        where = "" if s.chunk == "image" else f" ({s.chunk})"
+        console.print(f"  [{s.id}] {s.score:.3f}  {s.uri}{where}", highlight=False, markup=False)
+    stages = ", ".join(f"{k} {v:.0f} ms" for k, v in result.stage_ms.items())
+    console.print(
+        f"[dim]{result.answer_kind} answer in {result.latency_ms:.0f} ms ({stages}); "
+        f"index v{result.index_version}, encoder {result.encoder_model}"
+        f"{', LLM ' + result.llm_model if result.llm_model else ''}[/dim]"
+    )
+
+
+def result_json(result: AskResult) -> str:
+    return json.dumps(asdict(result), indent=2)

@@ -1,0 +1,291 @@
+"""Ask against the real servers, the tiny CLIP model and a real HTTP LLM test server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from temporalio.client import Client
+
+from starters.ask import ask
+from starters.ingest import start_ingest
+from starters.synthetic_corpus import render, write_corpus
+from tests.conftest import LLM_API_KEY, ServerStack, Workers
+from tests.helpers import audit_events, milvus_pks, wait_searchable
+from tests.llm_server import LlmTestServer
+from workflows.contracts import AskFilters, AskInput, AskResult
+
+
+@dataclass
+class Corpus:
+    tenant: str
+    directory: Path
+
+
+async def _ingest(client: Client, tenant: str, sources: list[str], **kw) -> None:  # type: ignore[no-untyped-def]
+    handle = await start_ingest(client, tenant, sources, **kw)
+    result = await asyncio.wait_for(handle.result(), timeout=180)
+    assert result.failed == 0, result.failures
+    wait_searchable(tenant, len(milvus_pks(tenant)))
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def corpus(
+    worker: Workers, client: Client, tmp_path_factory: pytest.TempPathFactory
+) -> Corpus:
+    """18 classes x 2 PNGs tagged set=a, plus 18 JPEGs tagged set=b with older mtimes."""
+    tenant = f"ask-{uuid.uuid4().hex[:8]}"
+    root = tmp_path_factory.mktemp("ask-corpus")
+    write_corpus(root / "png", per_class=2, seed=31)
+    write_corpus(root / "jpg", per_class=1, seed=32, fmt="jpeg")
+    for path in (root / "jpg").iterdir():
+        os.utime(path, (1_600_000_000, 1_600_000_000))  # 2020-09-13
+    await _ingest(client, tenant, [str(root / "png")], tags={"set": "a"})
+    await _ingest(client, tenant, [str(root / "jpg")], tags={"set": "b"})
+    return Corpus(tenant, root)
+
+
+def names(result: AskResult) -> list[str]:
+    return [s.uri.rsplit("/", 1)[-1] for s in result.sources]
+
+
+async def run_ask(client: Client, **kw) -> AskResult:  # type: ignore[no-untyped-def]
+    return await asyncio.wait_for(ask(client, AskInput(**kw)), timeout=90)
+
+
+async def test_text_query_generates_a_grounded_cited_answer(
+    corpus: Corpus, client: Client, llm: LlmTestServer
+) -> None:
+    llm.set_mode("ok")
+    result = await run_ask(client, tenant=corpus.tenant, text="a red circle on a white background")
+    assert names(result)[0].startswith("red-circle-")
+    assert result.answer_kind == "generated" and not result.degraded
+    assert "[S1]" in result.answer and "Sources:" in result.answer
+    assert result.llm_model == "test-llm" and result.encoder_model == "mmrag-tiny"
+    assert result.index_version >= 1 and result.latency_ms > 0
+    assert {"encode", "retrieve", "generate"} <= set(result.stage_ms)
+
+
+async def test_image_and_hybrid_queries(corpus: Corpus, client: Client, llm: LlmTestServer) -> None:
+    import random
+
+    buf = io.BytesIO()
+    render("blue", "triangle", random.Random(777)).save(buf, "PNG")
+    inline = base64.b64encode(buf.getvalue()).decode()
+    by_image = await run_ask(client, tenant=corpus.tenant, image_base64=inline, generate=False)
+    assert names(by_image)[0].startswith("blue-triangle-")
+
+    path = corpus.directory / "query.png"
+    path.write_bytes(buf.getvalue())
+    hybrid = await run_ask(
+        client,
+        tenant=corpus.tenant,
+        text="a blue triangle",
+        image_uri=path.as_uri(),
+        generate=False,
+    )
+    assert names(hybrid)[0].startswith("blue-triangle-")
+    assert hybrid.answer_kind == "extractive" and "Extractive answer" in hybrid.answer
+
+
+async def test_bad_query_image_fails_with_reason(corpus: Corpus, client: Client) -> None:
+    from temporalio.client import WorkflowFailureError
+
+    junk = base64.b64encode(b"not an image at all").decode()
+    with pytest.raises(WorkflowFailureError) as info:
+        await run_ask(client, tenant=corpus.tenant, image_base64=junk)
+    assert "query image" in str(info.value.cause.cause)  # type: ignore[union-attr]
+
+
+async def test_tenants_never_see_each_other(corpus: Corpus, client: Client) -> None:
+    other = await run_ask(
+        client, tenant=f"nobody-{uuid.uuid4().hex[:6]}", text="a red circle", generate=False
+    )
+    assert other.sources == [] and other.answer_kind == "none"
+
+
+async def test_every_filter(corpus: Corpus, client: Client) -> None:
+    q = {"tenant": corpus.tenant, "text": "a green square", "generate": False, "top_k": 50}
+    jpeg = await run_ask(client, **q, filters=AskFilters(media_types=["image/jpeg"]))
+    assert jpeg.sources and all(s.media_type == "image/jpeg" for s in jpeg.sources)
+    assert len(jpeg.sources) == 18
+
+    tagged = await run_ask(client, **q, filters=AskFilters(tags={"set": "a"}))
+    assert len(tagged.sources) == 36 and all(n.endswith(".png") for n in names(tagged))
+
+    old = await run_ask(client, **q, filters=AskFilters(created_before=1_700_000_000))
+    assert len(old.sources) == 18 and all(
+        n.endswith(".jpeg") or n.endswith(".jpg") for n in names(old)
+    )
+    new = await run_ask(client, **q, filters=AskFilters(created_after=1_700_000_000))
+    assert len(new.sources) == 36
+
+    one = jpeg.sources[3].asset_id
+    by_id = await run_ask(client, **q, filters=AskFilters(asset_ids=[one]))
+    assert [s.asset_id for s in by_id.sources] == [one]
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        'a" or tenant != "',
+        "a') or (1 == 1",
+        '\\" || true || "',
+        'x" or asset_id like "%',
+        "]] or [[",
+        "\u202e\n\t\\u0022",
+    ],
+)
+async def test_hostile_filter_values_stay_literals(
+    corpus: Corpus, client: Client, hostile: str
+) -> None:
+    q = {"tenant": corpus.tenant, "text": "a red circle", "generate": False}
+    for filters in (
+        AskFilters(tags={"set": hostile}),
+        AskFilters(tags={hostile: "a"}),
+        AskFilters(media_types=[hostile]),
+        AskFilters(asset_ids=[hostile]),
+    ):
+        result = await run_ask(client, **q, filters=filters)
+        assert result.sources == [], f"{filters} matched rows"
+
+
+async def test_tag_values_with_quotes_match_exactly(
+    worker: Workers, client: Client, tmp_path: Path
+) -> None:
+    tenant = f"quotes-{uuid.uuid4().hex[:6]}"
+    write_corpus(tmp_path / "q", per_class=1, seed=41)
+    value = 'say "hi" \\ or not'
+    await _ingest(client, tenant, [str(tmp_path / "q")], tags={"note": value})
+    hit = await run_ask(
+        client,
+        tenant=tenant,
+        text="a circle",
+        generate=False,
+        filters=AskFilters(tags={"note": value}),
+    )
+    assert len(hit.sources) == 5
+
+
+async def test_rerank_changes_order_where_captions_match(
+    worker: Workers, client: Client, tmp_path: Path
+) -> None:
+    """An orange circle whose name says 'red circle' overtakes plain red circles on re-rank."""
+    import random
+
+    tenant = f"rerank-{uuid.uuid4().hex[:6]}"
+    folder = tmp_path / "r"
+    folder.mkdir()
+    for i in range(3):
+        render("red", "circle", random.Random(i)).save(folder / f"img-{i}.png")
+    render("orange", "circle", random.Random(9)).save(folder / "red-circle-label.png")
+    await _ingest(client, tenant, [str(folder)])
+    q = {"tenant": tenant, "text": "a red circle", "generate": False, "top_k": 4}
+    plain = await run_ask(client, **q, rerank=False)
+    fused = await run_ask(client, **q, rerank=True)
+    assert names(plain)[0] != "red-circle-label.png"
+    assert names(fused)[0] == "red-circle-label.png"
+
+
+async def test_throttling_llm_is_retried_then_answers(
+    corpus: Corpus, client: Client, llm: LlmTestServer
+) -> None:
+    llm.set_mode("throttle", count=2, retry_after=0)
+    llm.reset()
+    result = await run_ask(
+        client, tenant=corpus.tenant, text="a purple square", max_answer_tokens=64
+    )
+    assert result.answer_kind == "generated" and not result.degraded
+    assert llm.request_count == 3
+    llm.set_mode("ok")
+
+
+async def test_outage_opens_breaker_degrades_fast_then_recovers(
+    corpus: Corpus, client: Client, llm: LlmTestServer
+) -> None:
+    llm.set_mode("fail")
+    started = time.monotonic()
+    first = await run_ask(
+        client, tenant=corpus.tenant, text="an orange triangle", max_answer_tokens=65
+    )
+    assert first.degraded and first.sources and "temporarily unavailable" in first.answer
+    assert time.monotonic() - started < 45
+    # The breaker is open now: the next ask degrades without waiting on the LLM.
+    llm.reset()
+    started = time.monotonic()
+    second = await run_ask(
+        client, tenant=corpus.tenant, text="an orange circle", max_answer_tokens=66
+    )
+    assert second.degraded and "circuit breaker" in second.degraded_reason
+    assert time.monotonic() - started < 5
+    assert llm.request_count == 0
+    # After the reset timeout a trial call goes through and closes the breaker.
+    llm.set_mode("ok")
+    await asyncio.sleep(4.5)
+    third = await run_ask(
+        client, tenant=corpus.tenant, text="an orange square", max_answer_tokens=67
+    )
+    assert third.answer_kind == "generated" and not third.degraded
+
+
+async def test_pii_never_reaches_the_llm_or_the_audit_trail(
+    corpus: Corpus, client: Client, llm: LlmTestServer
+) -> None:
+    llm.set_mode("ok")
+    llm.reset()
+    secrets = ["jane.doe@example.com", "+1 415 555 0134", "4111 1111 1111 1111", "123-45-6789"]
+    question = (
+        f"I am {secrets[0]}, call {secrets[1]}, card {secrets[2]}, ssn {secrets[3]}: a red circle?"
+    )
+    result = await run_ask(client, tenant=corpus.tenant, text=question, max_answer_tokens=68)
+    assert result.sources
+    sent = llm.request_bodies_text()
+    assert llm.request_count >= 1
+    audit = json.dumps([e.details for e in audit_events(corpus.tenant)])
+    for secret in [*secrets, LLM_API_KEY]:
+        assert secret not in sent
+        assert secret not in audit
+    asks = [e for e in audit_events(corpus.tenant) if e.action == "query.ask"]
+    assert asks and all("question_sha256" in e.details for e in asks)
+
+
+async def test_ask_started_from_temporal_cli(corpus: Corpus, test_stack: ServerStack) -> None:
+    temporal = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "temporal"
+    payload = {"tenant": corpus.tenant, "text": "a yellow circle", "generate": False, "top_k": 3}
+    out = subprocess.run(
+        [
+            str(temporal),
+            "workflow",
+            "execute",
+            "--address",
+            test_stack.endpoints["temporal_address"],
+            "--type",
+            "Ask",
+            "--task-queue",
+            "mmrag",
+            "--workflow-id",
+            f"cli-ask-{uuid.uuid4().hex[:6]}",
+            "--input",
+            json.dumps(payload),
+            "--output",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    result = json.loads(out.stdout)["result"]
+    assert len(result["sources"]) == 3
+    assert result["sources"][0]["uri"].rsplit("/", 1)[-1].startswith("yellow-circle-")
+    assert result["answer_kind"] == "extractive"
