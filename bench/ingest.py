@@ -119,7 +119,8 @@ def measure(
                     bare_runs.append(bare_loop(f"bare-{r}", corpus, batch_size))
                     durable_runs.append(asyncio.run(durable(f"durable-{r}", corpus, batch_size, n)))
                     print(
-                        f"{model} round {r}: bare {bare_runs[-1]:.1f} img/s, durable {durable_runs[-1]:.1f} img/s",
+                        f"{model} round {r}: bare {bare_runs[-1]:.1f} img/s, "
+                        f"durable {durable_runs[-1]:.1f} img/s",
                         flush=True,
                     )
             finally:
