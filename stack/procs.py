@@ -26,20 +26,40 @@ log = logging.getLogger("stack")
 
 
 def pid_alive(pid: int, popen: subprocess.Popen[bytes] | None = None) -> bool:
-    """Whether ``pid`` is a live process (a zombie is dead; ours are reaped here)."""
-    if popen is not None and popen.pid == pid:
-        return popen.poll() is None
-    with contextlib.suppress(ChildProcessError, OSError):
-        # A child of this process that exited stays a zombie until reaped.
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
+    """Whether ``pid`` is a live process; a zombie, or a process on its way out, is not.
+
+    A multi-threaded server killed with SIGKILL shows as a zombie while its other threads
+    are still exiting (and still hold its sockets): it is not running, but see
+    ``pid_exited`` for "completely gone".
+    """
     try:
-        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            pid_exited(pid, popen)  # reap it if it is our child and done
+            return False
     except psutil.NoSuchProcess:
         return False
     except psutil.Error:
         return True
+    return not pid_exited(pid, popen)
+
+
+def pid_exited(pid: int, popen: subprocess.Popen[bytes] | None = None) -> bool:
+    """Whether ``pid`` has completely exited (a child of ours: reaped, its files closed)."""
+    if popen is not None and popen.pid == pid:
+        return popen.poll() is not None
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == pid
+    except ChildProcessError:
+        pass  # not a child of this process: its parent reaps it
+    except OSError:
+        return False
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
 
 
 def process_cwd(pid: int) -> Path | None:
@@ -223,7 +243,7 @@ def stop_processes(targets: Sequence[StopTarget], timeout: float) -> list[str]:
         now = time.monotonic()
         still: list[StopTarget] = []
         for t in pending:
-            if not pid_alive(t.pid, t.popen):
+            if pid_exited(t.pid, t.popen):
                 t.took = now - start
                 if leaders[t.name]:
                     _sweep_group(t.pid)
@@ -249,4 +269,4 @@ def stop_processes(targets: Sequence[StopTarget], timeout: float) -> list[str]:
         pending = still
         if pending:
             time.sleep(0.05)
-    return [t.name for t in targets if pid_alive(t.pid, t.popen)]
+    return [t.name for t in targets if not pid_exited(t.pid, t.popen)]

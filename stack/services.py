@@ -380,6 +380,8 @@ class Stack:
             if port_bindable(use.host, use.port):
                 continue
             holders = listeners(use.port)
+            if not holders and _freed_soon(use.host, use.port):
+                continue  # held by a process that was still exiting (a SIGKILLed server)
             if i == 0:
                 ours = [p for p in holders if works_in(p, srv.home)]
                 if ours:
@@ -464,6 +466,16 @@ class Stack:
                 "still running after SIGKILL: "
                 + ", ".join(f"{t.name} {describe(t.pid)}" for t in targets if t.name in survivors)
             )
+
+
+def _freed_soon(host: str, port: int, wait: float = 3.0) -> bool:
+    """Whether a port whose holder cannot be seen becomes free within ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        if port_bindable(host, port):
+            return True
+    return False
 
 
 def _size(path: Path) -> int:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 from rich.console import Console
 
@@ -39,13 +40,17 @@ def cmd_stack(args: argparse.Namespace) -> int:
     from stack.services import Stack, StackError, StackPorts
 
     settings = get_settings()
-    ports = StackPorts(
-        temporal=args.temporal_port,
-        temporal_ui=args.ui_port,
-        milvus=args.milvus_port,
-        milvus_extra_base=args.milvus_extra_base,
-        postgres=args.postgres_port,
-    )
+    flags = {
+        "temporal": args.temporal_port,
+        "temporal_ui": args.ui_port,
+        "milvus": args.milvus_port,
+        "milvus_extra_base": args.milvus_extra_base,
+        "postgres": args.postgres_port,
+    }
+    try:
+        ports = replace(StackPorts.from_env(), **{k: v for k, v in flags.items() if v})
+    except StackError as e:
+        raise UserError(str(e)) from e
     stack = Stack(settings.state_dir, ports)
     try:
         if args.action == "up":
@@ -174,13 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stack", help="start, stop or inspect the embedded services")
     p.add_argument("action", choices=["up", "down", "status"])
-    p.add_argument("--temporal-port", type=int, default=7233)
-    p.add_argument("--ui-port", type=int, default=8233)
-    p.add_argument("--milvus-port", type=int, default=19530)
+    ports_help = "(default: MMRAG_STACK_{} or {})"
+    p.add_argument("--temporal-port", type=int, help=ports_help.format("TEMPORAL", 7233))
+    p.add_argument("--ui-port", type=int, help=ports_help.format("TEMPORAL_UI", 8233))
+    p.add_argument("--milvus-port", type=int, help=ports_help.format("MILVUS", 19530))
     p.add_argument(
-        "--milvus-extra-base", type=int, default=19600, help="first of Milvus's internal ports"
+        "--milvus-extra-base",
+        type=int,
+        help="first of 11 consecutive internal Milvus ports "
+        + ports_help.format("MILVUS_EXTRA_BASE", 19600),
     )
-    p.add_argument("--postgres-port", type=int, default=5433)
+    p.add_argument("--postgres-port", type=int, help=ports_help.format("POSTGRES", 5432))
     p.set_defaults(func=cmd_stack)
 
     p = sub.add_parser("worker", help="run workers for one role or all")

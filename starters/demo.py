@@ -2,26 +2,30 @@
 
 Starts the embedded stack, a background worker with the tiny CLIP model shipped under
 tests/fixtures, generates a small synthetic corpus, ingests it through the durable
-workflows, asks sample questions and prints where to watch the runs in the Web UI.
-The stack and the worker keep running so the Web UI can be explored; ``mmrag stack
-down`` stops everything.
+workflows, asks sample questions (text, filtered, image and hybrid) and prints where to
+watch the runs in the Web UI. The stack and the worker keep running so the Web UI can be
+explored; ``mmrag stack down`` stops everything.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
+import time
+from pathlib import Path
 
 from rich.console import Console
 
+from starters.synthetic_corpus import render
 from workers.settings import TINY_MODEL_DIR, get_settings
+from workflows.contracts import AskFilters, AskInput
 
 DEMO_TENANT = "demo"
 DEMO_QUESTIONS = [
-    "a red circle on a white background",
-    "a blue triangle",
-    "a yellow square",
-    "a green circle",
+    "Which pictures show a red circle on a white background?",
+    "Is there a blue triangle?",
+    "Find a yellow square",
 ]
 TINY_MODEL_ENV = {
     "MMRAG_CLIP_MODEL": "mmrag-tiny",
@@ -61,20 +65,63 @@ def run_demo(console: Console) -> int:
     console.rule("4. durable ingest (IngestBatch workflow)")
     result = asyncio.run(_ingest(str(corpus), console))
 
-    console.rule("5. questions (nearest neighbours through the index alias)")
-    from starters.search import nearest
-
-    for question in DEMO_QUESTIONS:
-        console.print(f"[bold]Q:[/bold] {question}")
-        for hit in nearest(question, DEMO_TENANT, top_k=3):
-            name = str(hit["uri"]).rsplit("/", 1)[-1]
-            console.print(f"    {float(hit['score']):.3f}  {name}")  # type: ignore[arg-type]
+    console.rule("5. questions (Ask workflows: encode -> search -> answer with sources)")
+    wait_searchable(DEMO_TENANT, result.vectors)
+    query_image = settings.state_dir / "demo-query.png"
+    render("purple", "triangle", random.Random(7)).save(query_image)
+    asyncio.run(_ask_samples(query_image, console))
 
     console.rule("6. watch it")
     ui = endpoints.get("temporal_ui_url", "http://127.0.0.1:8233")
     console.print(f"  Temporal Web UI: {ui}/namespaces/default/workflows")
     console.print("  stop everything with: .venv/bin/mmrag stack down")
     return 0 if result.ingested else 1
+
+
+async def _ask_samples(query_image: Path, console: Console) -> None:
+    from starters.ask import ask, image_fields, print_answer
+    from workers.temporal_client import connect
+
+    client = await connect()
+    samples = [
+        ("text", AskInput(DEMO_TENANT, text=DEMO_QUESTIONS[0], top_k=3)),
+        ("text", AskInput(DEMO_TENANT, text=DEMO_QUESTIONS[1], top_k=3)),
+        (
+            "text + filter tag.source=demo",
+            AskInput(
+                DEMO_TENANT,
+                text=DEMO_QUESTIONS[2],
+                top_k=3,
+                filters=AskFilters(tags={"source": "demo"}),
+            ),
+        ),
+        (
+            f"image {query_image.name}",
+            AskInput(DEMO_TENANT, top_k=3, **image_fields(str(query_image))),
+        ),
+        (
+            "hybrid: image + text",
+            AskInput(DEMO_TENANT, text="a purple shape", top_k=3, **image_fields(str(query_image))),
+        ),
+    ]
+    for label, inp in samples:
+        console.print(f"\n[bold]Q ({label}):[/bold] {inp.text or '(image only)'}")
+        print_answer(await ask(client, inp), console)
+
+
+def wait_searchable(tenant: str, expected: int, timeout: float = 15.0) -> None:
+    """Asks read Milvus with Bounded consistency; fresh vectors are visible within seconds."""
+    from activities import registry
+    from activities.vectors import get_store
+
+    s = get_settings()
+    index = registry.active_index(registry.get_engine(s.database_endpoint()))
+    store = get_store(s.milvus_endpoint(), s.milvus_token.get_secret_value())
+    deadline = time.monotonic() + timeout
+    while index and store.count(index.collection, tenant, strong=False) < expected:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
 
 
 async def _ingest(corpus: str, console: Console):  # type: ignore[no-untyped-def]
