@@ -29,7 +29,7 @@ from typing import ClassVar
 
 from stack.errors import StackError
 from stack.ports import ANY, LOOPBACK, MILVUS_EXTRA_PORTS, StackPorts, tcp_answers
-from stack.procs import identity, note, pid_alive, read_pid_file, works_in
+from stack.procs import identity, note, pid_alive, read_pid_file, tail, works_in
 
 log = logging.getLogger("stack")
 
@@ -528,9 +528,10 @@ class Postgres(Server):
     def _initdb(self, user: str | None) -> None:
         """Create the cluster; a directory left by an interrupted initdb is replaced.
 
-        The marker file is written only after initdb succeeded, so a data directory without
-        it never held data: it is safe to remove, except when it has a pg_control file,
-        which a started server would have (then a person decides).
+        The marker file is written only after initdb succeeded. A data directory without it
+        and without ``global/pg_control`` comes from an initdb that was cut short and holds
+        nothing: it is removed and initdb runs again. One that a server has run on
+        (``postmaster.opts``) is kept and marked. Anything in between is left to a person.
         """
         if self.pgdata.exists():
             if (self.pgdata / "global" / "pg_control").exists() and (self.pgdata / "base").exists():
@@ -575,8 +576,8 @@ class Postgres(Server):
             )
         if result.returncode != 0:
             raise StackError(
-                f"postgres: initdb failed (exit {result.returncode}); see {self.log_path}. "
-                f"Remove {self.pgdata} before trying again."
+                f"postgres: initdb failed (exit {result.returncode}); last lines of "
+                f"{self.log_path}:\n{tail(self.log_path)}"
             )
         self.initdb_marker.write_text("initdb completed\n")
 

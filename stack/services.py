@@ -283,9 +283,7 @@ class Stack:
             if adopted is not None:
                 to_start.remove(name)
                 running[name] = adopted
-        merged = (recorded or self.ports).as_dict()
-        merged.update(self.ports.as_dict())
-        _write_json(self.state_dir / PORTS_FILE, merged)
+        _write_json(self.state_dir / PORTS_FILE, self.ports.as_dict())
 
         started: list[str] = []
         started_lock = threading.Lock()

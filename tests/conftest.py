@@ -6,6 +6,8 @@ Everything started here is stopped here, by pid, even when tests fail.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,8 +41,10 @@ class ServerStack:
 
 
 @pytest.fixture(scope="session")
-def test_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerStack]:
-    state_dir = tmp_path_factory.mktemp("mmrag-state")
+def test_stack() -> Iterator[ServerStack]:
+    # Not under pytest's tmp dir: pytest resets it to 0700 at each session start, which
+    # locks the (non-root) embedded Postgres out of its data directory.
+    state_dir = Path(tempfile.mkdtemp(prefix="mmrag-test-"))
     stack = Stack(state_dir, StackPorts.free(), services=("temporal", "milvus", "postgres", "gcs"))
     try:
         endpoints = stack.up()
@@ -74,6 +78,7 @@ def test_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerStack
         for worker in getattr(locals().get("ts"), "workers", []):
             worker.stop(timeout=10)
         stack.down()
+        shutil.rmtree(state_dir, ignore_errors=True)  # Milvus unpacks ~250 MB per state dir
 
 
 LLM_API_KEY = "sk-test-canary-0123456789abcdef"  # must never appear in logs or payloads

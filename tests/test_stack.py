@@ -233,6 +233,25 @@ def test_service_exiting_during_start_reports_its_log(
     assert not (tmp_path / "state" / "run" / "gcs.pid").exists()
 
 
+def test_interrupted_initdb_is_redone() -> None:
+    """A data directory left by a cut-short initdb (no marker, no pg_control) is replaced."""
+    state_dir = Path(tempfile.mkdtemp(prefix="mmrag-test-initdb-"))
+    stack = Stack(state_dir, StackPorts.free(), services=("postgres",))
+    try:
+        pgdata = state_dir / "postgres" / "data"
+        pgdata.mkdir(parents=True)
+        (pgdata / "PG_VERSION").write_text("18\n")
+        endpoints = stack.up(timeout=60)
+        with psycopg.connect(pg_conninfo(endpoints["database_url"])) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+        assert "interrupted initdb" in (state_dir / "logs" / "postgres.log").read_text()
+    finally:
+        try:
+            stack.down()
+        finally:
+            shutil.rmtree(state_dir, ignore_errors=True)
+
+
 def test_temporal_restart_on_existing_db_adds_new_search_attributes(
     running: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
