@@ -18,85 +18,32 @@ from datetime import timedelta
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from workers.roles import ROLE_BUILDERS
 from workers.settings import Settings, get_settings
 from workers.temporal_client import connect
-from workflows.contracts import ENCODE_TASK_QUEUE, GENERATE_TASK_QUEUE, TASK_QUEUE
 
 ROLES = ("all", "cpu", "encode", "generate")
 log = logging.getLogger("mmrag.worker")
 
 
-def cpu_worker(client: Client, settings: Settings) -> Worker:
-    from activities.ask import AskActivities
-    from activities.ingest import IngestActivities
-    from workflows.ask import Ask
-    from workflows.ingest import IngestAsset, IngestBatch
-
-    ingest = IngestActivities(settings)
-    ask = AskActivities(settings)
-    return Worker(
-        client,
-        task_queue=TASK_QUEUE,
-        workflows=[IngestBatch, IngestAsset, Ask],
-        activities=[
-            ingest.resolve_index,
-            ingest.create_first_index,
-            ingest.scan_page,
-            ingest.record_outcomes,
-            ask.retrieve,
-            ask.finalize_answer,
-        ],
-        activity_executor=ThreadPoolExecutor(settings.max_concurrent_activities),
-        max_concurrent_activities=settings.max_concurrent_activities,
-        graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown_seconds),
-    )
-
-
-def encode_worker(client: Client, settings: Settings) -> Worker:
-    from activities.encode import EncodeActivities
-
-    encode = EncodeActivities(settings)
-    info = encode.describe_encoder()  # warm: load the model before taking any task
-    log.info(
-        "encoder ready: %s/%s dim=%d on %s", info.model, info.pretrained, info.dim, info.device
-    )
-    return Worker(
-        client,
-        task_queue=ENCODE_TASK_QUEUE,
-        activities=[encode.describe_encoder, encode.encode_batch, encode.encode_query],
-        activity_executor=ThreadPoolExecutor(settings.max_concurrent_encode_activities),
-        max_concurrent_activities=settings.max_concurrent_encode_activities,
-        graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown_seconds),
-    )
-
-
-def generate_worker(client: Client, settings: Settings) -> Worker:
-    from activities.generate import GenerateActivities
-
-    generate = GenerateActivities()
-    log.info(
-        "LLM: %s", generate.config.model if generate.generator else "none (extractive answers)"
-    )
-    return Worker(
-        client,
-        task_queue=GENERATE_TASK_QUEUE,
-        activities=[generate.generate],
-        activity_executor=ThreadPoolExecutor(settings.max_concurrent_activities),
-        max_concurrent_activities=settings.max_concurrent_activities,
-        graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown_seconds),
-    )
-
-
 def build_workers(role: str, client: Client, settings: Settings) -> list[Worker]:
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}: choose one of {', '.join(ROLES)}")
+    names = list(ROLE_BUILDERS) if role == "all" else [role]
     workers = []
-    if role in ("all", "cpu"):
-        workers.append(cpu_worker(client, settings))
-    if role in ("all", "encode"):
-        workers.append(encode_worker(client, settings))
-    if role in ("all", "generate"):
-        workers.append(generate_worker(client, settings))
+    for name in names:
+        content = ROLE_BUILDERS[name](settings)
+        workers.append(
+            Worker(
+                client,
+                task_queue=content.task_queue,
+                workflows=list(content.workflows),
+                activities=list(content.activities),
+                activity_executor=ThreadPoolExecutor(content.max_concurrent_activities),
+                max_concurrent_activities=content.max_concurrent_activities,
+                graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown_seconds),
+            )
+        )
     return workers
 
 
