@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-import threading
 import time
 from pathlib import PurePosixPath
 from urllib.parse import unquote
 
 from sqlalchemy.orm import Session
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
-from activities import registry
+from activities import metrics, registry
 from activities.generation import SourceChunk, extractive_answer, fuse_prompt
 from activities.guardrails import I_DONT_KNOW, insert_citations, redact_pii, validate_answer
 from activities.vectors import compile_filters, get_store
@@ -28,11 +26,10 @@ from workflows.activity_payloads import (
     Retrieval,
     RetrieveInput,
 )
-from workflows.contracts import IndexTarget, Source
+from workflows.contracts import Source
 
 RERANK_POOL = 4  # candidates fetched per requested result when re-ranking
 TEXT_WEIGHT = 0.35  # weight of the caption/snippet match in the fused re-rank score
-INDEX_CACHE_SECONDS = 2.0
 _WORD = re.compile(r"[a-z0-9]+")
 _STOP = frozenset(
     [
@@ -90,36 +87,16 @@ def rerank(question: str, hits: list[dict[str, object]]) -> list[dict[str, objec
 class AskActivities:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._index: tuple[float, IndexTarget | None] = (0.0, None)
-        self._lock = threading.Lock()
 
     @property
     def engine(self):  # type: ignore[no-untyped-def]
         return registry.get_engine(self.settings.database_endpoint())
 
-    def active_index(self) -> IndexTarget | None:
-        """The active version, cached for a moment: one Postgres read per ~2 s, not per ask."""
-        with self._lock:
-            at, index = self._index
-            if index is None or time.monotonic() - at > INDEX_CACHE_SECONDS:
-                index = registry.active_index(self.engine)
-                self._index = (time.monotonic(), index)
-            return index
-
     @activity.defn(name=RETRIEVE)
     def retrieve(self, inp: RetrieveInput) -> Retrieval:
         started = time.perf_counter()
-        index = self.active_index()
-        if index is None:
+        if not inp.collection:
             return Retrieval(0, [], "", "", 0, "Nothing has been ingested yet.", _ms(started))
-        if index.model != inp.encoder_model:
-            raise ApplicationError(
-                f"the query was encoded with {inp.encoder_model} but the active index "
-                f"v{index.version} holds {index.model} vectors: run encode workers with "
-                "the index's model",
-                type="EncoderMismatch",
-                non_retryable=True,
-            )
         f = inp.filters
         expr = compile_filters(
             f.media_types, f.created_after, f.created_before, f.tags, f.asset_ids
@@ -129,7 +106,7 @@ class AskActivities:
             self.settings.milvus_endpoint(), self.settings.milvus_token.get_secret_value()
         )
         hits = store.search(
-            self.settings.collection_prefix,
+            inp.collection,
             inp.vector,
             inp.tenant,
             top_k * RERANK_POOL if inp.rerank else top_k,
@@ -169,8 +146,9 @@ class AskActivities:
             token_budget=self.settings.prompt_token_budget,
             per_chunk_tokens=self.settings.prompt_chunk_tokens,
         )
+        metrics.observe("retrieval_seconds", time.perf_counter() - started)
         return Retrieval(
-            index_version=index.version,
+            index_version=inp.index_version,
             sources=sources,
             system_prompt=prompt.system,
             user_prompt=prompt.user,
@@ -217,4 +195,5 @@ class AskActivities:
                     )
                 ],
             )
+        metrics.answer(kind, inp.degraded)
         return FinalAnswer(answer=answer, answer_kind=kind, ms=_ms(started))

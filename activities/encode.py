@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,16 +27,26 @@ from activities.vectors import ChunkRow, get_store
 from workers.settings import Settings
 from workflows.activity_payloads import (
     DESCRIBE_ENCODER,
+    DESCRIBE_MODEL,
     ENCODE_BATCH,
     ENCODE_QUERY,
     EncodeBatchInput,
     EncodeQueryInput,
     EncoderInfo,
+    ModelSpec,
     QueryVector,
 )
-from workflows.contracts import FAILED, INGESTED, MAX_INLINE_IMAGE_BYTES, AssetOutcome, ObjectRef
+from workflows.contracts import (
+    FAILED,
+    INGESTED,
+    MAX_INLINE_IMAGE_BYTES,
+    AssetOutcome,
+    IndexTarget,
+    ObjectRef,
+)
 
 IMAGE_CHUNK = "image"
+ALIAS_CACHE_SECONDS = 2.0
 
 
 def _ms(started: float) -> float:
@@ -77,44 +88,57 @@ class EncodeActivities:
         # Milvus writes with each other's model time instead of fighting over the device.
         self._model_lock = threading.Lock()
         self._query_cache = LruCache(maxsize=4096)  # CLIP is deterministic: cache queries
+        self._alias_cache: tuple[float, tuple[str, int, ModelSpec | None] | None] = (0.0, None)
 
     @property
     def encoder(self) -> ClipEncoder:
+        """The worker's configured model (MMRAG_CLIP_*): what a new index starts with."""
         s = self.settings
         return get_encoder(
             s.clip_model, s.clip_pretrained, s.resolved_checkpoint(), s.device, s.torch_threads
         )
 
+    def encoder_for(self, spec: IndexTarget | ModelSpec) -> ClipEncoder:
+        """The model an index version was built with, loaded once and kept warm: during a
+        re-index the old and the new model both serve from this worker."""
+        s = self.settings
+        checkpoint = Path(spec.checkpoint) if spec.checkpoint else None
+        return get_encoder(spec.model, spec.pretrained, checkpoint, s.device, s.torch_threads)
+
     @activity.defn(name=DESCRIBE_ENCODER)
     def describe_encoder(self) -> EncoderInfo:
         enc = self.encoder
-        return EncoderInfo(enc.model_name, enc.pretrained, enc.dim, str(enc.device))
+        checkpoint = self.settings.resolved_checkpoint()
+        return EncoderInfo(
+            enc.model_name, enc.pretrained, enc.dim, str(enc.device), str(checkpoint or "")
+        )
+
+    @activity.defn(name=DESCRIBE_MODEL)
+    def describe_model(self, spec: ModelSpec) -> EncoderInfo:
+        """Load (and so validate) a model a re-index asks for; report its dimension."""
+        try:
+            enc = self.encoder_for(spec)
+        except ValueError as e:  # unknown model, missing checkpoint: the user must fix it
+            raise ApplicationError(str(e), type="BadModel", non_retryable=True) from e
+        return EncoderInfo(
+            enc.model_name, enc.pretrained, enc.dim, str(enc.device), spec.checkpoint
+        )
 
     @activity.defn(name=ENCODE_BATCH)
     def encode_batch(self, inp: EncodeBatchInput) -> list[AssetOutcome]:
-        enc = self.encoder
-        if (enc.model_name, enc.pretrained, enc.dim) != (
-            inp.index.model,
-            inp.index.pretrained,
-            inp.index.dim,
-        ):
-            raise ApplicationError(
-                f"this encode worker runs {enc.model_name}/{enc.pretrained or 'local'} "
-                f"(dim {enc.dim}) but index version {inp.index.version} was built with "
-                f"{inp.index.model}/{inp.index.pretrained or 'local'} (dim {inp.index.dim}): "
-                "start encode workers with the index's MMRAG_CLIP_MODEL / MMRAG_CLIP_PRETRAINED",
-                type="EncoderMismatch",
-                non_retryable=True,
-            )
+        """Decode each object once; encode and write it into every target index version."""
+        targets = [inp.index, *inp.extra_targets]
+        encoders = [self.encoder_for(t) for t in targets]
         outcomes: dict[str, AssetOutcome] = {}
         rows: list[ChunkRow] = []
-        vectors: list[np.ndarray] = []
+        vectors: list[list[np.ndarray]] = [[] for _ in targets]
         micro = max(1, self.settings.batch_size)
         done = 0
-        for refs, pixels in self._decoded_micro_batches(inp.objects, micro, outcomes):
-            if pixels:
-                with self._model_lock:
-                    vectors.append(enc.encode_images(pixels))
+        for refs, pixels in self._decoded_micro_batches(inp.objects, micro, outcomes, encoders):
+            if refs:
+                for i, enc in enumerate(encoders):
+                    with self._model_lock:
+                        vectors[i].append(enc.encode_images([p[i] for p in pixels]))
                 rows.extend(self._row(inp.tenant, ref, inp.tags) for ref in refs)
             done += len(refs)
             if activity.in_activity():  # also callable directly, e.g. by bench/ingest.py
@@ -124,25 +148,33 @@ class EncodeActivities:
         )
         # Failed assets lose their vectors too: an object overwritten by a corrupt version
         # must not keep answering with its old content.
-        store.replace_assets(
-            inp.index.collection,
-            inp.tenant,
-            [o.asset_id for o in inp.objects],
-            rows,
-            np.concatenate(vectors) if vectors else np.zeros((0, enc.dim), np.float32),
-        )
-        generations = {o.asset_id: o.generation for o in inp.objects}
+        asset_ids = [o.asset_id for o in inp.objects]
+        for target, enc, parts in zip(targets, encoders, vectors, strict=True):
+            store.replace_assets(
+                target.collection,
+                inp.tenant,
+                asset_ids,
+                rows,
+                np.concatenate(parts) if parts else np.zeros((0, enc.dim), np.float32),
+            )
         for row in rows:
             outcomes[row.asset_id] = AssetOutcome(
-                row.uri, row.asset_id, INGESTED, generation=generations[row.asset_id], chunks=1
+                row.uri, row.asset_id, INGESTED, generation=row.generation, chunks=1
             )
         return [outcomes[o.asset_id] for o in inp.objects]
 
     def _decoded_micro_batches(
-        self, objects: list[ObjectRef], micro: int, failures: dict[str, AssetOutcome]
-    ) -> Iterator[tuple[list[ObjectRef], list]]:  # type: ignore[type-arg]
-        """Yield (refs, pixel tensors) per micro-batch; decoding runs ahead in the pool."""
-        futures: list[Future] = [self._decode_pool.submit(self._load, ref) for ref in objects]  # type: ignore[type-arg]
+        self,
+        objects: list[ObjectRef],
+        micro: int,
+        failures: dict[str, AssetOutcome],
+        encoders: list[ClipEncoder],
+    ) -> Iterator[tuple[list[ObjectRef], list[list[Any]]]]:
+        """Yield (refs, per-object pixel tensors for each encoder) per micro-batch;
+        decoding runs ahead in the pool."""
+        futures: list[Future[list[Any]]] = [
+            self._decode_pool.submit(self._load, ref, encoders) for ref in objects
+        ]
         for start in range(0, len(objects), micro):
             refs, pixels = [], []
             for ref, future in zip(
@@ -157,21 +189,29 @@ class EncodeActivities:
                     )
             yield refs, pixels
 
-    def _load(self, ref: ObjectRef):  # type: ignore[no-untyped-def]
+    def _load(self, ref: ObjectRef, encoders: list[ClipEncoder]) -> list[Any]:
         s = self.settings
         data = store_for(ref.uri).read(ref.uri, s.max_object_bytes, ref.generation)
         image = decode_image(data, s.max_object_bytes, s.max_image_pixels)
-        return self.encoder.preprocess(image)
+        return [enc.preprocess(image) for enc in encoders]
 
     @activity.defn(name=ENCODE_QUERY)
     def encode_query(self, inp: EncodeQueryInput) -> QueryVector:
         """Text, image or hybrid (weighted mean of the normalised vectors, re-normalised)."""
         started = time.perf_counter()
-        key = (inp.text, inp.image_uri, inp.image_base64, inp.hybrid_weight)
+        collection, version, spec = self._alias_target()
+        enc = self.encoder_for(spec) if spec else self.encoder
+        key = (collection, inp.text, inp.image_uri, inp.image_base64, inp.hybrid_weight)
         cached = self._query_cache.get(key)
         if cached is not None:
-            return QueryVector(cached, self.encoder.model_name, _ms(started), cached=True)
-        enc = self.encoder
+            return QueryVector(
+                cached,
+                enc.model_name,
+                _ms(started),
+                True,
+                collection=collection,
+                index_version=version,
+            )
         parts: list[tuple[float, np.ndarray]] = []
         if inp.text.strip():
             with self._model_lock:
@@ -196,7 +236,30 @@ class EncodeActivities:
             vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
         values = [float(x) for x in vector]
         self._query_cache.put(key, values)
-        return QueryVector(values, enc.model_name, _ms(started))
+        return QueryVector(
+            values, enc.model_name, _ms(started), collection=collection, index_version=version
+        )
+
+    def _alias_target(self) -> tuple[str, int, ModelSpec | None]:
+        """The collection the query alias names and the model it was built with, read from
+        Milvus and cached for a moment: after a swap, queries follow within seconds, and
+        each query is encoded by the model of the collection it is searched in."""
+        now = time.monotonic()
+        cached_at, value = self._alias_cache
+        if value is not None and now - cached_at < ALIAS_CACHE_SECONDS:
+            return value
+        s = self.settings
+        store = get_store(s.milvus_endpoint(), s.milvus_token.get_secret_value())
+        try:
+            collection, model = store.alias_model(s.collection_prefix)
+        except Exception:  # no alias yet: nothing has been indexed
+            return "", 0, None
+        spec = ModelSpec(
+            model.get("model", ""), model.get("pretrained", ""), model.get("checkpoint", "")
+        )
+        value = (collection, int(model.get("version", 0) or 0), spec if spec.model else None)
+        self._alias_cache = (now, value)
+        return value
 
     def _query_image(self, inp: EncodeQueryInput):  # type: ignore[no-untyped-def]
         s = self.settings
@@ -222,4 +285,5 @@ class EncodeActivities:
             chunk=IMAGE_CHUNK,
             created_at=ref.created_at,
             tags=tags,
+            generation=ref.generation,
         )

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities import registry
+from activities import index_versions, registry
 from activities.media import HEAD_BYTES, BadMediaError, check_object
 from activities.storage import (
     ObjectMissingError,
@@ -17,7 +17,7 @@ from activities.storage import (
     normalize_uri,
     store_for,
 )
-from activities.vectors import get_store
+from activities.vectors import get_store, model_of
 from workers.settings import Settings
 from workflows.activity_payloads import (
     CREATE_FIRST_INDEX,
@@ -32,6 +32,7 @@ from workflows.activity_payloads import (
 from workflows.contracts import (
     FAILED,
     INGESTED,
+    SKIPPED,
     UNCHANGED,
     AssetOutcome,
     IndexTarget,
@@ -67,11 +68,12 @@ class IngestActivities:
             inp.pretrained,
             inp.dim,
             actor=info.workflow_id,
+            checkpoint=inp.checkpoint,
         )
         store = get_store(
             self.settings.milvus_endpoint(), self.settings.milvus_token.get_secret_value()
         )
-        store.ensure_collection(target.collection, target.dim)
+        store.ensure_collection(target.collection, target.dim, model=model_of(target))
         store.point_alias(self.settings.collection_prefix, target.collection)
         return target
 
@@ -95,19 +97,41 @@ class IngestActivities:
             self.engine, inp.tenant, [r.asset_id for r in page.objects]
         )
         result = ScanPageResult(next_token=page.next_token)
+        result.extra_targets = [
+            t for t in index_versions.writable(self.engine) if t.version != inp.index_version
+        ]
         candidates: list[ObjectRef] = []
+        reingest: list[str] = []
         for ref in page.objects:
             previous = known.get(ref.asset_id)
-            if (
+            if previous is not None and previous.status == registry.FORGOTTEN:
+                if inp.allow_forgotten or previous.allow_reingest:
+                    reingest.append(ref.asset_id)
+                    candidates.append(ref)
+                else:
+                    result.unchanged.append(
+                        AssetOutcome(
+                            ref.uri,
+                            ref.asset_id,
+                            SKIPPED,
+                            generation=ref.generation,
+                            reason="forgotten by a Forget request; ingest with allow_forgotten "
+                            "(--allow-forgotten) to bring it back",
+                        )
+                    )
+            elif (
                 not inp.force
                 and previous is not None
-                and previous == (ref.generation, INGESTED, inp.index_version)
+                and (previous.generation, previous.status, previous.index_version)
+                == (ref.generation, INGESTED, inp.index_version)
             ):
                 result.unchanged.append(
                     AssetOutcome(ref.uri, ref.asset_id, UNCHANGED, generation=ref.generation)
                 )
             else:
                 candidates.append(ref)
+        if reingest:
+            registry.allow_reingest(self.engine, inp.tenant, reingest)
         checks = self._head_pool.map(self._cheap_check, candidates)
         for ref, reason in zip(candidates, checks, strict=True):
             if reason:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Integer, String, Text, func
+from sqlalchemy import BigInteger, Boolean, DateTime, Integer, String, Text, func
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -28,9 +28,12 @@ class IndexVersion(Base):
     model: Mapped[str] = mapped_column(String(255))
     pretrained: Mapped[str] = mapped_column(String(255))
     dim: Mapped[int] = mapped_column(Integer)
-    state: Mapped[str] = mapped_column(String(32))  # building | active | retired
+    checkpoint: Mapped[str] = mapped_column(Text, default="")
+    state: Mapped[str] = mapped_column(String(32))  # building | active | retired | dropped | failed
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    drop_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Asset(Base):
@@ -49,8 +52,26 @@ class Asset(Base):
     chunks: Mapped[int] = mapped_column(Integer, default=0)
     index_version: Mapped[int] = mapped_column(Integer)
     tags: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    object_created_at: Mapped[int] = mapped_column(BigInteger, default=0)
+    allow_reingest: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ReindexRun(Base):
+    """One re-index; a running row per tenant scope is the lock against overlapping runs."""
+
+    __tablename__ = "reindex_runs"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    workflow_id: Mapped[str] = mapped_column(Text, unique=True)
+    tenant_scope: Mapped[str] = mapped_column(String(128))
+    mode: Mapped[str] = mapped_column(String(16))
+    target_version: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class AuditEvent(Base):

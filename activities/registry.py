@@ -14,12 +14,15 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, func, select
+from sqlalchemy import Engine, create_engine, func, literal, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from activities.models import Asset, AuditEvent, IndexVersion
+from workflows.activity_payloads import ReindexItem
 from workflows.contracts import FAILED, INGESTED, AssetOutcome, IndexTarget, ObjectRef
+
+FORGOTTEN = "forgotten"
 
 
 @lru_cache(maxsize=4)
@@ -58,6 +61,7 @@ def _target(row: IndexVersion) -> IndexTarget:
         model=row.model,
         pretrained=row.pretrained,
         dim=row.dim,
+        checkpoint=row.checkpoint or "",
     )
 
 
@@ -68,7 +72,13 @@ def active_index(engine: Engine) -> IndexTarget | None:
 
 
 def create_first_index(
-    engine: Engine, prefix: str, model: str, pretrained: str, dim: int, actor: str
+    engine: Engine,
+    prefix: str,
+    model: str,
+    pretrained: str,
+    dim: int,
+    actor: str,
+    checkpoint: str = "",
 ) -> IndexTarget:
     """Record version 1 as active unless some version already is (a concurrent start)."""
     with Session(engine) as session, session.begin():
@@ -82,6 +92,7 @@ def create_first_index(
             collection=f"{prefix}_v{version}",
             model=model,
             pretrained=pretrained,
+            checkpoint=checkpoint,
             dim=dim,
             state="active",
             activated_at=func.now(),
@@ -108,19 +119,235 @@ def create_first_index(
         return _target(row)
 
 
+@dataclass
+class KnownAsset:
+    generation: str
+    status: str
+    index_version: int
+    allow_reingest: bool
+
+
 def known_generations(
     engine: Engine, tenant: str, asset_ids: Sequence[str]
-) -> dict[str, tuple[str, str, int]]:
-    """asset_id -> (generation, status, index_version) for the assets already registered."""
+) -> dict[str, KnownAsset]:
+    """What the registry holds for these assets (absent: never seen)."""
     if not asset_ids:
         return {}
     with Session(engine) as session:
         rows = session.execute(
-            select(Asset.asset_id, Asset.generation, Asset.status, Asset.index_version).where(
+            select(
+                Asset.asset_id,
+                Asset.generation,
+                Asset.status,
+                Asset.index_version,
+                Asset.allow_reingest,
+            ).where(Asset.tenant == tenant, Asset.asset_id.in_(asset_ids))
+        )
+        return {
+            r.asset_id: KnownAsset(r.generation, r.status, r.index_version, r.allow_reingest)
+            for r in rows
+        }
+
+
+def allow_reingest(engine: Engine, tenant: str, asset_ids: Sequence[str]) -> None:
+    """An explicit decision to bring forgotten assets back (ingest with allow_forgotten)."""
+    with Session(engine) as session, session.begin():
+        session.execute(
+            update(Asset)
+            .where(Asset.tenant == tenant, Asset.asset_id.in_(asset_ids))
+            .values(allow_reingest=True)
+        )
+
+
+@dataclass
+class LiveAsset:
+    tenant: str
+    ref: ObjectRef
+
+
+def live_assets_page(
+    engine: Engine, tenant: str, cursor: str, limit: int, statuses: Sequence[str] = (INGESTED,)
+) -> tuple[list[LiveAsset], str]:
+    """Registry assets in (tenant, asset_id) order after ``cursor``; "" ends the walk."""
+    query = select(Asset).where(Asset.status.in_(statuses))
+    if tenant:
+        query = query.where(Asset.tenant == tenant)
+    if cursor:
+        after_tenant, _, after_id = cursor.partition("\x00")
+        query = query.where(
+            tuple_(Asset.tenant, Asset.asset_id) > tuple_(literal(after_tenant), literal(after_id))
+        )
+    with Session(engine) as session:
+        rows = list(session.scalars(query.order_by(Asset.tenant, Asset.asset_id).limit(limit)))
+    assets = [
+        LiveAsset(
+            r.tenant,
+            ObjectRef(
+                uri=r.uri,
+                generation=r.generation,
+                size=r.size_bytes,
+                asset_id=r.asset_id,
+                media_type=r.media_type,
+                created_at=r.object_created_at,
+            ),
+        )
+        for r in rows
+    ]
+    next_cursor = f"{rows[-1].tenant}\x00{rows[-1].asset_id}" if len(rows) == limit else ""
+    return assets, next_cursor
+
+
+def live_generations(engine: Engine, tenant: str) -> dict[tuple[str, str], str]:
+    """(tenant, asset_id) -> generation of every ingested asset in scope ("" = all)."""
+    query = select(Asset.tenant, Asset.asset_id, Asset.generation).where(Asset.status == INGESTED)
+    if tenant:
+        query = query.where(Asset.tenant == tenant)
+    with Session(engine) as session:
+        return {(r.tenant, r.asset_id): r.generation for r in session.execute(query)}
+
+
+def tags_of(engine: Engine, tenant: str, asset_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+    with Session(engine) as session:
+        rows = session.execute(
+            select(Asset.asset_id, Asset.tags).where(
                 Asset.tenant == tenant, Asset.asset_id.in_(asset_ids)
             )
         )
-        return {r.asset_id: (r.generation, r.status, r.index_version) for r in rows}
+        return {r.asset_id: dict(r.tags or {}) for r in rows}
+
+
+def count_assets(engine: Engine, tenant: str, statuses: Sequence[str]) -> int:
+    query = select(func.count()).select_from(Asset).where(Asset.status.in_(statuses))
+    if tenant:
+        query = query.where(Asset.tenant == tenant)
+    with Session(engine) as session:
+        return int(session.scalar(query) or 0)
+
+
+def _by_keys(keys: Sequence[tuple[str, str]]):  # type: ignore[no-untyped-def]
+    return tuple_(Asset.tenant, Asset.asset_id).in_(
+        [tuple_(literal(t), literal(a)) for t, a in keys]
+    )
+
+
+def tags_by_key(
+    engine: Engine, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], dict[str, str]]:
+    if not keys:
+        return {}
+    with Session(engine) as session:
+        rows = session.execute(
+            select(Asset.tenant, Asset.asset_id, Asset.tags).where(_by_keys(keys))
+        )
+        return {(r.tenant, r.asset_id): dict(r.tags or {}) for r in rows}
+
+
+def statuses_by_key(
+    engine: Engine, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], tuple[str, int]]:
+    if not keys:
+        return {}
+    with Session(engine) as session:
+        rows = session.execute(
+            select(Asset.tenant, Asset.asset_id, Asset.status, Asset.index_version).where(
+                _by_keys(keys)
+            )
+        )
+        return {(r.tenant, r.asset_id): (r.status, r.index_version) for r in rows}
+
+
+def items_by_key(engine: Engine, keys: Sequence[tuple[str, str]]) -> list[ReindexItem]:
+    """Registry rows as re-embed work items (ingested assets only)."""
+    if not keys:
+        return []
+    with Session(engine) as session:
+        rows = list(session.scalars(select(Asset).where(_by_keys(keys), Asset.status == INGESTED)))
+    return [
+        ReindexItem(
+            r.tenant,
+            ObjectRef(
+                uri=r.uri,
+                generation=r.generation,
+                size=r.size_bytes,
+                asset_id=r.asset_id,
+                media_type=r.media_type,
+                created_at=r.object_created_at,
+            ),
+            dict(r.tags or {}),
+        )
+        for r in rows
+    ]
+
+
+def forget_candidates(
+    engine: Engine,
+    tenant: str,
+    asset_id: str,
+    uri_prefix: str,
+    tags: dict[str, str],
+    after: str,
+    limit: int,
+) -> list[tuple[str, str, str]]:
+    """(asset_id, uri, generation) of this tenant's assets that match, in asset_id order."""
+    query = select(Asset.asset_id, Asset.uri, Asset.generation).where(Asset.tenant == tenant)
+    if asset_id:
+        query = query.where(Asset.asset_id == asset_id)
+    if uri_prefix:
+        escaped = uri_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(Asset.uri.like(escaped + "%", escape="\\"))
+    if tags:
+        query = query.where(Asset.tags.contains(tags))
+    if after:
+        query = query.where(Asset.asset_id > after)
+    with Session(engine) as session:
+        rows = session.execute(query.order_by(Asset.asset_id).limit(limit))
+        return [(r.asset_id, r.uri, r.generation) for r in rows]
+
+
+def mark_forgotten(
+    engine: Engine,
+    tenant: str,
+    asset_ids: Sequence[str],
+    reason: str,
+    allow_reingest: bool,
+    versions: Sequence[int],
+    workflow_id: str,
+    generations: dict[str, str],
+) -> None:
+    """Wipe what identifies the object and write one tombstone per asset version (no
+    personal data: no URI, no tags; the reason is PII-redacted by the caller)."""
+    if not asset_ids:
+        return
+    with Session(engine) as session, session.begin():
+        session.execute(
+            update(Asset)
+            .where(Asset.tenant == tenant, Asset.asset_id.in_(asset_ids))
+            .values(
+                status=FORGOTTEN,
+                uri="",
+                tags={},
+                reason="",
+                chunks=0,
+                allow_reingest=allow_reingest,
+                updated_at=func.now(),
+            )
+        )
+        write_audit(
+            session,
+            [
+                AuditRecord(
+                    tenant=tenant,
+                    action="asset.forget",
+                    idempotency_key=(
+                        f"asset.forget/{tenant}/{asset_id}/{generations.get(asset_id, '')}"
+                    ),
+                    asset_id=asset_id,
+                    workflow_id=workflow_id,
+                    details={"reason": reason, "index_versions": list(versions)},
+                )
+                for asset_id in asset_ids
+            ],
+        )
 
 
 def record_outcomes(
@@ -156,6 +383,8 @@ def record_outcomes(
                     "chunks": outcome.chunks,
                     "index_version": index_version,
                     "tags": tags,
+                    "object_created_at": ref.created_at if ref else 0,
+                    "allow_reingest": False,
                 }
             )
         action = "asset.ingest" if outcome.status == INGESTED else "asset.fail"
@@ -197,7 +426,11 @@ def _upsert_assets(rows: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
             "chunks": statement.excluded.chunks,
             "index_version": statement.excluded.index_version,
             "tags": statement.excluded.tags,
+            "object_created_at": statement.excluded.object_created_at,
+            "allow_reingest": statement.excluded.allow_reingest,
             "updated_at": func.now(),
         },
+        # A forgotten asset is only brought back by an ingest that was allowed to.
+        where=(Asset.status != FORGOTTEN) | Asset.allow_reingest,
     )
     return statement

@@ -40,6 +40,8 @@ class ObjectStore(Protocol):
 
     def read_head(self, uri: str, n: int) -> bytes: ...
 
+    def delete(self, uri: str) -> bool: ...
+
 
 def normalize_uri(path_or_uri: str) -> str:
     """Turn a local path (relative or absolute) into a ``file://`` URI; keep other URIs."""
@@ -124,6 +126,14 @@ class LocalStore:
     def read_head(self, uri: str, n: int) -> bytes:
         return self.read(uri, n - 1)[:n]
 
+    def delete(self, uri: str) -> bool:
+        """Remove the file; False when it was already gone (deletes are retried)."""
+        try:
+            self._path(uri).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
 
 class GcsStore:
     """Google Cloud Storage (or its emulator when ``STORAGE_EMULATOR_HOST`` is set)."""
@@ -193,6 +203,16 @@ class GcsStore:
 
     def read_head(self, uri: str, n: int) -> bytes:
         return self.read(uri, n - 1)[:n]
+
+    def delete(self, uri: str) -> bool:
+        from google.api_core.exceptions import NotFound
+
+        bucket, name = self._split(uri)
+        try:
+            self._client.bucket(bucket).blob(name).delete()
+        except NotFound:
+            return False
+        return True
 
 
 @lru_cache(maxsize=1)

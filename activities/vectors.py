@@ -20,6 +20,8 @@ from functools import lru_cache
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
+from workflows.contracts import IndexTarget
+
 MAX_URI = 2048
 MAX_SNIPPET = 2048
 
@@ -36,6 +38,7 @@ class ChunkRow:
     created_at: int
     tags: dict[str, str] = field(default_factory=dict)
     snippet: str = ""
+    generation: str = ""  # the object generation this vector was made from
 
     @property
     def pk(self) -> str:
@@ -69,11 +72,17 @@ class VectorStore:
         self._lock = threading.Lock()
 
     # -- collections and aliases -------------------------------------------------------
-    def ensure_collection(self, name: str, dim: int) -> None:
+    def ensure_collection(self, name: str, dim: int, model: dict[str, str] | None = None) -> None:
+        """Create the collection of one index version; ``model`` is recorded in its
+        description so query encoders can find which model the alias currently needs."""
         with self._lock:
             if self.client.has_collection(name):
                 return
-            schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema = self.client.create_schema(
+                auto_id=False,
+                enable_dynamic_field=False,
+                description=json.dumps({"mmrag_model": model or {}}),
+            )
             schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=128)
             schema.add_field("asset_id", DataType.VARCHAR, max_length=64)
             schema.add_field("tenant", DataType.VARCHAR, max_length=128)
@@ -89,6 +98,7 @@ class VectorStore:
                 max_length=256,
             )
             schema.add_field("snippet", DataType.VARCHAR, max_length=MAX_SNIPPET)
+            schema.add_field("generation", DataType.VARCHAR, max_length=128)
             schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
             index = self.client.prepare_index_params()
             index.add_index(
@@ -139,6 +149,7 @@ class VectorStore:
                 "created_at": int(r.created_at),
                 "tags": [tag_value(k, v) for k, v in sorted(r.tags.items())][:64],
                 "snippet": r.snippet[:MAX_SNIPPET],
+                "generation": r.generation[:128],
                 "vector": vec,
             }
             for r, vec in zip(rows, vectors.astype(np.float32).tolist(), strict=True)
@@ -149,6 +160,40 @@ class VectorStore:
     def delete_assets(self, collection: str, tenant: str, asset_ids: Sequence[str]) -> None:
         expr = f"tenant == {literal(tenant)} and {in_list('asset_id', asset_ids)}"
         self.client.delete(collection, filter=expr)
+
+    def drop(self, collection: str) -> None:
+        with self._lock:
+            if self.client.has_collection(collection):
+                self.client.drop_collection(collection)
+
+    def alias_model(self, alias: str) -> tuple[str, dict[str, str]]:
+        """The collection the alias names now, and the model recorded on it."""
+        collection = self.client.describe_alias(alias)["collection_name"]
+        description = self.client.describe_collection(collection).get("description", "")
+        try:
+            model = json.loads(description).get("mmrag_model", {})
+        except ValueError:
+            model = {}
+        return collection, model
+
+    def asset_generations(self, collection: str, tenant: str = "") -> dict[tuple[str, str], str]:
+        """(tenant, asset_id) -> generation of every asset with a vector (Strong read)."""
+        expr = f"tenant == {literal(tenant)}" if tenant else 'pk != ""'
+        iterator = self.client.query_iterator(
+            collection,
+            batch_size=4096,
+            filter=expr,
+            output_fields=["tenant", "asset_id", "generation"],
+            consistency_level="Strong",
+        )
+        found: dict[tuple[str, str], str] = {}
+        try:
+            while rows := iterator.next():
+                for row in rows:
+                    found[(row["tenant"], row["asset_id"])] = row["generation"]
+        finally:
+            iterator.close()
+        return found
 
     # -- reads ------------------------------------------------------------------------
     def count(self, collection: str, tenant: str | None = None, strong: bool = True) -> int:
@@ -236,3 +281,14 @@ def compile_filters(
     if asset_ids:
         clauses.append(in_list("asset_id", asset_ids))
     return " and ".join(clauses)
+
+
+def model_of(target: IndexTarget) -> dict[str, str]:
+    """What a collection's description records about its index version."""
+    return {
+        "version": str(target.version),
+        "model": target.model,
+        "pretrained": target.pretrained,
+        "checkpoint": target.checkpoint,
+        "dim": str(target.dim),
+    }

@@ -28,14 +28,19 @@ class RoleContent:
 def cpu_role(settings: Settings) -> RoleContent:
     from activities.ask import AskActivities
     from activities.ingest import IngestActivities
+    from activities.lifecycle import LifecycleActivities
     from workflows.ask import Ask
+    from workflows.forget import Forget
     from workflows.ingest import IngestAsset, IngestBatch
+    from workflows.reindex import Reindex
+    from workflows.watch import WatchPrefix
 
     ingest = IngestActivities(settings)
     ask = AskActivities(settings)
+    lifecycle = LifecycleActivities(settings)
     return RoleContent(
         TASK_QUEUE,
-        workflows=[IngestBatch, IngestAsset, Ask],
+        workflows=[IngestBatch, IngestAsset, Ask, Reindex, Forget, WatchPrefix],
         activities=[
             ingest.resolve_index,
             ingest.create_first_index,
@@ -43,6 +48,12 @@ def cpu_role(settings: Settings) -> RoleContent:
             ingest.record_outcomes,
             ask.retrieve,
             ask.finalize_answer,
+            lifecycle.begin_reindex,
+            lifecycle.reindex_page,
+            lifecycle.reconcile_index,
+            lifecycle.swap_index,
+            lifecycle.finish_reindex,
+            lifecycle.forget_page,
         ],
         max_concurrent_activities=settings.max_concurrent_activities,
     )
@@ -58,7 +69,12 @@ def encode_role(settings: Settings) -> RoleContent:
     )
     return RoleContent(
         ENCODE_TASK_QUEUE,
-        activities=[encode.describe_encoder, encode.encode_batch, encode.encode_query],
+        activities=[
+            encode.describe_encoder,
+            encode.describe_model,
+            encode.encode_batch,
+            encode.encode_query,
+        ],
         max_concurrent_activities=settings.max_concurrent_encode_activities,
     )
 

@@ -25,6 +25,7 @@ class EncoderInfo:
     pretrained: str
     dim: int
     device: str
+    checkpoint: str = ""
 
 
 @dataclass
@@ -32,6 +33,7 @@ class CreateIndexInput:
     model: str
     pretrained: str
     dim: int
+    checkpoint: str = ""
 
 
 @dataclass
@@ -43,6 +45,7 @@ class ScanPageInput:
     index_version: int
     force: bool = False
     single_object: bool = False  # the source must be exactly one object, not a prefix
+    allow_forgotten: bool = False
 
 
 @dataclass
@@ -51,6 +54,9 @@ class ScanPageResult:
     unchanged: list[AssetOutcome] = field(default_factory=list)
     rejected: list[AssetOutcome] = field(default_factory=list)
     next_token: str = ""
+    # Index versions besides the active one that must receive the same writes (a re-index
+    # building, a retired version kept for rollback).
+    extra_targets: list[IndexTarget] = field(default_factory=list)
 
 
 @dataclass
@@ -59,6 +65,7 @@ class EncodeBatchInput:
     index: IndexTarget
     objects: list[ObjectRef]
     tags: dict[str, str] = field(default_factory=dict)
+    extra_targets: list[IndexTarget] = field(default_factory=list)
 
 
 @dataclass
@@ -91,6 +98,8 @@ class QueryVector:
     model: str
     ms: float
     cached: bool = False
+    collection: str = ""  # the index version's collection the query alias named ("": none)
+    index_version: int = 0
 
 
 @dataclass
@@ -103,6 +112,8 @@ class RetrieveInput:
     filters: AskFilters
     rerank: bool
     max_answer_tokens: int
+    collection: str = ""  # search exactly the collection the query was encoded for
+    index_version: int = 0
 
 
 @dataclass
@@ -153,3 +164,110 @@ class FinalAnswer:
     answer: str
     answer_kind: str
     ms: float
+
+
+# -- Lifecycle ------------------------------------------------------------------------
+DESCRIBE_MODEL = "describe_model"
+BEGIN_REINDEX = "begin_reindex"
+REINDEX_PAGE = "reindex_page"
+RECONCILE_INDEX = "reconcile_index"
+SWAP_INDEX = "swap_index"
+FINISH_REINDEX = "finish_reindex"
+FORGET_PAGE = "forget_page"
+
+
+@dataclass
+class ModelSpec:
+    model: str
+    pretrained: str = ""
+    checkpoint: str = ""
+
+
+@dataclass
+class BeginReindexInput:
+    mode: str
+    tenant: str
+    spec: ModelSpec
+    dim: int = 0
+    target_version: int = 0  # set when continuing as new
+
+
+@dataclass
+class ReindexItem:
+    tenant: str
+    ref: ObjectRef
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ReindexPageInput:
+    mode: str
+    tenant: str
+    cursor: str
+    page_size: int
+    target: IndexTarget
+
+
+@dataclass
+class ReindexPage:
+    items: list[ReindexItem] = field(default_factory=list)
+    unchanged: int = 0
+    failures: list[AssetOutcome] = field(default_factory=list)
+    next_cursor: str = ""
+    total: int = 0  # assets in scope (first page only)
+    extra_targets: list[IndexTarget] = field(default_factory=list)
+
+
+@dataclass
+class ReconcileInput:
+    tenant: str
+    target: IndexTarget
+    limit: int = 2000
+
+
+@dataclass
+class ReconcileResult:
+    to_embed: list[ReindexItem] = field(default_factory=list)
+    deleted: int = 0
+    registry_assets: int = 0
+    index_assets: int = 0
+
+
+@dataclass
+class SwapInput:
+    version: int
+    grace_period_hours: float
+
+
+@dataclass
+class SwapResult:
+    previous_version: int
+    active_version: int
+
+
+@dataclass
+class FinishReindexInput:
+    state: str  # succeeded | failed
+    failed_version: int = 0  # a full run's building version to retire as failed
+
+
+@dataclass
+class ForgetPageInput:
+    tenant: str
+    asset_id: str
+    uri_prefix: str
+    tags: dict[str, str]
+    reason: str
+    delete_object: bool
+    allow_reingest: bool
+    if_generation: str
+    after: str = ""
+    limit: int = 500
+
+
+@dataclass
+class ForgetPageResult:
+    forgotten: int = 0
+    objects_deleted: int = 0
+    versions: list[int] = field(default_factory=list)
+    next_after: str = ""

@@ -87,6 +87,8 @@ class Ask:
                 inp.filters,
                 inp.rerank,
                 inp.max_answer_tokens,
+                query.collection,
+                query.index_version,
             ),
             start_to_close_timeout=timedelta(seconds=10),
             retry_policy=QUICK_RETRY,

@@ -38,6 +38,7 @@ SEARCH_ATTRIBUTES: dict[str, str] = {
 INGESTED = "ingested"
 UNCHANGED = "unchanged"
 FAILED = "failed"
+SKIPPED = "skipped"  # e.g. forgotten by a right-to-be-forgotten request
 
 
 def asset_id_for(tenant: str, uri: str) -> str:
@@ -84,6 +85,7 @@ class IndexTarget:
     model: str
     pretrained: str
     dim: int
+    checkpoint: str = ""  # a local checkpoint the encoder loads instead of pretrained weights
 
 
 @dataclass
@@ -94,6 +96,7 @@ class IngestAssetInput:
     uri: str
     tags: dict[str, str] = field(default_factory=dict)
     force: bool = False  # re-encode even when the generation is unchanged
+    allow_forgotten: bool = False  # re-ingest an object that was forgotten (Forget)
 
 
 @dataclass
@@ -106,6 +109,7 @@ class IngestTotals:
     failed: int = 0
     vectors: int = 0
     failures: list[AssetOutcome] = field(default_factory=list)  # capped, see MAX_REPORTED_FAILURES
+    skipped: int = 0
 
 
 MAX_REPORTED_FAILURES = 200
@@ -128,6 +132,7 @@ class IngestBatchInput:
     page_size: int = 256  # objects listed per page
     max_concurrent_batches: int = 2
     encode_heartbeat_timeout_s: int = 30  # a dead encode worker's batch is retried after this
+    allow_forgotten: bool = False
     cursor_source: int = 0
     cursor_page_token: str = ""
     totals: IngestTotals = field(default_factory=IngestTotals)
@@ -145,6 +150,7 @@ class IngestResult:
     failed: int
     vectors: int
     failures: list[AssetOutcome] = field(default_factory=list)
+    skipped: int = 0
 
 
 @dataclass
@@ -221,3 +227,105 @@ class AskResult:
     index_version: int = 0
     encoder_model: str = ""
     llm_model: str = ""
+
+
+# -- Lifecycle: re-index, forget, watch -------------------------------------------------
+REINDEX_WORKFLOW = "Reindex"
+FORGET_WORKFLOW = "Forget"
+WATCH_PREFIX_WORKFLOW = "WatchPrefix"
+FULL = "full"
+INCREMENTAL = "incremental"
+
+
+@dataclass
+class ReindexInput:
+    """Input of ``Reindex``.
+
+    ``full`` builds a new index version (a new collection) with ``model`` / ``pretrained`` /
+    ``checkpoint`` (empty: the active version's model) for every tenant, verifies it against
+    the registry and swaps the query alias to it in one step. ``incremental`` brings the
+    active version up to date for ``tenant`` (empty: all): objects whose generation changed,
+    assets that failed or were written by an older version.
+    """
+
+    mode: str = INCREMENTAL
+    tenant: str = ""
+    model: str = ""
+    pretrained: str = ""
+    checkpoint: str = ""
+    batch_size: int = 32
+    max_concurrent_batches: int = 2
+    grace_period_hours: float = 24.0  # the old version stays this long for rollback
+    # Continuation state, set by the workflow itself.
+    target_version: int = 0
+    cursor: str = ""
+    done: int = 0
+    failed: int = 0
+    total: int = 0
+    phase: str = ""
+
+
+@dataclass
+class ReindexProgress:
+    mode: str
+    tenant: str
+    phase: str  # preparing | embedding | verifying | swapping | done
+    target_version: int
+    done: int
+    total: int
+    failed: int
+    rate_per_s: float
+    eta_s: float
+
+
+@dataclass
+class ReindexResult:
+    mode: str
+    tenant: str
+    index_version: int  # the active version afterwards
+    previous_version: int
+    embedded: int
+    failed: int
+    verified_assets: int
+    swapped: bool
+
+
+@dataclass
+class ForgetInput:
+    """Input of ``Forget``: one asset, every asset under a URI prefix, or a tag match.
+
+    ``reason`` is stored in the tombstone after PII redaction: write a ticket number, not a
+    name. ``if_generation`` (events) forgets only while the registry holds that generation.
+    """
+
+    tenant: str
+    asset_id: str = ""
+    uri_prefix: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    reason: str = ""
+    delete_object: bool = False
+    allow_reingest: bool = False
+    if_generation: str = ""
+
+
+@dataclass
+class ForgetResult:
+    tenant: str
+    forgotten: int
+    objects_deleted: int
+    index_versions: list[int] = field(default_factory=list)
+
+
+@dataclass
+class WatchPrefixInput:
+    """Input of ``WatchPrefix``: ingest what is new or changed under a prefix.
+
+    With ``interval_s`` > 0 it keeps watching, one pass per interval (continuing as new);
+    with 0 it makes one pass (for a Temporal Schedule to run).
+    """
+
+    tenant: str
+    prefix: str
+    tags: dict[str, str] = field(default_factory=dict)
+    interval_s: int = 0
+    passes: int = 0  # continuation state

@@ -36,6 +36,7 @@ from workflows.contracts import (
     INGEST_BATCH_WORKFLOW,
     INGESTED,
     MAX_REPORTED_FAILURES,
+    SKIPPED,
     AssetOutcome,
     IndexTarget,
     IngestAssetInput,
@@ -88,7 +89,9 @@ async def resolve_index() -> IndexTarget:
     )
     return await workflow.execute_activity(
         CREATE_FIRST_INDEX,
-        CreateIndexInput(model=info.model, pretrained=info.pretrained, dim=info.dim),
+        CreateIndexInput(
+            model=info.model, pretrained=info.pretrained, dim=info.dim, checkpoint=info.checkpoint
+        ),
         start_to_close_timeout=timedelta(minutes=2),
         retry_policy=DB_RETRY,
         result_type=IndexTarget,
@@ -104,10 +107,13 @@ async def scan(
     index: IndexTarget,
     force: bool,
     single_object: bool = False,
+    allow_forgotten: bool = False,
 ) -> ScanPageResult:
     return await workflow.execute_activity(
         SCAN_PAGE,
-        ScanPageInput(tenant, source, token, page_size, index.version, force, single_object),
+        ScanPageInput(
+            tenant, source, token, page_size, index.version, force, single_object, allow_forgotten
+        ),
         start_to_close_timeout=timedelta(minutes=5),
         retry_policy=DB_RETRY,
         result_type=ScanPageResult,
@@ -121,10 +127,13 @@ async def encode_and_record(
     objects: list[ObjectRef],
     tags: dict[str, str],
     heartbeat_timeout: timedelta,
+    extra_targets: list[IndexTarget],
 ) -> list[AssetOutcome]:
     outcomes = await workflow.execute_activity(
         ENCODE_BATCH,
-        EncodeBatchInput(tenant=tenant, index=index, objects=objects, tags=tags),
+        EncodeBatchInput(
+            tenant=tenant, index=index, objects=objects, tags=tags, extra_targets=extra_targets
+        ),
         task_queue=ENCODE_TASK_QUEUE,
         start_to_close_timeout=timedelta(minutes=30),
         heartbeat_timeout=heartbeat_timeout,
@@ -164,6 +173,8 @@ def count(totals: IngestTotals, outcomes: list[AssetOutcome]) -> None:
             totals.failed += 1
             if len(totals.failures) < MAX_REPORTED_FAILURES:
                 totals.failures.append(o)
+        elif o.status == SKIPPED:
+            totals.skipped += 1
         else:
             totals.unchanged += 1
 
@@ -178,6 +189,7 @@ def result_of(tenant: str, index: IndexTarget, totals: IngestTotals) -> IngestRe
         failed=totals.failed,
         vectors=totals.vectors,
         failures=totals.failures,
+        skipped=totals.skipped,
     )
 
 
@@ -212,12 +224,12 @@ class IngestBatch:
         heartbeat = timedelta(seconds=inp.encode_heartbeat_timeout_s)
         slots = asyncio.Semaphore(max(1, inp.max_concurrent_batches))
 
-        async def batch(objects: list[ObjectRef]) -> None:
+        async def batch(objects: list[ObjectRef], extra: list[IndexTarget]) -> None:
             async with slots:
                 self._in_flight += len(objects)
                 try:
                     outcomes = await encode_and_record(
-                        inp.tenant, index, objects, inp.tags, heartbeat
+                        inp.tenant, index, objects, inp.tags, heartbeat, extra
                     )
                 finally:
                     self._in_flight -= len(objects)
@@ -228,14 +240,22 @@ class IngestBatch:
             source = inp.sources[self._source_index]
             token = inp.cursor_page_token if self._source_index == inp.cursor_source else ""
             while True:
-                page = await scan(inp.tenant, source, token, inp.page_size, index, inp.force)
+                page = await scan(
+                    inp.tenant,
+                    source,
+                    token,
+                    inp.page_size,
+                    index,
+                    inp.force,
+                    allow_forgotten=inp.allow_forgotten,
+                )
                 await record(inp.tenant, index, [], page.rejected, inp.tags)
                 count(self._totals, page.unchanged + page.rejected)
                 chunks = [
                     page.to_encode[i : i + batch_size]
                     for i in range(0, len(page.to_encode), batch_size)
                 ]
-                await asyncio.gather(*(batch(c) for c in chunks))
+                await asyncio.gather(*(batch(c, page.extra_targets) for c in chunks))
                 pages += 1
                 token = page.next_token
                 if not token:
@@ -287,7 +307,16 @@ class IngestAsset:
             ]
         )
         totals = IngestTotals()
-        page = await scan(inp.tenant, inp.uri, "", 1, index, inp.force, single_object=True)
+        page = await scan(
+            inp.tenant,
+            inp.uri,
+            "",
+            1,
+            index,
+            inp.force,
+            single_object=True,
+            allow_forgotten=inp.allow_forgotten,
+        )
         await record(inp.tenant, index, [], page.rejected, inp.tags)
         count(totals, page.unchanged + page.rejected)
         asset_ids = [o.asset_id for o in page.to_encode + page.unchanged + page.rejected]
@@ -295,7 +324,12 @@ class IngestAsset:
             workflow.upsert_search_attributes([SearchAttributePair(ASSET_ID_KEY, asset_ids[0])])
         if page.to_encode:
             outcomes = await encode_and_record(
-                inp.tenant, index, page.to_encode[:1], inp.tags, timedelta(seconds=30)
+                inp.tenant,
+                index,
+                page.to_encode[:1],
+                inp.tags,
+                timedelta(seconds=30),
+                page.extra_targets,
             )
             count(totals, outcomes)
         workflow.upsert_search_attributes([SearchAttributePair(OUTCOME_KEY, outcome_label(totals))])

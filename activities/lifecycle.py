@@ -1,0 +1,238 @@
+"""Lifecycle activities on the ``mmrag`` queue: re-index bookkeeping and verification,
+alias swaps, dropping expired versions, and forgetting assets everywhere they live."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities import index_versions, registry
+from activities.guardrails import redact_pii
+from activities.storage import ObjectMissingError, store_for
+from activities.vectors import VectorStore, get_store, model_of
+from workers.settings import Settings
+from workflows.activity_payloads import (
+    BEGIN_REINDEX,
+    FINISH_REINDEX,
+    FORGET_PAGE,
+    RECONCILE_INDEX,
+    REINDEX_PAGE,
+    SWAP_INDEX,
+    BeginReindexInput,
+    FinishReindexInput,
+    ForgetPageInput,
+    ForgetPageResult,
+    ReconcileInput,
+    ReconcileResult,
+    ReindexItem,
+    ReindexPage,
+    ReindexPageInput,
+    SwapInput,
+    SwapResult,
+)
+from workflows.contracts import FAILED, FULL, INCREMENTAL, AssetOutcome, IndexTarget
+
+
+class LifecycleActivities:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stat_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="stat")
+
+    @property
+    def engine(self):  # type: ignore[no-untyped-def]
+        return registry.get_engine(self.settings.database_endpoint())
+
+    @property
+    def store(self) -> VectorStore:
+        s = self.settings
+        return get_store(s.milvus_endpoint(), s.milvus_token.get_secret_value())
+
+    # -- re-index -------------------------------------------------------------------
+    @activity.defn(name=BEGIN_REINDEX)
+    def begin_reindex(self, inp: BeginReindexInput) -> IndexTarget:
+        """Drop expired versions, take the scope's lock, and pick the target version."""
+        info = activity.info()
+        self._drop_expired(info.workflow_id)
+        scope = inp.tenant or "*"
+        if inp.mode == INCREMENTAL:
+            target = registry.active_index(self.engine)
+            if target is None:
+                raise ApplicationError(
+                    "nothing is indexed yet: ingest first",
+                    type="NothingIndexed",
+                    non_retryable=True,
+                )
+        elif inp.target_version:
+            target = next(
+                t for t in index_versions.all_live(self.engine) if t.version == inp.target_version
+            )
+        else:
+            if inp.tenant:
+                raise ApplicationError(
+                    "a full re-index builds a new index version for every tenant: leave the "
+                    "tenant empty (use mode incremental for one tenant)",
+                    type="BadReindex",
+                    non_retryable=True,
+                )
+            target = index_versions.create_version(
+                self.engine,
+                self.settings.collection_prefix,
+                inp.spec.model,
+                inp.spec.pretrained,
+                inp.spec.checkpoint,
+                inp.dim,
+                actor=info.workflow_id,
+            )
+        self.store.ensure_collection(target.collection, target.dim, model=model_of(target))
+        try:
+            index_versions.begin_run(self.engine, info.workflow_id, scope, inp.mode, target.version)
+        except index_versions.ReindexConflict as e:
+            if inp.mode == FULL and not inp.target_version:
+                index_versions.mark(self.engine, [target.version], "failed", info.workflow_id)
+            raise ApplicationError(str(e), type="ReindexConflict", non_retryable=True) from e
+        return target
+
+    def _drop_expired(self, actor: str) -> None:
+        expired = index_versions.expired(self.engine)
+        for target in expired:
+            self.store.drop(target.collection)
+        if expired:
+            index_versions.mark(self.engine, [t.version for t in expired], "dropped", actor)
+
+    @activity.defn(name=REINDEX_PAGE)
+    def reindex_page(self, inp: ReindexPageInput) -> ReindexPage:
+        """One page of the registry in scope: what to re-embed (full: everything live;
+        incremental: changed objects, failed assets, assets of an older version)."""
+        index_versions.touch_run(self.engine, activity.info().workflow_id)
+        statuses = (registry.INGESTED,) if inp.mode == FULL else (registry.INGESTED, FAILED)
+        assets, cursor = registry.live_assets_page(
+            self.engine, inp.tenant, inp.cursor, inp.page_size, statuses
+        )
+        page = ReindexPage(next_cursor=cursor)
+        if not inp.cursor:
+            page.total = registry.count_assets(self.engine, inp.tenant, statuses)
+        tags = registry.tags_by_key(self.engine, [(a.tenant, a.ref.asset_id) for a in assets])
+        if inp.mode == FULL:
+            page.items = [
+                ReindexItem(a.tenant, a.ref, tags.get((a.tenant, a.ref.asset_id), {}))
+                for a in assets
+            ]
+            return page
+        page.extra_targets = [
+            t for t in index_versions.writable(self.engine) if t.version != inp.target.version
+        ]
+        known = registry.statuses_by_key(self.engine, [(a.tenant, a.ref.asset_id) for a in assets])
+        for asset, current in zip(assets, self._stat_pool.map(_stat, assets), strict=True):
+            key = (asset.tenant, asset.ref.asset_id)
+            status, version = known[key]
+            if isinstance(current, str):
+                page.failures.append(
+                    AssetOutcome(asset.ref.uri, asset.ref.asset_id, FAILED, reason=current)
+                )
+                continue
+            current.asset_id = asset.ref.asset_id
+            current.media_type = asset.ref.media_type
+            changed = current.generation != asset.ref.generation
+            if changed or status == FAILED or version != inp.target.version:
+                page.items.append(ReindexItem(asset.tenant, current, tags.get(key, {})))
+            else:
+                page.unchanged += 1
+        return page
+
+    @activity.defn(name=RECONCILE_INDEX)
+    def reconcile_index(self, inp: ReconcileInput) -> ReconcileResult:
+        """Compare the target collection with the registry: delete vectors of assets that
+        are no longer live (forgotten during the run), and list assets to (re-)embed
+        because they are missing or hold an older generation."""
+        index_versions.touch_run(self.engine, activity.info().workflow_id)
+        live = registry.live_generations(self.engine, inp.tenant)
+        indexed = self.store.asset_generations(inp.target.collection, inp.tenant)
+        extra = [key for key in indexed if key not in live]
+        by_tenant: dict[str, list[str]] = defaultdict(list)
+        for tenant, asset_id in extra:
+            by_tenant[tenant].append(asset_id)
+        for tenant, ids in by_tenant.items():
+            for i in range(0, len(ids), 1000):
+                self.store.delete_assets(inp.target.collection, tenant, ids[i : i + 1000])
+        stale = [key for key, gen in live.items() if indexed.get(key) != gen][: inp.limit]
+        items = registry.items_by_key(self.engine, stale)
+        return ReconcileResult(
+            to_embed=items,
+            deleted=len(extra),
+            registry_assets=len(live),
+            index_assets=len(indexed) - len(extra),
+        )
+
+    @activity.defn(name=SWAP_INDEX)
+    def swap_index(self, inp: SwapInput) -> SwapResult:
+        """Point the query alias at the new version and retire the old one, in one step."""
+        info = activity.info()
+        grace = timedelta(hours=inp.grace_period_hours)
+        try:
+            version = inp.version or index_versions.rollback_target(self.engine).version
+        except LookupError as e:
+            raise ApplicationError(str(e), type="NothingToRollBack", non_retryable=True) from e
+        swap = index_versions.swap(self.engine, version, grace, actor=info.workflow_id)
+        self.store.point_alias(self.settings.collection_prefix, swap.active.collection)
+        index_versions.finish_run(self.engine, info.workflow_id, "succeeded")
+        return SwapResult(swap.previous.version if swap.previous else 0, swap.active.version)
+
+    @activity.defn(name=FINISH_REINDEX)
+    def finish_reindex(self, inp: FinishReindexInput) -> None:
+        actor = activity.info().workflow_id
+        index_versions.finish_run(self.engine, actor, inp.state)
+        if inp.failed_version:
+            index_versions.mark(self.engine, [inp.failed_version], "failed", actor)
+
+    # -- forget ---------------------------------------------------------------------
+    @activity.defn(name=FORGET_PAGE)
+    def forget_page(self, inp: ForgetPageInput) -> ForgetPageResult:
+        """Forget one page of matching assets: vectors in every index version, optionally
+        the objects, then the registry row is wiped and a tombstone written."""
+        info = activity.info()
+        candidates = registry.forget_candidates(
+            self.engine, inp.tenant, inp.asset_id, inp.uri_prefix, inp.tags, inp.after, inp.limit
+        )
+        next_after = candidates[-1][0] if len(candidates) == inp.limit else ""
+        if inp.if_generation:  # an object-delete event: only the version that was deleted
+            candidates = [c for c in candidates if c[2] == inp.if_generation]
+        ids = [c[0] for c in candidates]
+        versions = index_versions.all_live(self.engine)
+        for target in versions:
+            if ids:
+                self.store.delete_assets(target.collection, inp.tenant, ids)
+        deleted = 0
+        if inp.delete_object:
+            for _asset_id, uri, _gen in candidates:
+                if uri:
+                    deleted += store_for(uri).delete(uri)
+        registry.mark_forgotten(
+            self.engine,
+            inp.tenant,
+            ids,
+            redact_pii(inp.reason)[0][:500],
+            inp.allow_reingest,
+            [t.version for t in versions],
+            info.workflow_id,
+            {c[0]: c[2] for c in candidates},
+        )
+        return ForgetPageResult(
+            forgotten=len(ids),
+            objects_deleted=deleted,
+            versions=[t.version for t in versions],
+            next_after=next_after,
+        )
+
+
+def _stat(asset: registry.LiveAsset):  # type: ignore[no-untyped-def]
+    """The object's current metadata, or why it cannot be read."""
+    try:
+        return store_for(asset.ref.uri).stat(asset.ref.uri)
+    except ObjectMissingError as e:
+        return str(e)
+    except Exception as e:  # storage outage: let the activity retry
+        raise ApplicationError(f"cannot stat {asset.ref.uri}: {e}") from e

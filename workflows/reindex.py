@@ -1,0 +1,308 @@
+"""``Reindex``: re-embed from the asset registry, verify, swap the alias with zero downtime.
+
+full: a new index version (collection) with the target model is filled from the
+registry in GPU-sized batches, reconciled against the registry until every live asset
+has a vector of its current generation and nothing forgotten remains, then the query
+alias moves to it in one step; the old version is kept for ``grace_period_hours`` for
+``mmrag reindex rollback``. Ingests and forgets that happen meanwhile reach every
+writable version, so nothing is lost or resurrected.
+
+incremental: the active version is brought up to date for a tenant (or all): objects
+whose generation changed, assets that failed, assets written by an older version.
+
+rollback: the alias moves back to the most recently retired version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+from temporalio import workflow
+from temporalio.common import SearchAttributePair
+from temporalio.exceptions import ApplicationError
+
+from workflows.activity_payloads import (
+    BEGIN_REINDEX,
+    DESCRIBE_MODEL,
+    ENCODE_BATCH,
+    FINISH_REINDEX,
+    RECONCILE_INDEX,
+    RECORD_OUTCOMES,
+    REINDEX_PAGE,
+    RESOLVE_INDEX,
+    SWAP_INDEX,
+    BeginReindexInput,
+    EncodeBatchInput,
+    EncoderInfo,
+    FinishReindexInput,
+    ModelSpec,
+    ReconcileInput,
+    ReconcileResult,
+    RecordOutcomesInput,
+    ReindexItem,
+    ReindexPage,
+    ReindexPageInput,
+    SwapInput,
+    SwapResult,
+)
+from workflows.contracts import (
+    ENCODE_TASK_QUEUE,
+    FAILED,
+    FULL,
+    INCREMENTAL,
+    REINDEX_WORKFLOW,
+    AssetOutcome,
+    IndexTarget,
+    ReindexInput,
+    ReindexProgress,
+    ReindexResult,
+)
+from workflows.ingest import DB_RETRY, ENCODE_RETRY, INDEX_VERSION_KEY, OUTCOME_KEY, TENANT_KEY
+
+ROLLBACK = "rollback"
+PAGE_SIZE = 256
+PAGES_PER_RUN = 20
+MAX_RECONCILE_ROUNDS = 5
+
+
+@workflow.defn(name=REINDEX_WORKFLOW)
+class Reindex:
+    def __init__(self) -> None:
+        self._inp = ReindexInput()
+        self._started: datetime | None = None
+        self._done_this_run = 0
+
+    @workflow.run
+    async def run(self, inp: ReindexInput) -> ReindexResult:
+        self._inp = inp
+        self._started = workflow.now()
+        if inp.mode not in (FULL, INCREMENTAL, ROLLBACK):
+            raise ApplicationError(
+                f"unknown mode {inp.mode!r}: use full, incremental or rollback",
+                type="BadReindex",
+                non_retryable=True,
+            )
+        workflow.upsert_search_attributes(
+            [
+                SearchAttributePair(TENANT_KEY, inp.tenant or "*"),
+                SearchAttributePair(OUTCOME_KEY, "running"),
+            ]
+        )
+        if inp.mode == ROLLBACK:
+            return await self._rollback()
+        target = await self._begin()
+        inp.target_version = target.version
+        workflow.upsert_search_attributes([SearchAttributePair(INDEX_VERSION_KEY, target.version)])
+        try:
+            if inp.phase in ("", "embedding"):
+                await self._embed_pages(target)  # may continue as new
+            return await self._finish(target)
+        except Exception:
+            # A failed full run's building version stops receiving writes and is dropped
+            # by the next run.
+            failed_version = target.version if inp.mode == FULL else 0
+            await workflow.execute_activity(
+                FINISH_REINDEX,
+                FinishReindexInput("failed", failed_version),
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=DB_RETRY,
+            )
+            raise
+
+    async def _begin(self) -> IndexTarget:
+        inp = self._inp
+        spec = ModelSpec(inp.model, inp.pretrained, inp.checkpoint)
+        dim = 0
+        if inp.mode == FULL and not inp.target_version:
+            if not inp.model:  # same model as the active version: a rebuild
+                active = await workflow.execute_activity(
+                    RESOLVE_INDEX,
+                    start_to_close_timeout=timedelta(seconds=30),
+                    retry_policy=DB_RETRY,
+                    result_type=IndexTarget,
+                )
+                spec = ModelSpec(active.model, active.pretrained, active.checkpoint)
+            info = await workflow.execute_activity(
+                DESCRIBE_MODEL,
+                spec,
+                task_queue=ENCODE_TASK_QUEUE,
+                start_to_close_timeout=timedelta(minutes=10),
+                retry_policy=ENCODE_RETRY,
+                result_type=EncoderInfo,
+                summary=f"load {spec.model}",
+            )
+            dim = info.dim
+        self._inp.phase = self._inp.phase or "embedding"
+        return await workflow.execute_activity(
+            BEGIN_REINDEX,
+            BeginReindexInput(inp.mode, inp.tenant, spec, dim, inp.target_version),
+            start_to_close_timeout=timedelta(minutes=2),
+            retry_policy=DB_RETRY,
+            result_type=IndexTarget,
+            summary="lock scope, create or pick the target version",
+        )
+
+    async def _embed_pages(self, target: IndexTarget) -> None:
+        inp = self._inp
+        pages = 0
+        cursor = inp.cursor
+        while True:
+            page = await workflow.execute_activity(
+                REINDEX_PAGE,
+                ReindexPageInput(inp.mode, inp.tenant, cursor, PAGE_SIZE, target),
+                start_to_close_timeout=timedelta(minutes=5),
+                retry_policy=DB_RETRY,
+                result_type=ReindexPage,
+                summary="next registry page",
+            )
+            if not cursor:
+                inp.total = page.total
+            inp.failed += len(page.failures)
+            inp.done += page.unchanged + len(page.failures)
+            await self._embed(target, page.items, page.extra_targets)
+            cursor = page.next_cursor
+            pages += 1
+            if not cursor:
+                return
+            if pages >= PAGES_PER_RUN or workflow.info().is_continue_as_new_suggested():
+                workflow.continue_as_new(replace(inp, target_version=target.version, cursor=cursor))
+
+    async def _embed(
+        self, target: IndexTarget, items: list[ReindexItem], extra: list[IndexTarget]
+    ) -> None:
+        """Encode items grouped by (tenant, tags), a bounded number of batches at once."""
+        inp = self._inp
+        groups: dict[tuple[str, str], list[ReindexItem]] = {}
+        for item in items:
+            groups.setdefault((item.tenant, json.dumps(item.tags, sort_keys=True)), []).append(item)
+        batches = [
+            group[i : i + inp.batch_size]
+            for group in groups.values()
+            for i in range(0, len(group), max(1, inp.batch_size))
+        ]
+        slots = asyncio.Semaphore(max(1, inp.max_concurrent_batches))
+
+        async def one(batch: list[ReindexItem]) -> None:
+            async with slots:
+                tenant, tags = batch[0].tenant, batch[0].tags
+                objects = [item.ref for item in batch]
+                outcomes = await workflow.execute_activity(
+                    ENCODE_BATCH,
+                    EncodeBatchInput(tenant, target, objects, tags, extra_targets=extra),
+                    task_queue=ENCODE_TASK_QUEUE,
+                    start_to_close_timeout=timedelta(minutes=30),
+                    heartbeat_timeout=timedelta(seconds=30),
+                    retry_policy=ENCODE_RETRY,
+                    result_type=list[AssetOutcome],
+                    summary=f"re-embed {len(objects)} assets into v{target.version}",
+                )
+                # Full: the registry moves to the new version at the swap; only failures are
+                # recorded now. Incremental: this is an ingest of the changed objects.
+                to_record = (
+                    outcomes
+                    if inp.mode == INCREMENTAL
+                    else [o for o in outcomes if o.status == FAILED]
+                )
+                if to_record:
+                    await workflow.execute_activity(
+                        RECORD_OUTCOMES,
+                        RecordOutcomesInput(tenant, target.version, objects, to_record, tags),
+                        start_to_close_timeout=timedelta(minutes=2),
+                        retry_policy=DB_RETRY,
+                    )
+                inp.done += len(outcomes)
+                inp.failed += sum(o.status == FAILED for o in outcomes)
+                self._done_this_run += len(outcomes)
+
+        await asyncio.gather(*(one(b) for b in batches))
+
+    async def _finish(self, target: IndexTarget) -> ReindexResult:
+        inp = self._inp
+        if inp.mode == INCREMENTAL:
+            await workflow.execute_activity(
+                FINISH_REINDEX,
+                FinishReindexInput("succeeded"),
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=DB_RETRY,
+            )
+            workflow.upsert_search_attributes([SearchAttributePair(OUTCOME_KEY, "completed")])
+            return ReindexResult(
+                inp.mode, inp.tenant, target.version, target.version, inp.done, inp.failed, 0, False
+            )
+        inp.phase = "verifying"
+        check = ReconcileResult()
+        for _ in range(MAX_RECONCILE_ROUNDS):
+            check = await workflow.execute_activity(
+                RECONCILE_INDEX,
+                ReconcileInput(inp.tenant, target),
+                start_to_close_timeout=timedelta(minutes=10),
+                retry_policy=DB_RETRY,
+                result_type=ReconcileResult,
+                summary=f"verify v{target.version} against the registry",
+            )
+            if not check.to_embed:
+                break
+            await self._embed(target, check.to_embed, [])
+        else:
+            raise ApplicationError(
+                f"index v{target.version} did not converge with the registry after "
+                f"{MAX_RECONCILE_ROUNDS} rounds ({len(check.to_embed)} assets still differ); "
+                "the alias was not swapped",
+                type="VerificationFailed",
+            )
+        inp.phase = "swapping"
+        swap = await workflow.execute_activity(
+            SWAP_INDEX,
+            SwapInput(target.version, inp.grace_period_hours),
+            start_to_close_timeout=timedelta(minutes=2),
+            retry_policy=DB_RETRY,
+            result_type=SwapResult,
+            summary=f"swap alias to v{target.version}",
+        )
+        inp.phase = "done"
+        workflow.upsert_search_attributes([SearchAttributePair(OUTCOME_KEY, "swapped")])
+        return ReindexResult(
+            inp.mode,
+            inp.tenant,
+            swap.active_version,
+            swap.previous_version,
+            inp.done,
+            inp.failed,
+            check.registry_assets,
+            True,
+        )
+
+    async def _rollback(self) -> ReindexResult:
+        swap = await workflow.execute_activity(
+            SWAP_INDEX,
+            SwapInput(0, self._inp.grace_period_hours),  # 0: the rollback target
+            start_to_close_timeout=timedelta(minutes=2),
+            retry_policy=DB_RETRY,
+            result_type=SwapResult,
+            summary="roll the alias back",
+        )
+        workflow.upsert_search_attributes([SearchAttributePair(OUTCOME_KEY, "rolled_back")])
+        return ReindexResult(
+            ROLLBACK, "", swap.active_version, swap.previous_version, 0, 0, 0, True
+        )
+
+    @workflow.query(name="progress")
+    def progress(self) -> ReindexProgress:
+        inp = self._inp
+        elapsed = (workflow.now() - self._started).total_seconds() if self._started else 0.0
+        rate = self._done_this_run / elapsed if elapsed > 0 else 0.0
+        remaining = max(0, inp.total - inp.done)
+        return ReindexProgress(
+            mode=inp.mode,
+            tenant=inp.tenant,
+            phase=inp.phase or "preparing",
+            target_version=inp.target_version,
+            done=inp.done,
+            total=inp.total,
+            failed=inp.failed,
+            rate_per_s=round(rate, 2),
+            eta_s=round(remaining / rate, 1) if rate > 0 else -1.0,
+        )
