@@ -46,17 +46,19 @@ TINY_CHECKPOINT_PATH = TINY_MODEL_DIR / f"{TINY_MODEL_NAME}.pt"
 _registry_lock = threading.Lock()
 
 
-def _register_tiny_config() -> None:
-    """Make ``mmrag-tiny`` a known open_clip architecture (idempotent, thread-safe)."""
+def _register_tiny_config(model_name: str = TINY_MODEL_NAME) -> None:
+    """Make a shipped ``mmrag-*`` architecture (tests/fixtures/tiny_clip/<name>.json) known
+    to open_clip (idempotent, thread-safe)."""
+    config = TINY_MODEL_DIR / f"{model_name}.json"
     with _registry_lock:
-        if TINY_MODEL_NAME in open_clip.list_models():
+        if model_name in open_clip.list_models():
             return
-        if not TINY_CONFIG_PATH.is_file():
+        if not config.is_file():
             raise ValueError(
-                f"model {TINY_MODEL_NAME!r} needs its config at {TINY_CONFIG_PATH}, which is "
+                f"model {model_name!r} needs its config at {config}, which is "
                 "missing; restore tests/fixtures/tiny_clip/ from the repository"
             )
-        open_clip.add_model_config(TINY_CONFIG_PATH)
+        open_clip.add_model_config(config)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -83,8 +85,8 @@ def _has_schema(model_name: str) -> bool:
 
 
 def _check_model_name(model_name: str) -> None:
-    if model_name == TINY_MODEL_NAME:
-        _register_tiny_config()
+    if model_name.startswith("mmrag-"):
+        _register_tiny_config(model_name)
         return
     if _has_schema(model_name):
         return
