@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -103,7 +104,13 @@ async def _ingest(args: argparse.Namespace) -> int:
     if args.batch_size:
         options["batch_size"] = args.batch_size
     handle = await start_ingest(
-        client, args.tenant, args.sources, _parse_tags(args.tag), force=args.force, **options
+        client,
+        args.tenant,
+        args.sources,
+        _parse_tags(args.tag),
+        force=args.force,
+        allow_forgotten=args.allow_forgotten,
+        **options,
     )
     console.print(f"started IngestBatch [bold]{handle.id}[/bold]")
     if not args.wait:
@@ -166,6 +173,182 @@ async def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- lifecycle ------------------------------------------------------------------------
+def cmd_reindex(args: argparse.Namespace) -> int:
+    return asyncio.run(_reindex(args))
+
+
+async def _reindex(args: argparse.Namespace) -> int:
+    from starters.lifecycle import start_reindex
+    from workers.temporal_client import connect
+    from workflows.contracts import ReindexInput, ReindexProgress
+
+    client = await connect()
+    handle = await start_reindex(
+        client,
+        ReindexInput(
+            mode=args.mode,
+            tenant=args.tenant,
+            model=args.model,
+            pretrained=args.pretrained,
+            checkpoint=args.checkpoint,
+            grace_period_hours=args.grace_hours,
+        ),
+    )
+    console.print(f"started Reindex [bold]{handle.id}[/bold]")
+    if not args.wait:
+        return 0
+    result_task = asyncio.ensure_future(handle.result())
+    while not result_task.done():
+        await asyncio.wait([result_task], timeout=2)
+        try:
+            p = await handle.query("progress", result_type=ReindexProgress)
+            eta = f", eta {p.eta_s:.0f}s" if p.eta_s >= 0 else ""
+            console.print(
+                f"  {p.phase}: {p.done}/{p.total} ({p.failed} failed, {p.rate_per_s}/s{eta})"
+            )
+        except Exception:  # between continue-as-new runs
+            pass
+    r = result_task.result()
+    console.print(
+        f"{r.mode}: active index v{r.index_version} (was v{r.previous_version}); "
+        f"{r.embedded} re-embedded, {r.failed} failed"
+        + (f", verified {r.verified_assets} assets, alias swapped" if r.swapped else "")
+    )
+    return 1 if r.failed else 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    return asyncio.run(_schedule(args))
+
+
+async def _schedule(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from starters.lifecycle import create_schedule, list_schedules, schedule_id
+    from workers.temporal_client import connect
+
+    client = await connect()
+    if args.action == "list":
+        for row in await list_schedules(client):
+            state = "paused" if row.paused else "active"
+            console.print(f"{row.id:40} {state:7} {row.cron:20} {row.note}", highlight=False)
+        return 0
+    if args.action == "create":
+        try:
+            handle = await create_schedule(
+                client,
+                args.kind,
+                args.tenant,
+                args.cron,
+                args.model,
+                args.pretrained,
+                args.checkpoint,
+                timedelta(hours=args.catchup_hours),
+                args.paused,
+            )
+        except ValueError as e:
+            raise UserError(str(e)) from e
+        console.print(f"created schedule [bold]{handle.id}[/bold]")
+        return 0
+    handle = client.get_schedule_handle(args.id or schedule_id(args.kind, args.tenant))
+    if args.action == "pause":
+        await handle.pause(note="paused with mmrag schedule pause")
+    elif args.action == "unpause":
+        await handle.unpause(note="unpaused with mmrag schedule unpause")
+    elif args.action == "trigger":
+        await handle.trigger()
+    elif args.action == "delete":
+        await handle.delete()
+    console.print(f"{args.action}: {handle.id}")
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    return asyncio.run(_forget(args))
+
+
+async def _forget(args: argparse.Namespace) -> int:
+    from starters.lifecycle import start_forget
+    from workers.temporal_client import connect
+    from workflows.contracts import ForgetInput
+
+    tags = _parse_tags(args.tag)
+    if not (args.asset_id or args.uri_prefix or tags):
+        raise UserError("say what to forget: --asset-id, --uri-prefix or --tag K=V")
+    client = await connect()
+    handle = await start_forget(
+        client,
+        ForgetInput(
+            tenant=args.tenant,
+            asset_id=args.asset_id,
+            uri_prefix=args.uri_prefix,
+            tags=tags,
+            reason=args.reason,
+            delete_object=args.delete_object,
+            allow_reingest=args.allow_reingest,
+        ),
+    )
+    result = await handle.result()
+    console.print(
+        f"forgot {result.forgotten} asset(s) of tenant {result.tenant} in index versions "
+        f"{result.index_versions}; {result.objects_deleted} object(s) deleted"
+    )
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from starters.events import EventBridge, make_server
+    from workers.temporal_client import connect
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    token = args.token or os.environ.get("MMRAG_EVENTS_TOKEN", "")
+    if not token and not args.insecure_no_token:
+        raise UserError("set MMRAG_EVENTS_TOKEN (or --token); --insecure-no-token for local tests")
+    client = asyncio.run(connect())
+    bridge = EventBridge(client, args.tenant, token)
+    server = make_server(bridge, args.host, args.port)
+    print(f"mmrag events listening on http://{args.host}:{server.server_port}/", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        bridge.close()
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    return asyncio.run(_watch(args))
+
+
+async def _watch(args: argparse.Namespace) -> int:
+    from activities.storage import normalize_uri
+    from starters.lifecycle import start_watch
+    from workers.temporal_client import connect
+    from workflows.contracts import WatchPrefixInput
+
+    client = await connect()
+    handle = await start_watch(
+        client,
+        WatchPrefixInput(
+            args.tenant, normalize_uri(args.prefix), _parse_tags(args.tag), args.interval
+        ),
+    )
+    console.print(f"started WatchPrefix [bold]{handle.id}[/bold]")
+    return 0
+
+
+# -- db -------------------------------------------------------------------------------
+def cmd_db(args: argparse.Namespace) -> int:
+    from workers.migrate import upgrade
+
+    upgrade(get_settings().database_endpoint())
+    console.print("database schema is up to date")
+    return 0
+
+
 # -- demo -----------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from starters.demo import run_demo
@@ -201,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", default="default")
     p.add_argument("--tag", action="append", default=[], metavar="K=V")
     p.add_argument("--force", action="store_true", help="re-encode unchanged objects")
+    p.add_argument("--allow-forgotten", action="store_true", help="re-ingest forgotten objects")
     p.add_argument("--batch-size", type=int, default=0)
     p.add_argument("--wait", action="store_true", help="show progress and a summary")
     p.add_argument("--json", action="store_true", help="with --wait: print the result as JSON")
@@ -232,9 +416,87 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the Ask result contract as JSON")
     p.set_defaults(func=cmd_ask)
 
+    p = sub.add_parser("reindex", help="re-embed from the registry; swap or roll back the index")
+    p.add_argument("mode", choices=["incremental", "full", "rollback"])
+    p.add_argument("--tenant", default="", help="incremental only; empty = every tenant")
+    p.add_argument("--model", default="", help="full: the new CLIP model (default: the active one)")
+    p.add_argument("--pretrained", default="")
+    p.add_argument("--checkpoint", default="", help="a local checkpoint file for --model")
+    p.add_argument("--grace-hours", type=float, default=24.0, help="keep the old version this long")
+    p.add_argument("--wait", action="store_true", help="show progress until it finishes")
+    p.set_defaults(func=cmd_reindex)
+
+    p = sub.add_parser("schedule", help="Temporal Schedules for re-indexes")
+    p.add_argument("action", choices=["create", "list", "pause", "unpause", "trigger", "delete"])
+    p.add_argument("--kind", choices=["incremental", "full"], default="incremental")
+    p.add_argument("--tenant", default="")
+    p.add_argument("--id", default="", help="schedule id (default: derived from kind and tenant)")
+    p.add_argument(
+        "--cron", default="", help="default: nightly 03:00 (incremental), Sunday 04:00 (full)"
+    )
+    p.add_argument("--model", default="")
+    p.add_argument("--pretrained", default="")
+    p.add_argument("--checkpoint", default="")
+    p.add_argument("--catchup-hours", type=float, default=1.0, help="run missed actions this late")
+    p.add_argument("--paused", action="store_true")
+    p.set_defaults(func=cmd_schedule)
+
+    p = sub.add_parser("forget", help="right to be forgotten: remove assets everywhere")
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--asset-id", default="")
+    p.add_argument("--uri-prefix", default="")
+    p.add_argument("--tag", action="append", default=[], metavar="K=V")
+    p.add_argument("--reason", default="", help="a ticket reference, not personal data")
+    p.add_argument("--delete-object", action="store_true", help="also delete the stored object")
+    p.add_argument("--allow-reingest", action="store_true")
+    p.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser("events", help="GCS notifications (Pub/Sub push) -> ingest / forget")
+    p.add_argument("action", choices=["serve"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8088)
+    p.add_argument("--tenant", default="default")
+    p.add_argument("--token", default="", help="shared token (default: MMRAG_EVENTS_TOKEN)")
+    p.add_argument("--insecure-no-token", action="store_true")
+    p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser("watch", help="ingest what is new or changed under a prefix")
+    p.add_argument("prefix")
+    p.add_argument("--tenant", default="default")
+    p.add_argument("--tag", action="append", default=[], metavar="K=V")
+    p.add_argument("--interval", type=int, default=300, help="seconds between passes (0: once)")
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("db", help="apply the Postgres migrations (Alembic) to MMRAG_DATABASE_URL")
+    p.add_argument("action", choices=["upgrade"])
+    p.set_defaults(func=cmd_db)
+
     p = sub.add_parser("demo", help="stack, workers, demo corpus, answers and the Web UI link")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def outage_message(error: BaseException) -> str | None:
+    """One line naming the server that is down and what to do, or None for a bug."""
+    from pymilvus.exceptions import MilvusException
+    from sqlalchemy.exc import OperationalError
+
+    if isinstance(error, OperationalError):
+        return (
+            "Postgres is unreachable (MMRAG_DATABASE_URL or the embedded stack): start it with "
+            "`mmrag stack up` or check the database server"
+        )
+    if isinstance(error, MilvusException):
+        return (
+            f"Milvus is unreachable or refused the request ({error.message}): start it with "
+            "`mmrag stack up` or check MMRAG_MILVUS_URI"
+        )
+    text = str(error)
+    if isinstance(error, RuntimeError) and ("mmrag stack up" in text or "MMRAG_" in text):
+        return text
+    if isinstance(error, RuntimeError) and "Connection refused" in text:
+        return f"a server refused the connection ({text}): is the stack up? `mmrag stack status`"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -242,15 +504,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (UserError, ConnectionError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         return 2
-    except RuntimeError as e:
-        if "mmrag stack up" in str(e) or "MMRAG_" in str(e):
-            err.print(f"[red]error:[/red] {e}", highlight=False)
-            return 2
-        raise
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        message = outage_message(e)
+        if message is None:
+            raise
+        err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -35,10 +35,18 @@ async def start_ingest(
     paths_or_uris: list[str],
     tags: dict[str, str] | None = None,
     force: bool = False,
+    allow_forgotten: bool = False,
     **options: int,
 ) -> WorkflowHandle[object, IngestResult]:
     sources = [normalize_uri(p) for p in paths_or_uris]
-    inp = IngestBatchInput(tenant=tenant, sources=sources, tags=tags or {}, force=force, **options)
+    inp = IngestBatchInput(
+        tenant=tenant,
+        sources=sources,
+        tags=tags or {},
+        force=force,
+        allow_forgotten=allow_forgotten,
+        **options,
+    )
     return await client.start_workflow(
         INGEST_BATCH_WORKFLOW,
         inp,
@@ -84,6 +92,7 @@ def print_summary(result: IngestResult, console: Console) -> None:
         f"[bold]tenant {result.tenant}[/bold] index v{result.index_version}: "
         f"[green]{result.ingested} ingested[/green], {result.unchanged} unchanged, "
         f"[red]{result.failed} failed[/red] ({result.vectors} vectors written)"
+        + (f", {result.skipped} skipped (forgotten)" if result.skipped else "")
     )
     if result.failures:
         table = Table("object", "why it failed", show_lines=False)

@@ -1,0 +1,422 @@
+"""Re-index with zero downtime, rollback, incremental re-index, Forget, Schedules, GCS events
+and WatchPrefix, against the real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import random
+import threading
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+from temporalio.client import Client
+
+from activities import index_versions, registry
+from starters.ask import ask
+from starters.events import EventBridge, make_server
+from starters.ingest import start_ingest
+from starters.lifecycle import (
+    create_schedule,
+    list_schedules,
+    schedule_id,
+    start_forget,
+    start_reindex,
+    start_watch,
+)
+from starters.synthetic_corpus import CLASSES, caption_for, render, write_corpus
+from tests.conftest import Workers
+from tests.helpers import audit_events, engine, milvus_pks, registry_rows, store, wait_searchable
+from workflows.contracts import (
+    AskFilters,
+    AskInput,
+    ForgetInput,
+    IngestResult,
+    ReindexInput,
+    WatchPrefixInput,
+    asset_id_for,
+)
+
+
+async def ingest(client: Client, tenant: str, sources: list[str], **kw) -> IngestResult:  # type: ignore[no-untyped-def]
+    handle = await start_ingest(client, tenant, sources, **kw)
+    return await asyncio.wait_for(handle.result(), timeout=180)
+
+
+def pks_in(collection: str, tenant: str) -> set[str]:
+    rows = store().client.query(
+        collection,
+        filter=f'tenant == "{tenant}"',
+        output_fields=["pk"],
+        consistency_level="Strong",
+        limit=16384,
+    )
+    return {r["pk"] for r in rows}
+
+
+class Shared:
+    tenant = f"life-{uuid.uuid4().hex[:6]}"
+    late_asset = ""
+    victim_asset = ""
+    corpus: Path = Path()
+    versions: tuple[int, int] = (0, 0)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def corpus(
+    worker: Workers, client: Client, tmp_path_factory: pytest.TempPathFactory
+) -> type[Shared]:
+    root = tmp_path_factory.mktemp("life")
+    write_corpus(root / "main", per_class=2, seed=51)
+    result = await ingest(client, Shared.tenant, [str(root / "main")])
+    assert result.ingested == 36
+    wait_searchable(Shared.tenant, 36)
+    Shared.corpus = root
+    return Shared
+
+
+async def test_full_reindex_changes_model_and_dimension_with_zero_downtime(
+    corpus: type[Shared], client: Client
+) -> None:
+    tenant = corpus.tenant
+    before = registry.active_index(engine())
+    assert before is not None and before.dim == 64
+    late = corpus.corpus / "late"
+    late.mkdir()
+    render("red", "circle", random.Random(5)).save(late / "late-red-circle.png")
+    corpus.late_asset = asset_id_for(tenant, (late / "late-red-circle.png").resolve().as_uri())
+    victim = (corpus.corpus / "main" / "blue-square-000.png").resolve().as_uri()
+    corpus.victim_asset = asset_id_for(tenant, victim)
+
+    stop = asyncio.Event()
+    asks, failures, empties = 0, [], 0
+
+    async def query_loop() -> None:
+        nonlocal asks, empties
+        rng = random.Random(1)
+        while not stop.is_set():
+            colour, shape = rng.choice(CLASSES)
+            try:
+                result = await ask(
+                    client,
+                    AskInput(tenant, text=caption_for(colour, shape), generate=False, top_k=3),
+                )
+                asks += 1
+                empties += not result.sources
+            except Exception as e:  # every failure counts
+                failures.append(repr(e))
+
+    loop = asyncio.create_task(query_loop())
+    handle = await start_reindex(client, ReindexInput(mode="full", model="mmrag-tiny-wide"))
+    # An ingest and a forget while the re-index runs: both must be right in the new version.
+    await ingest(client, tenant, [str(late)])
+    forget = await start_forget(
+        client, ForgetInput(tenant, asset_id=corpus.victim_asset, reason="t-1")
+    )
+    await asyncio.wait_for(forget.result(), timeout=60)
+    result = await asyncio.wait_for(handle.result(), timeout=300)
+    await asyncio.sleep(3)  # queries keep running across the swap and the alias cache expiry
+    stop.set()
+    await loop
+
+    assert failures == [] and empties == 0, (failures[:3], empties)
+    assert asks >= 5
+    assert result.swapped and result.previous_version == before.version
+    after = registry.active_index(engine())
+    assert after is not None and after.version == result.index_version and after.dim == 96
+    corpus.versions = (before.version, after.version)
+    new_pks = pks_in(after.collection, tenant)
+    assert f"{corpus.late_asset}:image" in new_pks
+    assert f"{corpus.victim_asset}:image" not in new_pks
+    assert len(new_pks) == 36  # 36 + late - victim
+    live = [r for r in registry_rows(tenant) if r.status == "ingested"]
+    assert len(live) == 36 and {r.index_version for r in live} == {after.version}
+
+    fresh = await ask(client, AskInput(tenant, text="a red circle", generate=False))
+    assert fresh.encoder_model == "mmrag-tiny-wide" and fresh.index_version == after.version
+    gone = await ask(
+        client,
+        AskInput(
+            tenant, text="x", generate=False, filters=AskFilters(asset_ids=[corpus.victim_asset])
+        ),
+    )
+    assert gone.sources == []
+
+
+async def test_rollback_restores_the_previous_version_with_every_write(
+    corpus: type[Shared], client: Client
+) -> None:
+    old, new = corpus.versions
+    assert old and new, "runs after the full re-index test"
+    handle = await start_reindex(client, ReindexInput(mode="rollback", grace_period_hours=0))
+    result = await asyncio.wait_for(handle.result(), timeout=60)
+    assert (result.index_version, result.previous_version) == (old, new)
+    active = registry.active_index(engine())
+    assert active is not None and active.version == old and active.dim == 64
+    pks = pks_in(active.collection, corpus.tenant)
+    assert f"{corpus.late_asset}:image" in pks  # ingested while v-old was active
+    assert f"{corpus.victim_asset}:image" not in pks  # forgotten in every version
+    await asyncio.sleep(2.5)  # the encoders' alias cache
+    answer = await ask(
+        client, AskInput(corpus.tenant, text="a red circle on a white background", generate=False)
+    )
+    assert answer.encoder_model == "mmrag-tiny"
+    assert answer.sources[0].uri.rsplit("/", 1)[-1].startswith(("red-circle-", "late-red-circle"))
+
+
+async def test_incremental_reindex_picks_up_changed_objects(
+    corpus: type[Shared], client: Client
+) -> None:
+    path = corpus.corpus / "main" / "green-circle-001.png"
+    render("yellow", "triangle", random.Random(3)).save(path)
+    os.utime(path, ns=(1, 2 * 10**18))
+    before = audit_events(corpus.tenant)
+    handle = await start_reindex(client, ReindexInput(mode="incremental", tenant=corpus.tenant))
+    result = await asyncio.wait_for(handle.result(), timeout=120)
+    assert (result.embedded, result.failed, result.swapped) == (1, 0, False)
+    row = next(r for r in registry_rows(corpus.tenant) if r.uri == path.resolve().as_uri())
+    assert row.generation.startswith(str(2 * 10**18))
+    new_events = [e for e in audit_events(corpus.tenant) if e.id not in {b.id for b in before}]
+    assert [e.action for e in new_events] == ["asset.ingest"]
+    # Nothing changed since: a second run re-embeds nothing.
+    again = await start_reindex(client, ReindexInput(mode="incremental", tenant=corpus.tenant))
+    assert (await asyncio.wait_for(again.result(), timeout=120)).embedded == 0
+
+
+def test_overlapping_reindexes_of_one_scope_are_refused(test_stack) -> None:  # type: ignore[no-untyped-def]
+    eng = engine()
+    t = f"lock-{uuid.uuid4().hex[:6]}"
+    index_versions.begin_run(eng, f"w1-{t}", t, "incremental", 1)
+    index_versions.begin_run(eng, f"w1-{t}", t, "incremental", 1)  # idempotent for the same run
+    with pytest.raises(index_versions.ReindexConflict, match="already running"):
+        index_versions.begin_run(eng, f"w2-{t}", t, "incremental", 1)
+    with pytest.raises(index_versions.ReindexConflict):
+        index_versions.begin_run(eng, f"w3-{t}", "*", "full", 1)
+    index_versions.begin_run(eng, f"w4-{t}", t + "-other", "incremental", 1)
+    index_versions.finish_run(eng, f"w1-{t}", "succeeded")
+    index_versions.finish_run(eng, f"w4-{t}", "succeeded")
+    index_versions.begin_run(eng, f"w5-{t}", t, "incremental", 1)
+    index_versions.finish_run(eng, f"w5-{t}", "succeeded")
+
+
+async def test_forget_removes_everywhere_and_blocks_reingest(
+    worker: Workers, client: Client, tmp_path: Path
+) -> None:
+    tenant = f"forget-{uuid.uuid4().hex[:6]}"
+    write_corpus(tmp_path / "p", per_class=1, seed=61)
+    await ingest(client, tenant, [str(tmp_path / "p")], tags={"person": "jane"})
+    write_corpus(tmp_path / "q", per_class=1, seed=62)
+    await ingest(client, tenant, [str(tmp_path / "q")])
+    target = (tmp_path / "q" / "red-circle-000.png").resolve()
+    asset_id = asset_id_for(tenant, target.as_uri())
+
+    reason = "GDPR ticket 42 from jane.doe@example.com"
+    one = await start_forget(
+        client, ForgetInput(tenant, asset_id=asset_id, reason=reason, delete_object=True)
+    )
+    result = await asyncio.wait_for(one.result(), timeout=60)
+    assert (result.forgotten, result.objects_deleted) == (1, 1)
+    assert not target.exists()
+    assert f"{asset_id}:image" not in milvus_pks(tenant)
+    row = next(r for r in registry_rows(tenant) if r.asset_id == asset_id)
+    assert (row.status, row.uri, row.tags) == ("forgotten", "", {})
+    tombstones = [e for e in audit_events(tenant) if e.action == "asset.forget"]
+    assert len(tombstones) == 1 and tombstones[0].uri == ""
+    assert "jane.doe@example.com" not in json.dumps(tombstones[0].details)
+
+    # Idempotent: again, nothing new is written.
+    again = await start_forget(client, ForgetInput(tenant, asset_id=asset_id, reason=reason))
+    await asyncio.wait_for(again.result(), timeout=60)
+    assert len([e for e in audit_events(tenant) if e.action == "asset.forget"]) == 1
+
+    # By metadata: every asset tagged person=jane; a re-ingest skips them unless allowed.
+    by_tag = await start_forget(
+        client, ForgetInput(tenant, tags={"person": "jane"}, reason="ticket 43")
+    )
+    assert (await asyncio.wait_for(by_tag.result(), timeout=60)).forgotten == 18
+    assert len(milvus_pks(tenant)) == 17
+    skipped = await ingest(client, tenant, [str(tmp_path / "p")], tags={"person": "jane"})
+    assert (skipped.ingested, skipped.skipped) == (0, 18)
+    assert len(milvus_pks(tenant)) == 17
+    back = await ingest(client, tenant, [str(tmp_path / "p")], allow_forgotten=True)
+    assert back.ingested == 18 and len(milvus_pks(tenant)) == 35
+
+
+async def test_schedules_create_list_trigger_pause_delete(
+    worker: Workers, client: Client, tmp_path: Path
+) -> None:
+    tenant = f"sched-{uuid.uuid4().hex[:6]}"
+    write_corpus(tmp_path / "s", per_class=1, seed=71)
+    await ingest(client, tenant, [str(tmp_path / "s")])
+    handle = await create_schedule(client, "incremental", tenant, cron="0 3 * * *", paused=True)
+    try:
+        rows = {r.id: r for r in await list_schedules(client)}
+        assert handle.id == schedule_id("incremental", tenant)
+        for _ in range(50):  # list_schedules is eventually consistent
+            if handle.id in rows:
+                break
+            await asyncio.sleep(0.2)
+            rows = {r.id: r for r in await list_schedules(client)}
+        assert rows[handle.id].paused
+        await handle.trigger()
+        workflow_id = ""
+        for _ in range(100):
+            desc = await handle.describe()
+            if desc.info.recent_actions:
+                workflow_id = desc.info.recent_actions[-1].action.workflow_id
+                break
+            await asyncio.sleep(0.2)
+        assert workflow_id.startswith(f"reindex/incremental/{tenant}/scheduled")
+        result = await asyncio.wait_for(
+            client.get_workflow_handle(workflow_id).result(), timeout=60
+        )
+        assert result["tenant"] == tenant and result["failed"] == 0
+        await handle.unpause()
+        assert not (await handle.describe()).schedule.state.paused
+    finally:
+        await handle.delete()
+    with pytest.raises(Exception, match="not found"):
+        await handle.describe()
+
+
+def push(url: str, kind: str, bucket: str, name: str, generation: str, token: str | None) -> int:
+    resource = {"bucket": bucket, "name": name, "generation": generation}
+    body = json.dumps(
+        {
+            "message": {
+                "attributes": {
+                    "eventType": kind,
+                    "bucketId": bucket,
+                    "objectId": name,
+                    "objectGeneration": generation,
+                },
+                "data": base64.b64encode(json.dumps(resource).encode()).decode(),
+                "messageId": uuid.uuid4().hex,
+            },
+            "subscription": "projects/p/subscriptions/s",
+        }
+    ).encode()
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+async def test_gcs_notifications_ingest_and_delete_idempotently(
+    worker: Workers, client: Client, tmp_path: Path
+) -> None:
+    tenant = f"events-{uuid.uuid4().hex[:6]}"
+    gcs = storage.Client(project="test", credentials=AnonymousCredentials())
+    bucket = gcs.create_bucket(f"ev-{uuid.uuid4().hex[:8]}")
+    files = write_corpus(tmp_path / "e", per_class=1, seed=81)
+    blob = bucket.blob("inbox/photo.png")
+    blob.upload_from_filename(str(files[0][0]))
+    blob.reload()
+    gen1 = str(blob.generation)
+
+    bridge = EventBridge(client, tenant, token="s3cret")
+    server = make_server(bridge, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}/"
+    try:
+        status = await asyncio.to_thread(
+            push, url, "OBJECT_FINALIZE", bucket.name, "inbox/photo.png", gen1, "s3cret"
+        )
+        assert status == 204
+        assert (
+            await asyncio.to_thread(
+                push, url, "OBJECT_FINALIZE", bucket.name, "inbox/photo.png", gen1, "s3cret"
+            )
+            == 204
+        )
+        assert (
+            await asyncio.to_thread(
+                push, url, "OBJECT_FINALIZE", bucket.name, "inbox/photo.png", gen1, None
+            )
+            == 401
+        )
+        bad = urllib.request.Request(
+            url, data=b"{}", headers={"Authorization": "Bearer s3cret"}, method="POST"
+        )
+        with pytest.raises(urllib.error.HTTPError) as info:
+            await asyncio.to_thread(urllib.request.urlopen, bad, None, 10)
+        assert info.value.code == 400
+
+        uri = f"gs://{bucket.name}/inbox/photo.png"
+        from workflows.contracts import ingest_asset_workflow_id
+
+        first = client.get_workflow_handle(ingest_asset_workflow_id(tenant, uri, gen1))
+        assert (await asyncio.wait_for(first.result(), timeout=60))["ingested"] == 1
+        runs = [w async for w in client.list_workflows(f'WorkflowId = "{first.id}"')]
+        assert len(runs) == 1  # the redelivery started nothing
+        asset_id = asset_id_for(tenant, uri)
+        assert milvus_pks(tenant) == [f"{asset_id}:image"]
+
+        # Overwrite (generation 2), then the delete of generation 1 arrives late.
+        blob.upload_from_filename(str(files[1][0]))
+        blob.reload()
+        gen2 = str(blob.generation)
+        assert (
+            await asyncio.to_thread(
+                push, url, "OBJECT_FINALIZE", bucket.name, "inbox/photo.png", gen2, "s3cret"
+            )
+            == 204
+        )
+        second = client.get_workflow_handle(ingest_asset_workflow_id(tenant, uri, gen2))
+        assert (await asyncio.wait_for(second.result(), timeout=60))["ingested"] == 1
+        assert (
+            await asyncio.to_thread(
+                push, url, "OBJECT_DELETE", bucket.name, "inbox/photo.png", gen1, "s3cret"
+            )
+            == 204
+        )
+        stale = client.get_workflow_handle(f"forget/{tenant}/{asset_id}/{gen1}")
+        assert (await asyncio.wait_for(stale.result(), timeout=60))["forgotten"] == 0
+        assert milvus_pks(tenant) == [f"{asset_id}:image"]
+        assert (
+            await asyncio.to_thread(
+                push, url, "OBJECT_DELETE", bucket.name, "inbox/photo.png", gen2, "s3cret"
+            )
+            == 204
+        )
+        current = client.get_workflow_handle(f"forget/{tenant}/{asset_id}/{gen2}")
+        assert (await asyncio.wait_for(current.result(), timeout=60))["forgotten"] == 1
+        assert milvus_pks(tenant) == []
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+        bridge.close()
+
+
+async def test_watch_prefix_ingests_only_new_objects(
+    worker: Workers, client: Client, tmp_path: Path
+) -> None:
+    tenant = f"watch-{uuid.uuid4().hex[:6]}"
+    gcs = storage.Client(project="test", credentials=AnonymousCredentials())
+    bucket = gcs.create_bucket(f"wp-{uuid.uuid4().hex[:8]}")
+    files = write_corpus(tmp_path / "w", per_class=1, seed=91)
+    for path, _ in files[:3]:
+        bucket.blob(f"cam/{path.name}").upload_from_filename(str(path))
+    prefix = f"gs://{bucket.name}/cam/"
+    first = await start_watch(client, WatchPrefixInput(tenant, prefix, interval_s=0))
+    r1 = await asyncio.wait_for(first.result(), timeout=60)
+    assert (r1.ingested, r1.unchanged) == (3, 0)
+    bucket.blob(f"cam/{files[3][0].name}").upload_from_filename(str(files[3][0]))
+    second = await start_watch(client, WatchPrefixInput(tenant, prefix, interval_s=0))
+    r2 = await asyncio.wait_for(second.result(), timeout=60)
+    assert (r2.ingested, r2.unchanged) == (1, 3)
