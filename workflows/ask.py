@@ -15,28 +15,29 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributePair
 from temporalio.exceptions import ActivityError, ApplicationError
 
-from workflows.activity_payloads import (
-    ENCODE_QUERY,
-    FINALIZE_ANSWER,
-    GENERATE,
-    RETRIEVE,
-    EncodeQueryInput,
-    FinalAnswer,
-    FinalizeInput,
-    GenerateInput,
-    Generation,
-    QueryVector,
-    Retrieval,
-    RetrieveInput,
-)
-from workflows.contracts import (
-    ASK_WORKFLOW,
-    ENCODE_TASK_QUEUE,
-    GENERATE_TASK_QUEUE,
-    AskInput,
-    AskResult,
-)
-from workflows.ingest import INDEX_VERSION_KEY, OUTCOME_KEY, TENANT_KEY
+with workflow.unsafe.imports_passed_through():
+    from workflows.activity_payloads import (
+        ENCODE_QUERY,
+        FINALIZE_ANSWER,
+        GENERATE,
+        RETRIEVE,
+        EncodeQueryInput,
+        FinalAnswer,
+        FinalizeInput,
+        GenerateInput,
+        Generation,
+        QueryVector,
+        Retrieval,
+        RetrieveInput,
+    )
+    from workflows.common import INDEX_VERSION_KEY, OUTCOME_KEY, TENANT_KEY
+    from workflows.contracts import (
+        ASK_WORKFLOW,
+        ENCODE_TASK_QUEUE,
+        GENERATE_TASK_QUEUE,
+        AskInput,
+        AskResult,
+    )
 
 UNAVAILABLE = "answer service temporarily unavailable"
 

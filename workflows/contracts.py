@@ -74,6 +74,7 @@ class AssetOutcome:
     generation: str = ""
     reason: str = ""  # why it failed, in words a user can act on
     chunks: int = 0  # vectors written for it
+    note: str = ""  # e.g. the name or declared type disagrees with the bytes; frame cap hit
 
 
 @dataclass
@@ -263,6 +264,7 @@ class ReindexInput:
     failed: int = 0
     total: int = 0
     phase: str = ""
+    embedded: int = 0
 
 
 @dataclass

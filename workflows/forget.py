@@ -14,9 +14,10 @@ from temporalio import workflow
 from temporalio.common import SearchAttributePair
 from temporalio.exceptions import ApplicationError
 
-from workflows.activity_payloads import FORGET_PAGE, ForgetPageInput, ForgetPageResult
-from workflows.contracts import FORGET_WORKFLOW, ForgetInput, ForgetResult
-from workflows.ingest import ASSET_ID_KEY, DB_RETRY, OUTCOME_KEY, TENANT_KEY
+with workflow.unsafe.imports_passed_through():
+    from workflows.activity_payloads import FORGET_PAGE, ForgetPageInput, ForgetPageResult
+    from workflows.common import ASSET_ID_KEY, DB_RETRY, OUTCOME_KEY, TENANT_KEY
+    from workflows.contracts import FORGET_WORKFLOW, ForgetInput, ForgetResult
 
 
 @workflow.defn(name=FORGET_WORKFLOW)

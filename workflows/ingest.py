@@ -13,59 +13,53 @@ from datetime import timedelta
 from typing import Optional
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePair
+from temporalio.common import SearchAttributePair
 
-from workflows.activity_payloads import (
-    CREATE_FIRST_INDEX,
-    DESCRIBE_ENCODER,
-    ENCODE_BATCH,
-    RECORD_OUTCOMES,
-    RESOLVE_INDEX,
-    SCAN_PAGE,
-    CreateIndexInput,
-    EncodeBatchInput,
-    EncoderInfo,
-    RecordOutcomesInput,
-    ScanPageInput,
-    ScanPageResult,
-)
-from workflows.contracts import (
-    ENCODE_TASK_QUEUE,
-    FAILED,
-    INGEST_ASSET_WORKFLOW,
-    INGEST_BATCH_WORKFLOW,
-    INGESTED,
-    MAX_REPORTED_FAILURES,
-    SKIPPED,
-    AssetOutcome,
-    IndexTarget,
-    IngestAssetInput,
-    IngestBatchInput,
-    IngestProgress,
-    IngestResult,
-    IngestTotals,
-    ObjectRef,
-)
-
-TENANT_KEY = SearchAttributeKey.for_keyword("MmragTenant")
-SOURCE_KEY = SearchAttributeKey.for_keyword("MmragSource")
-ASSET_ID_KEY = SearchAttributeKey.for_keyword("MmragAssetId")
-INDEX_VERSION_KEY = SearchAttributeKey.for_int("MmragIndexVersion")
-OUTCOME_KEY = SearchAttributeKey.for_keyword("MmragOutcome")
+with workflow.unsafe.imports_passed_through():
+    from workflows.activity_payloads import (
+        CREATE_FIRST_INDEX,
+        DESCRIBE_ENCODER,
+        ENCODE_BATCH,
+        RECORD_OUTCOMES,
+        RESOLVE_INDEX,
+        SCAN_PAGE,
+        CreateIndexInput,
+        EncodeBatchInput,
+        EncoderInfo,
+        RecordOutcomesInput,
+        ScanPageInput,
+        ScanPageResult,
+    )
+    from workflows.common import (
+        ASSET_ID_KEY,
+        DB_RETRY,
+        ENCODE_RETRY,
+        INDEX_VERSION_KEY,
+        OUTCOME_KEY,
+        SOURCE_KEY,
+        TENANT_KEY,
+    )
+    from workflows.contracts import (
+        ENCODE_TASK_QUEUE,
+        FAILED,
+        INGEST_ASSET_WORKFLOW,
+        INGEST_BATCH_WORKFLOW,
+        INGESTED,
+        MAX_REPORTED_FAILURES,
+        SKIPPED,
+        AssetOutcome,
+        IndexTarget,
+        IngestAssetInput,
+        IngestBatchInput,
+        IngestProgress,
+        IngestResult,
+        IngestTotals,
+        ObjectRef,
+    )
 
 # Pages processed per run before continuing as new: keeps histories far below the
 # suggested limit even for very large buckets.
 PAGES_PER_RUN = 20
-
-DB_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30)
-)
-ENCODE_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=2),
-    maximum_interval=timedelta(seconds=60),
-    maximum_attempts=10,
-    non_retryable_error_types=["EncoderMismatch"],
-)
 
 
 async def resolve_index() -> IndexTarget:

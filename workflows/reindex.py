@@ -24,43 +24,44 @@ from temporalio import workflow
 from temporalio.common import SearchAttributePair
 from temporalio.exceptions import ApplicationError
 
-from workflows.activity_payloads import (
-    BEGIN_REINDEX,
-    DESCRIBE_MODEL,
-    ENCODE_BATCH,
-    FINISH_REINDEX,
-    RECONCILE_INDEX,
-    RECORD_OUTCOMES,
-    REINDEX_PAGE,
-    RESOLVE_INDEX,
-    SWAP_INDEX,
-    BeginReindexInput,
-    EncodeBatchInput,
-    EncoderInfo,
-    FinishReindexInput,
-    ModelSpec,
-    ReconcileInput,
-    ReconcileResult,
-    RecordOutcomesInput,
-    ReindexItem,
-    ReindexPage,
-    ReindexPageInput,
-    SwapInput,
-    SwapResult,
-)
-from workflows.contracts import (
-    ENCODE_TASK_QUEUE,
-    FAILED,
-    FULL,
-    INCREMENTAL,
-    REINDEX_WORKFLOW,
-    AssetOutcome,
-    IndexTarget,
-    ReindexInput,
-    ReindexProgress,
-    ReindexResult,
-)
-from workflows.ingest import DB_RETRY, ENCODE_RETRY, INDEX_VERSION_KEY, OUTCOME_KEY, TENANT_KEY
+with workflow.unsafe.imports_passed_through():
+    from workflows.activity_payloads import (
+        BEGIN_REINDEX,
+        DESCRIBE_MODEL,
+        ENCODE_BATCH,
+        FINISH_REINDEX,
+        RECONCILE_INDEX,
+        RECORD_OUTCOMES,
+        REINDEX_PAGE,
+        RESOLVE_INDEX,
+        SWAP_INDEX,
+        BeginReindexInput,
+        EncodeBatchInput,
+        EncoderInfo,
+        FinishReindexInput,
+        ModelSpec,
+        ReconcileInput,
+        ReconcileResult,
+        RecordOutcomesInput,
+        ReindexItem,
+        ReindexPage,
+        ReindexPageInput,
+        SwapInput,
+        SwapResult,
+    )
+    from workflows.common import DB_RETRY, ENCODE_RETRY, INDEX_VERSION_KEY, OUTCOME_KEY, TENANT_KEY
+    from workflows.contracts import (
+        ENCODE_TASK_QUEUE,
+        FAILED,
+        FULL,
+        INCREMENTAL,
+        REINDEX_WORKFLOW,
+        AssetOutcome,
+        IndexTarget,
+        ReindexInput,
+        ReindexProgress,
+        ReindexResult,
+    )
 
 ROLLBACK = "rollback"
 PAGE_SIZE = 256
@@ -215,6 +216,7 @@ class Reindex:
                     )
                 inp.done += len(outcomes)
                 inp.failed += sum(o.status == FAILED for o in outcomes)
+                inp.embedded += sum(o.status != FAILED for o in outcomes)
                 self._done_this_run += len(outcomes)
 
         await asyncio.gather(*(one(b) for b in batches))
@@ -230,7 +232,14 @@ class Reindex:
             )
             workflow.upsert_search_attributes([SearchAttributePair(OUTCOME_KEY, "completed")])
             return ReindexResult(
-                inp.mode, inp.tenant, target.version, target.version, inp.done, inp.failed, 0, False
+                inp.mode,
+                inp.tenant,
+                target.version,
+                target.version,
+                inp.embedded,
+                inp.failed,
+                0,
+                False,
             )
         inp.phase = "verifying"
         check = ReconcileResult()
@@ -269,7 +278,7 @@ class Reindex:
             inp.tenant,
             swap.active_version,
             swap.previous_version,
-            inp.done,
+            inp.embedded,
             inp.failed,
             check.registry_assets,
             True,

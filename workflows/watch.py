@@ -16,14 +16,15 @@ from datetime import timedelta
 from temporalio import workflow
 from temporalio.common import SearchAttributePair
 
-from workflows.contracts import (
-    INGEST_BATCH_WORKFLOW,
-    WATCH_PREFIX_WORKFLOW,
-    IngestBatchInput,
-    IngestResult,
-    WatchPrefixInput,
-)
-from workflows.ingest import SOURCE_KEY, TENANT_KEY
+with workflow.unsafe.imports_passed_through():
+    from workflows.common import SOURCE_KEY, TENANT_KEY
+    from workflows.contracts import (
+        INGEST_BATCH_WORKFLOW,
+        WATCH_PREFIX_WORKFLOW,
+        IngestBatchInput,
+        IngestResult,
+        WatchPrefixInput,
+    )
 
 
 @workflow.defn(name=WATCH_PREFIX_WORKFLOW)

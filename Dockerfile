@@ -1,0 +1,52 @@
+# The mmrag worker image: one image, three roles (`mmrag worker --role cpu|encode|generate`)
+# plus the one-shot migrations. Used by docker-compose.yml; build it alone with
+#   docker build -t mmrag:0.1.0 .
+# On a CPU-only host, take torch's CPU wheels (about 2 GB smaller):
+#   docker build --build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu -t mmrag:0.1.0 .
+FROM python:3.11.13-slim-bookworm
+
+# A build argument is an environment variable for RUN: pip reads PIP_EXTRA_INDEX_URL itself.
+ARG PIP_EXTRA_INDEX_URL=""
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN groupadd --system --gid 10001 mmrag \
+    && useradd --system --uid 10001 --gid mmrag --create-home --home-dir /home/mmrag mmrag
+
+WORKDIR /app
+
+# Dependencies first, from pyproject.toml alone, so a code change does not reinstall torch.
+COPY pyproject.toml README.md ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+
+# The project. The packages are installed (`pip install .`: the `mmrag` command); the
+# Alembic environment (migrations/) is not a package, and the code finds it next to
+# workers/ (workers.settings.REPO_ROOT), so the sources stay in /app and PYTHONPATH puts
+# them first. The tiny CLIP fixture model comes along for offline smoke tests
+# (MMRAG_CLIP_MODEL=mmrag-tiny); production uses ViT-B-32 weights, downloaded once into
+# the model-cache volume.
+COPY workflows/ workflows/
+COPY activities/ activities/
+COPY workers/ workers/
+COPY starters/ starters/
+COPY stack/ stack/
+COPY migrations/ migrations/
+COPY tests/fixtures/tiny_clip/ tests/fixtures/tiny_clip/
+RUN pip install --no-deps . \
+    && rm -rf build *.egg-info \
+    && mkdir -p /var/lib/mmrag /home/mmrag/.cache/huggingface \
+    && chown -R mmrag:mmrag /var/lib/mmrag /home/mmrag/.cache
+
+ENV PYTHONPATH=/app \
+    MMRAG_STATE_DIR=/var/lib/mmrag \
+    HF_HOME=/home/mmrag/.cache/huggingface
+
+USER mmrag
+
+ENTRYPOINT ["mmrag"]
+CMD ["worker", "--role", "all"]
