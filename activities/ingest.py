@@ -50,7 +50,7 @@ class IngestActivities:
 
     @property
     def engine(self):  # type: ignore[no-untyped-def]
-        return registry.get_engine(self.settings.database_endpoint())
+        return registry.get_engine(self.settings.database_endpoint(), self.settings.database_role)
 
     @activity.defn(name=RESOLVE_INDEX)
     def resolve_index(self) -> IndexTarget | None:

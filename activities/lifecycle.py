@@ -44,7 +44,7 @@ class LifecycleActivities:
 
     @property
     def engine(self):  # type: ignore[no-untyped-def]
-        return registry.get_engine(self.settings.database_endpoint())
+        return registry.get_engine(self.settings.database_endpoint(), self.settings.database_role)
 
     @property
     def store(self) -> VectorStore:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, func, literal, select, tuple_, update
+from sqlalchemy import Engine, create_engine, event, func, literal, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -26,9 +26,23 @@ FORGOTTEN = "forgotten"
 
 
 @lru_cache(maxsize=4)
-def get_engine(url: str) -> Engine:
-    """One pooled engine per process; ``pool_pre_ping`` survives a Postgres restart."""
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+def get_engine(url: str, role: str = "") -> Engine:
+    """One pooled engine per process; ``pool_pre_ping`` survives a Postgres restart.
+
+    ``role`` (MMRAG_DATABASE_ROLE, e.g. ``mmrag_ingest``) is assumed on every new
+    connection, so the worker holds only that role's privileges (migrations/0003)."""
+    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    if role:
+        if not role.replace("_", "").isalnum():
+            raise ValueError(f"MMRAG_DATABASE_ROLE={role!r} is not a role name")
+
+        @event.listens_for(engine, "connect")
+        def _set_role(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute(f"SET ROLE {role}")
+            dbapi_connection.commit()
+
+    return engine
 
 
 @dataclass

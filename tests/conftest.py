@@ -6,6 +6,7 @@ Everything started here is stopped here, by pid, even when tests fail.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import tempfile
 import uuid
@@ -17,6 +18,7 @@ import pytest
 import pytest_asyncio
 from temporalio.client import Client
 
+from stack.ports import LOOPBACK, _pick_range, port_bindable
 from stack.services import Stack, StackPorts
 from starters.background import WorkerProcess
 from tests.llm_server import LlmTestServer
@@ -33,11 +35,30 @@ class ServerStack:
     endpoints: dict[str, str]
     env: dict[str, str]
     workers: list[WorkerProcess] = field(default_factory=list)
+    metrics_ports: dict[int, int] = field(default_factory=dict)  # worker pid -> /metrics port
 
     def start_worker(self, role: str = "all", **extra_env: str) -> WorkerProcess:
-        worker = WorkerProcess.start(self.state_dir, role, {**self.env, **extra_env})
+        """A worker process; each serves Prometheus /metrics on its own loopback port."""
+        env = {**self.env, **extra_env}
+        if "MMRAG_METRICS_PORT" not in extra_env:
+            env["MMRAG_METRICS_PORT"] = str(free_port())
+            env["MMRAG_METRICS_HOST"] = "127.0.0.1"
+        worker = WorkerProcess.start(self.state_dir, role, env)
         self.workers.append(worker)
+        if int(env.get("MMRAG_METRICS_PORT") or 0):
+            self.metrics_ports[worker.proc.pid] = int(env["MMRAG_METRICS_PORT"])
         return worker
+
+
+def free_port() -> int:
+    """A free loopback port below the ephemeral range (see ``StackPorts.free``)."""
+    low, high = _pick_range()
+    rng = random.SystemRandom()
+    for _ in range(2000):
+        port = rng.randint(low, high)
+        if port_bindable(LOOPBACK, port, reuse=False):
+            return port
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 @pytest.fixture(scope="session")
@@ -113,7 +134,8 @@ def llm(test_stack: ServerStack) -> Iterator[LlmTestServer]:
 @pytest.fixture(scope="session")
 def worker(test_stack: ServerStack, llm: LlmTestServer) -> Workers:
     return Workers(
-        cpu=test_stack.start_worker("cpu"),
+        # The cpu worker runs with the least-privilege role, proving it is enough.
+        cpu=test_stack.start_worker("cpu", MMRAG_DATABASE_ROLE="mmrag_ingest"),
         encode=test_stack.start_worker("encode"),
         generate=test_stack.start_worker("generate", OPENAI_BASE_URL=llm.base_url, **LLM_ENV),
     )

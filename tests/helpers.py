@@ -102,7 +102,7 @@ def write_bad_corpus(directory: Path, oversized_bytes: int) -> dict[str, str]:
         "random.jpg": "unrecognised content",
         "bomb.png": "decompression bomb",
         "notes.txt": "unrecognised content",
-        "doc.pdf": "unsupported media type application/pdf",
+        "doc.pdf": "corrupt PDF",
         "oversized.bmp": "too large",
     }
 
@@ -115,3 +115,101 @@ def wait_searchable(tenant: str, expected: int, timeout: float = 15.0) -> None:
     while (seen := store().count(collection(), tenant, strong=False)) < expected:
         assert time.monotonic() < deadline, f"{seen}/{expected} rows visible after {timeout}s"
         time.sleep(0.2)
+
+
+# -- media breadth (issue 5): every common image form, PDFs and videos ------------------------
+RED = (220, 30, 30)
+BLUE = (30, 60, 220)
+
+
+def png_16bit_rgb(size: tuple[int, int], rgb16: tuple[int, int, int]) -> bytes:
+    """A 48-bit RGB PNG written by hand (Pillow cannot write 16-bit colour PNGs)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    width, height = size
+    row = b"\x00" + struct.pack(">HHH", *rgb16) * width
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(row * height))
+        + chunk(b"IEND", b"")
+    )
+
+
+def write_image_forms(directory: Path) -> dict[str, tuple[int, int, int]]:
+    """One file per image form cameras, scanners and editors produce.
+
+    Returns file name -> the RGB colour its centre pixel must decode to (within JPEG
+    tolerance). ``rotated.jpg`` is stored landscape with EXIF orientation 6 (rotate 90°
+    clockwise to display): it must decode portrait, red on top.
+    """
+    from PIL import features
+
+    directory.mkdir(parents=True, exist_ok=True)
+    forms: dict[str, tuple[int, int, int]] = {}
+
+    def save(name: str, image: Image.Image, fmt: str, colour: tuple[int, int, int], **kw) -> None:  # type: ignore[no-untyped-def]
+        image.save(directory / name, fmt, **kw)
+        forms[name] = colour
+
+    red = Image.new("RGB", (48, 48), RED)
+    save("plain.jpg", red, "JPEG", RED, quality=95)
+    save("plain.png", red, "PNG", RED)
+    save("plain.webp", red, "WEBP", RED, quality=95)
+    save("plain.bmp", red, "BMP", RED)
+    save("plain.tiff", red, "TIFF", RED, compression="tiff_lzw")
+    if features.check("avif"):
+        save("plain.avif", red, "AVIF", RED, quality=95)
+    # Animated GIF: the first frame (red) is what is indexed, not the second (blue).
+    adaptive = Image.Palette.ADAPTIVE
+    frames = [
+        red.convert("P", palette=adaptive),
+        Image.new("RGB", (48, 48), BLUE).convert("P", palette=adaptive),
+    ]
+    frames[0].save(directory / "first-frame.gif", "GIF", save_all=True, append_images=frames[1:])
+    forms["first-frame.gif"] = RED
+    cmyk = Image.new("CMYK", (48, 48), (0, 255, 255, 0))  # pure red in CMYK
+    save("cmyk.jpg", cmyk, "JPEG", (255, 0, 0), quality=95)
+    save("cmyk.tiff", cmyk, "TIFF", (255, 0, 0))
+    # Palette with a transparent index: transparent pixels must become white, not black.
+    palette = Image.new("P", (48, 48), 0)
+    palette.putpalette([0, 0, 0, *RED] + [0] * 762)
+    palette.paste(1, (12, 12, 36, 36))
+    save("palette.png", palette, "PNG", RED, transparency=0)
+    forms["palette-corner.png"] = (255, 255, 255)
+    palette.save(directory / "palette-corner.png", "PNG", transparency=1)  # red is see-through
+    rgba = Image.new("RGBA", (48, 48), (0, 0, 0, 0))
+    rgba.paste((*RED, 255), (12, 12, 36, 36))
+    save("alpha.png", rgba, "PNG", RED)
+    save("la.png", Image.new("LA", (48, 48), (0, 0)), "PNG", (255, 255, 255))
+    grey16 = Image.new("I;16", (48, 48), 32896)  # half of 65535 -> mid grey, not white
+    save("grey16.png", grey16, "PNG", (128, 128, 128))
+    save("grey16.tiff", grey16, "TIFF", (128, 128, 128))
+    (directory / "rgb16.png").write_bytes(png_16bit_rgb((48, 48), (56540, 7710, 7710)))
+    forms["rgb16.png"] = RED
+    save("bilevel.tiff", Image.new("1", (48, 48), 1), "TIFF", (255, 255, 255))
+    # EXIF orientation 6: stored 64x32 (red left, blue right), displayed 32x64 red on top.
+    stored = Image.new("RGB", (64, 32), RED)
+    stored.paste(BLUE, (32, 0, 64, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(directory / "rotated.jpg", "JPEG", quality=95, exif=exif.tobytes())
+    forms["rotated.jpg"] = RED  # sampled at the top-centre, see decoded_colour
+    return forms
+
+
+def decoded_colour(name: str, image: Image.Image) -> tuple[int, int, int]:
+    """The pixel a form's expected colour refers to (top-centre for rotated.jpg)."""
+    width, height = image.size
+    x, y = (width // 2, height // 4) if name == "rotated.jpg" else (width // 2, height // 2)
+    r, g, b = image.convert("RGB").getpixel((x, y))  # type: ignore[misc]
+    return (r, g, b)
+
+
+def close_colour(a: tuple[int, int, int], b: tuple[int, int, int], tolerance: int = 12) -> bool:
+    return all(abs(x - y) <= tolerance for x, y in zip(a, b, strict=True))
