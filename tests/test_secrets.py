@@ -1,0 +1,55 @@
+"""Secrets never leak: a canary API key is planted in the generate worker, then worker logs,
+workflow histories, the audit table and error messages are scanned for it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+
+from temporalio.client import Client
+
+from starters.ask import ask
+from starters.ingest import start_ingest
+from starters.synthetic_corpus import write_corpus
+from tests.conftest import LLM_API_KEY, ServerStack, Workers
+from tests.helpers import engine, wait_searchable
+from tests.llm_server import LlmTestServer
+from workflows.contracts import AskInput
+
+
+async def test_canary_secret_appears_nowhere(
+    worker: Workers, client: Client, llm: LlmTestServer, test_stack: ServerStack, tmp_path: Path
+) -> None:
+    tenant = f"canary-{uuid.uuid4().hex[:6]}"
+    write_corpus(tmp_path / "c", per_class=1, seed=7)
+    handle = await start_ingest(client, tenant, [str(tmp_path / "c")])
+    await asyncio.wait_for(handle.result(), timeout=120)
+    wait_searchable(tenant, 18)
+    # A normal answer, then the provider rejects the key and echoes it back (401).
+    llm.set_mode("ok")
+    ok = await ask(client, AskInput(tenant, text="a red circle", max_answer_tokens=33))
+    assert ok.answer_kind == "generated"
+    llm.set_mode("status", status=401)
+    rejected = await ask(client, AskInput(tenant, text="a blue circle", max_answer_tokens=34))
+    llm.set_mode("ok")
+    assert rejected.degraded and "OPENAI_API_KEY" in rejected.degraded_reason
+    assert LLM_API_KEY not in rejected.answer + rejected.degraded_reason
+
+    # The key did reach the provider (so the scan below is meaningful) ...
+    assert any(LLM_API_KEY in h.get("authorization", h.get("Authorization", "")) for h in llm.headers)
+    # ... and nowhere else: worker logs, every workflow history, the audit table.
+    for log in (test_stack.state_dir / "logs").glob("*.log"):
+        assert LLM_API_KEY not in log.read_text(errors="replace"), f"key in {log.name}"
+    histories = 0
+    async for wf in client.list_workflows():
+        history = await client.get_workflow_handle(wf.id, run_id=wf.run_id).fetch_history()
+        assert LLM_API_KEY not in json.dumps(history.to_json_dict()), f"key in history {wf.id}"
+        histories += 1
+    assert histories > 2
+    with engine().connect() as conn:
+        from sqlalchemy import text
+
+        rows = conn.execute(text("SELECT row_to_json(a)::text FROM audit_log a")).scalars().all()
+    assert rows and not any(LLM_API_KEY in r for r in rows)
