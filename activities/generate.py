@@ -14,6 +14,7 @@ from datetime import timedelta
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities import metrics
 from activities.generation import (
     FusedPrompt,
     LlmConfig,
@@ -52,6 +53,10 @@ class GenerateActivities:
             # Honour Retry-After, capped: the Ask's schedule-to-close bounds the total anyway.
             delay = timedelta(seconds=min(e.retry_after_s, 10)) if e.retry_after_s else None
             raise ApplicationError(str(e), type="TransientLlmError", next_retry_delay=delay) from e
+        finally:
+            metrics.breaker_state(self.generator.breaker_state())
+        if not result.cached:
+            metrics.observe("llm_seconds", time.perf_counter() - started)
         return Generation(
             text=result.text,
             kind="generated",

@@ -17,6 +17,7 @@ from dataclasses import replace
 from rich.console import Console
 
 from workers.settings import get_settings
+from workers.temporal_client import run_client_command
 
 console = Console(stderr=False)
 err = Console(stderr=True)
@@ -86,13 +87,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers.run import run_workers
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(run_workers(args.role))
+    run_client_command(run_workers(args.role))
     return 0
 
 
 # -- ingest ---------------------------------------------------------------------------
 def cmd_ingest(args: argparse.Namespace) -> int:
-    return asyncio.run(_ingest(args))
+    return run_client_command(_ingest(args))
 
 
 async def _ingest(args: argparse.Namespace) -> int:
@@ -137,7 +138,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 # -- ask ------------------------------------------------------------------------------
 def cmd_ask(args: argparse.Namespace) -> int:
-    return asyncio.run(_ask(args))
+    return run_client_command(_ask(args))
 
 
 async def _ask(args: argparse.Namespace) -> int:
@@ -175,7 +176,7 @@ async def _ask(args: argparse.Namespace) -> int:
 
 # -- lifecycle ------------------------------------------------------------------------
 def cmd_reindex(args: argparse.Namespace) -> int:
-    return asyncio.run(_reindex(args))
+    return run_client_command(_reindex(args))
 
 
 async def _reindex(args: argparse.Namespace) -> int:
@@ -219,7 +220,7 @@ async def _reindex(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    return asyncio.run(_schedule(args))
+    return run_client_command(_schedule(args))
 
 
 async def _schedule(args: argparse.Namespace) -> int:
@@ -265,7 +266,7 @@ async def _schedule(args: argparse.Namespace) -> int:
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    return asyncio.run(_forget(args))
+    return run_client_command(_forget(args))
 
 
 async def _forget(args: argparse.Namespace) -> int:
@@ -305,7 +306,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("MMRAG_EVENTS_TOKEN", "")
     if not token and not args.insecure_no_token:
         raise UserError("set MMRAG_EVENTS_TOKEN (or --token); --insecure-no-token for local tests")
-    client = asyncio.run(connect())
+    client = run_client_command(connect())
     bridge = EventBridge(client, args.tenant, token)
     server = make_server(bridge, args.host, args.port)
     print(f"mmrag events listening on http://{args.host}:{server.server_port}/", flush=True)
@@ -320,7 +321,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    return asyncio.run(_watch(args))
+    return run_client_command(_watch(args))
 
 
 async def _watch(args: argparse.Namespace) -> int:
@@ -347,6 +348,19 @@ def cmd_db(args: argparse.Namespace) -> int:
     upgrade(get_settings().database_endpoint())
     console.print("database schema is up to date")
     return 0
+
+
+# -- Temporal operations ------------------------------------------------------------
+def cmd_codec_server(args: argparse.Namespace) -> int:
+    from starters.codec_server import main as serve
+
+    return serve(args)
+
+
+def cmd_temporal(args: argparse.Namespace) -> int:
+    from starters.temporal_setup import main as setup
+
+    return setup(args)
 
 
 # -- demo -----------------------------------------------------------------------------
@@ -470,6 +484,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("db", help="apply the Postgres migrations (Alembic) to MMRAG_DATABASE_URL")
     p.add_argument("action", choices=["upgrade"])
     p.set_defaults(func=cmd_db)
+
+    p = sub.add_parser(
+        "codec-server", help="/encode and /decode for the Web UI and `temporal --codec-endpoint`"
+    )
+    p.add_argument("--host", default=None, help="(default MMRAG_CODEC_SERVER_HOST, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="(default MMRAG_CODEC_SERVER_PORT, 8234)")
+    p.add_argument(
+        "--origin",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="a Web UI origin allowed by CORS, repeatable (default MMRAG_CODEC_SERVER_ORIGINS)",
+    )
+    p.set_defaults(func=cmd_codec_server)
+
+    p = sub.add_parser("temporal", help="Temporal cluster setup for production")
+    p.add_argument("action", choices=["setup"], help="register mmrag's search attributes")
+    p.add_argument("--namespace", default="", help="(default: TEMPORAL_NAMESPACE / profile)")
+    p.add_argument("--dry-run", action="store_true", help="only report what is missing")
+    p.set_defaults(func=cmd_temporal)
 
     p = sub.add_parser("demo", help="stack, workers, demo corpus, answers and the Web UI link")
     p.set_defaults(func=cmd_demo)

@@ -9,7 +9,6 @@ explored; ``mmrag stack down`` stops everything.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
 import time
@@ -19,6 +18,7 @@ from rich.console import Console
 
 from starters.synthetic_corpus import render
 from workers.settings import TINY_MODEL_DIR, get_settings
+from workers.temporal_client import run_client_command
 from workflows.contracts import AskFilters, AskInput
 
 DEMO_TENANT = "demo"
@@ -27,6 +27,8 @@ DEMO_QUESTIONS = [
     "Is there a blue triangle?",
     "Find a yellow square",
 ]
+DEMO_PDF = "quarterly-report.pdf"
+DEMO_VIDEO = "shapes-clip.mp4"
 TINY_MODEL_ENV = {
     "MMRAG_CLIP_MODEL": "mmrag-tiny",
     "MMRAG_CLIP_PRETRAINED": "",
@@ -38,7 +40,7 @@ TINY_MODEL_ENV = {
 def run_demo(console: Console) -> int:
     from stack.services import Stack
     from starters.background import start_background_worker
-    from starters.synthetic_corpus import write_corpus
+    from starters.synthetic_corpus import write_corpus, write_pdf, write_video
 
     os.environ.update(TINY_MODEL_ENV)
     get_settings.cache_clear()
@@ -57,19 +59,26 @@ def run_demo(console: Console) -> int:
     corpus = settings.state_dir / "demo-corpus"
     if not corpus.exists():
         write_corpus(corpus, per_class=3, seed=2026)
+    # A 3-page PDF (a red circle on page 2) and a 4 s video (blue square, then a green
+    # triangle from 2 s): pages and keyframes come back with their locators.
+    if not (corpus / DEMO_PDF).exists():
+        write_pdf(corpus / DEMO_PDF)
+    if not (corpus / DEMO_VIDEO).exists():
+        write_video(corpus / DEMO_VIDEO)
     (corpus / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
     console.print(
-        f"  {sum(1 for _ in corpus.iterdir())} files in {corpus} (one deliberately corrupt)"
+        f"  {sum(1 for _ in corpus.iterdir())} files in {corpus}: images, {DEMO_PDF}, "
+        f"{DEMO_VIDEO} and one deliberately corrupt PNG"
     )
 
     console.rule("4. durable ingest (IngestBatch workflow)")
-    result = asyncio.run(_ingest(str(corpus), console))
+    result = run_client_command(_ingest(str(corpus), console))
 
     console.rule("5. questions (Ask workflows: encode -> search -> answer with sources)")
     wait_searchable(DEMO_TENANT, result.vectors)
     query_image = settings.state_dir / "demo-query.png"
     render("purple", "triangle", random.Random(7)).save(query_image)
-    asyncio.run(_ask_samples(query_image, console))
+    run_client_command(_ask_samples(query_image, console))
 
     console.rule("6. watch it")
     ui = endpoints.get("temporal_ui_url", "http://127.0.0.1:8233")
@@ -93,6 +102,24 @@ async def _ask_samples(query_image: Path, console: Console) -> None:
                 text=DEMO_QUESTIONS[2],
                 top_k=3,
                 filters=AskFilters(tags={"source": "demo"}),
+            ),
+        ),
+        (
+            "text + filter media_type=application/pdf (PDF pages)",
+            AskInput(
+                DEMO_TENANT,
+                text="a red circle on a white background",
+                top_k=3,
+                filters=AskFilters(media_types=["application/pdf"]),
+            ),
+        ),
+        (
+            "text + filter media_type=video/mp4 (video keyframes)",
+            AskInput(
+                DEMO_TENANT,
+                text="a green triangle on a white background",
+                top_k=3,
+                filters=AskFilters(media_types=["video/mp4"]),
             ),
         ),
         (

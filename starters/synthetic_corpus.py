@@ -6,16 +6,24 @@ smallest picture a text query can describe unambiguously ("a red circle"), so re
 quality on it can be measured exactly. Everything is drawn from one seeded
 ``random.Random``, so the same seed gives byte-identical files on every machine.
 
-Run as a script to write a corpus: ``python -m starters.synthetic_corpus DIR --per-class 5``.
+It also writes the same shapes as a PDF with a real text layer (:func:`write_pdf`) and as
+an MPEG-4 video (:func:`write_video`), so PDF pages and video keyframes can be searched
+for with the same captions.
+
+Run as a script to write a corpus: ``python -m starters.synthetic_corpus DIR --per-class 5``
+(``--with-media`` adds the demo PDF and video).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -135,6 +143,162 @@ def write_corpus(
     return written
 
 
+# -- PDFs and videos -------------------------------------------------------------------------
+# Why hand-written PDF syntax: the demo and the tests need PDFs whose pages show a known
+# shape *and* carry a real text layer, byte-identical on every machine, and hostile variants
+# (thousands of pages, encrypted) that no PDF library would write on request.
+
+PDF_PAGE_SIZE = (612, 792)  # US Letter, in points
+_BEZIER_K = 0.5523  # control-point distance of a cubic Bezier quarter circle, per radius
+
+
+@dataclass
+class PdfPage:
+    """One page: lines of text at the top and, optionally, a filled (colour, shape)."""
+
+    lines: list[str] = field(default_factory=list)
+    shape: tuple[str, str] | None = None
+
+
+def build_pdf(objects: list[bytes], trailer_extra: bytes = b"") -> bytes:
+    """A PDF file from its numbered objects (``objects[0]`` is object 1, the catalog)."""
+    out = bytearray(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R %s>>\n" % (len(objects) + 1, trailer_extra)
+    out += b"startxref\n%d\n%%%%EOF\n" % xref
+    return bytes(out)
+
+
+def pdf_stream(content: bytes) -> bytes:
+    return b"<< /Length %d >>\nstream\n" % len(content) + content + b"\nendstream"
+
+
+def _pdf_text(text: str) -> bytes:
+    escaped = text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+    return escaped.encode("latin-1", "replace")
+
+
+def _pdf_shape(colour: str, shape: str, width: float, height: float) -> bytes:
+    """A filled shape covering ~45 % of the page's longer side, centred below the text."""
+    r, g, b = (v / 255 for v in COLOURS[colour])
+    extent = 0.45 * max(width, height)
+    cx, cy = width / 2, height * 0.45
+    half = extent / 2
+    if shape == "circle":
+        k = _BEZIER_K * half
+        x0, x1, y0, y1 = cx - half, cx + half, cy - half, cy + half
+        path = (
+            f"{x1:.2f} {cy:.2f} m "
+            f"{x1:.2f} {cy + k:.2f} {cx + k:.2f} {y1:.2f} {cx:.2f} {y1:.2f} c "
+            f"{cx - k:.2f} {y1:.2f} {x0:.2f} {cy + k:.2f} {x0:.2f} {cy:.2f} c "
+            f"{x0:.2f} {cy - k:.2f} {cx - k:.2f} {y0:.2f} {cx:.2f} {y0:.2f} c "
+            f"{cx + k:.2f} {y0:.2f} {x1:.2f} {cy - k:.2f} {x1:.2f} {cy:.2f} c h"
+        )
+    elif shape == "square":
+        path = f"{cx - half:.2f} {cy - half:.2f} {extent:.2f} {extent:.2f} re"
+    else:
+        path = (
+            f"{cx:.2f} {cy + half:.2f} m {cx + half:.2f} {cy - half:.2f} l "
+            f"{cx - half:.2f} {cy - half:.2f} l h"
+        )
+    return f"q {r:.3f} {g:.3f} {b:.3f} rg {path} f Q\n".encode()
+
+
+def pdf_bytes(pages: list[PdfPage], page_size: tuple[int, int] = PDF_PAGE_SIZE) -> bytes:
+    """A PDF with a Helvetica text layer and vector shapes: deterministic bytes."""
+    if not pages:
+        raise ValueError("a PDF needs at least one page")
+    width, height = page_size
+    page_numbers = [4 + 2 * i for i in range(len(pages))]
+    kids = b" ".join(b"%d 0 R" % n for n in page_numbers)
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [%s] /Count %d >>" % (kids, len(pages)),
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    for number, page in zip(page_numbers, pages, strict=True):
+        content = bytearray()
+        if page.shape:
+            content += _pdf_shape(*page.shape, width, height)
+        for i, line in enumerate(page.lines):
+            content += b"BT /F1 20 Tf 54 %d Td (%s) Tj ET\n" % (
+                height - 60 - 26 * i,
+                _pdf_text(line),
+            )
+        objects.append(
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 %d %d] "
+            b"/Resources << /Font << /F1 3 0 R >> >> /Contents %d 0 R >>"
+            % (width, height, number + 1)
+        )
+        objects.append(pdf_stream(bytes(content)))
+    return build_pdf(objects)
+
+
+# The demo's report: the red circle is on page 2 (queries must find "page:2").
+REPORT_PAGES = [
+    PdfPage(["Quarterly report", "Summary: a yellow square"], ("yellow", "square")),
+    PdfPage(["quarterly report red circle", "Figure 1: a red circle"], ("red", "circle")),
+    PdfPage(["Appendix", "This page has text only: no figure, no chart, no table."]),
+]
+
+
+def write_pdf(path: Path, pages: list[PdfPage] | None = None) -> Path:
+    """Write ``pages`` (default: the demo report) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pdf_bytes(pages if pages is not None else REPORT_PAGES))
+    return path
+
+
+# The demo's clip: a blue square for 2 s, then a green triangle for 2 s (cut at 2.000 s).
+CLIP_SEGMENTS: list[tuple[str, str, float]] = [("blue", "square", 2.0), ("green", "triangle", 2.0)]
+
+
+def video_bytes(
+    segments: list[tuple[str, str, float]] | None = None,
+    fps: int = 10,
+    size: int = 128,
+    seed: int = 5,
+    container: str = "mp4",
+    codec: str = "mpeg4",
+) -> bytes:
+    """An MPEG-4 video (PyAV) of still shapes, one per (colour, shape, seconds) segment."""
+    import av
+
+    segments = segments if segments is not None else CLIP_SEGMENTS
+    rng = random.Random(seed)
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=container) as out:
+        stream = out.add_stream(codec, rate=fps)
+        assert isinstance(stream, av.VideoStream)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for colour, shape, seconds in segments:
+            frame = av.VideoFrame.from_image(render(colour, shape, rng, size))
+            for _ in range(max(1, round(seconds * fps))):
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+def write_video(
+    path: Path, segments: list[tuple[str, str, float]] | None = None, **kw: Any
+) -> Path:
+    """Write a video of ``segments`` (default: the demo clip) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(video_bytes(segments, **kw))
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("directory", type=Path)
@@ -142,9 +306,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--format", default="png", choices=sorted(FORMATS))
+    parser.add_argument(
+        "--with-media",
+        action="store_true",
+        help="also write quarterly-report.pdf (red circle on page 2) and shapes-clip.mp4",
+    )
     args = parser.parse_args(argv)
     pairs = write_corpus(args.directory, args.per_class, args.seed, args.size, args.format)
     print(f"wrote {len(pairs)} images to {args.directory}")
+    if args.with_media:
+        write_pdf(args.directory / "quarterly-report.pdf")
+        write_video(args.directory / "shapes-clip.mp4")
+        print("wrote quarterly-report.pdf and shapes-clip.mp4")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from tests.helpers import (
     milvus_pks,
     registry_rows,
     store,
+    wait_searchable,
     write_bad_corpus,
 )
 from workflows.contracts import IngestResult, asset_id_for
@@ -74,6 +75,7 @@ async def test_retrieval_quality_on_held_out_images(
     write_corpus(tmp_path / "held-out", per_class=3, seed=90210)
     result = await ingest(client, tenant, [str(tmp_path / "held-out")])
     assert result.ingested == 54
+    wait_searchable(tenant, 54)
     from starters.search import nearest
 
     hits_at_5 = 0
@@ -141,6 +143,7 @@ async def test_tenants_are_isolated_across_reingest(
     await ingest(client, a, [str(corpus)])
     await ingest(client, b, [str(corpus)])
     await ingest(client, a, [str(corpus)], force=True)
+    wait_searchable(a, 18)
     pks_a, pks_b = milvus_pks(a), milvus_pks(b)
     assert len(pks_a) == len(pks_b) == 18 and not set(pks_a) & set(pks_b)
     from starters.search import nearest

@@ -17,6 +17,7 @@ from temporalio.worker import Replayer
 from starters.ingest import start_ingest
 from starters.synthetic_corpus import write_corpus
 from tests.conftest import Workers
+from workers.temporal_client import data_converter
 from workflows.ingest import IngestAsset, IngestBatch
 
 HISTORIES = Path(__file__).parent / "fixtures" / "histories"
@@ -30,7 +31,7 @@ def committed_histories() -> list[Path]:
 async def test_committed_histories_replay() -> None:
     paths = committed_histories()
     assert paths, f"no recorded histories under {HISTORIES}"
-    replayer = Replayer(workflows=WORKFLOWS)
+    replayer = Replayer(workflows=WORKFLOWS, data_converter=data_converter())
     for path in paths:
         history = WorkflowHistory.from_json(path.stem, path.read_text())
         await replayer.replay_workflow(history)
@@ -45,6 +46,6 @@ async def test_fresh_ingest_history_replays(
     result = await asyncio.wait_for(handle.result(), timeout=120)
     assert (result.ingested, result.failed) == (18, 1)
     history = await handle.fetch_history()
-    await Replayer(workflows=WORKFLOWS).replay_workflow(history)
+    await Replayer(workflows=WORKFLOWS, data_converter=data_converter()).replay_workflow(history)
     if os.environ.get("MMRAG_RECORD_HISTORIES") == "1":
         (HISTORIES / "ingest_batch_v1.json").write_text(history.to_json())

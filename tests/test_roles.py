@@ -49,10 +49,12 @@ ALLOWED = {
     ("role", "statement"), [(r, s) for r, stmts in REFUSED.items() for s in stmts]
 )
 def test_role_is_refused(test_stack: ServerStack, role: str, statement: str) -> None:
-    with pytest.raises(DBAPIError, match="permission denied|append-only|must be owner"):
-        with engine().begin() as conn:
-            conn.execute(text(f"SET LOCAL ROLE {role}"))
-            conn.execute(text(statement))
+    with (
+        pytest.raises(DBAPIError, match="permission denied|append-only|must be owner"),
+        engine().begin() as conn,
+    ):
+        conn.execute(text(f"SET LOCAL ROLE {role}"))
+        conn.execute(text(statement))
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,9 @@ async def test_canary_secret_appears_nowhere(
     assert LLM_API_KEY not in rejected.answer + rejected.degraded_reason
 
     # The key did reach the provider (so the scan below is meaningful) ...
-    assert any(LLM_API_KEY in h.get("authorization", h.get("Authorization", "")) for h in llm.headers)
+    assert any(
+        LLM_API_KEY in h.get("authorization", h.get("Authorization", "")) for h in llm.headers
+    )
     # ... and nowhere else: worker logs, every workflow history, the audit table.
     for log in (test_stack.state_dir / "logs").glob("*.log"):
         assert LLM_API_KEY not in log.read_text(errors="replace"), f"key in {log.name}"

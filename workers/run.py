@@ -5,6 +5,11 @@ activities on ``mmrag``; ``encode`` runs CLIP on ``mmrag-gpu-encode`` with the m
 loaded before polling starts; ``generate`` runs LLM generation on ``mmrag-gpu-generate``.
 SIGTERM and SIGINT shut down gracefully: running activities get
 ``MMRAG_GRACEFUL_SHUTDOWN_SECONDS`` to finish before they are handed back.
+
+Operability comes from settings, the same for every role: the client's data converter
+encrypts payloads when a codec key is set (``workers/temporal_client.py``), a Prometheus
+``/metrics`` endpoint is served when ``MMRAG_METRICS_PORT`` is set, and spans are exported
+when ``MMRAG_TRACING_EXPORTER`` is set (``workers/telemetry.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,12 @@ from temporalio.worker import Worker
 
 from workers.roles import ROLE_BUILDERS
 from workers.settings import Settings, get_settings
+from workers.telemetry import (
+    configure_tracing,
+    metrics_address,
+    worker_interceptors,
+    worker_runtime,
+)
 from workers.temporal_client import connect
 
 ROLES = ("all", "cpu", "encode", "generate")
@@ -42,6 +53,7 @@ def build_workers(role: str, client: Client, settings: Settings) -> list[Worker]
                 activity_executor=ThreadPoolExecutor(content.max_concurrent_activities),
                 max_concurrent_activities=content.max_concurrent_activities,
                 graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown_seconds),
+                interceptors=worker_interceptors(),
             )
         )
     return workers
@@ -49,7 +61,13 @@ def build_workers(role: str, client: Client, settings: Settings) -> list[Worker]
 
 async def run_workers(role: str, settings: Settings | None = None) -> None:
     settings = settings or get_settings()
-    client = await connect(settings)
+    runtime = worker_runtime(settings, role)
+    configure_tracing(settings, role)
+    client = await connect(settings, runtime=runtime)
+    codec = client.data_converter.payload_codec
+    log.info("payload encryption: %s", getattr(codec, "keyring", None) or "off")
+    if runtime is not None:
+        log.info("metrics on http://%s/metrics", metrics_address(settings))
     workers = build_workers(role, client, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

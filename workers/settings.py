@@ -37,11 +37,31 @@ class Settings(BaseSettings):
 
     # Postgres: asset registry, index versions and the audit trail.
     database_url: SecretStr = SecretStr("")  # empty: the embedded stack's URL from state_dir
+    # A least-privilege role assumed on every connection (migrations/0003): mmrag_ingest
+    # for cpu workers. Empty: the login user's own privileges.
+    database_role: str = ""
 
     # Media.
     gcs_project: str = ""  # for google-cloud-storage; credentials come from ADC
     max_object_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 40_000_000  # above this an image is a decompression bomb
+
+    # Media breadth and hostile-input bounds (activities/media.py, pdf.py, video.py,
+    # sandbox.py). Every bound below fails the asset alone, non-retryably, with a reason
+    # that names the setting. PDFs and videos are decoded in a child process with hard
+    # limits (decode_time_limit_s, decode_memory_mb): a hostile file costs at most that
+    # much and can never take the worker down; images are decoded in-process, bounded by
+    # max_image_pixels (checked from the header, before any pixel is allocated).
+    render_max_side: int = 512  # px, longer side of a rendered PDF page / kept video frame
+    pdf_max_pages: int = 500  # more pages than this: refused as a page bomb, nothing rendered
+    video_max_bytes: int = 1024 * 1024 * 1024  # videos may exceed max_object_bytes
+    video_max_seconds: float = 3600.0  # longer videos are refused (declared or decoded time)
+    video_frame_interval_s: float = 5.0  # keep a frame at least this often ...
+    video_scene_threshold: float = 0.2  # ... and on a scene change (0..1 colour shift; 0 = off)
+    video_max_frames: int = 200  # kept frames per video; the interval stretches to cover it
+    decode_time_limit_s: float = 600.0  # per PDF/video per attempt: time spent waiting on
+    # its decoder (not on the encoder); an hour of 1080p H.264 decodes in ~3-9 min on CPUs
+    decode_memory_mb: int = 2048  # address-space limit (RLIMIT_AS) of a decoder child; 0: none
 
     # CLIP encoder.
     clip_model: str = "ViT-B-32"
@@ -60,6 +80,33 @@ class Settings(BaseSettings):
     max_concurrent_activities: int = 8
     max_concurrent_encode_activities: int = 2
     graceful_shutdown_seconds: float = 30.0
+
+    # -- Operability: payload encryption, codec server, metrics, tracing -----------------
+    # Payload encryption (workers/codec.py). Keys are base64 AES keys (32 bytes: AES-256).
+    # MMRAG_CODEC_KEY is one key named MMRAG_CODEC_KEY_ID; MMRAG_CODEC_KEY_FILE is a keyring
+    # (`key_id=base64` lines, or JSON / TOML {"keys": {id: base64}, "active": id}) for
+    # rotation: the active key (MMRAG_CODEC_KEY_ID, else the inline key, else the file's
+    # "active" or first key) encrypts, every key decrypts. No key: payloads stay plaintext.
+    codec_key: SecretStr = SecretStr("")
+    codec_key_id: str = ""
+    codec_key_file: str = ""
+    codec_compress_min_bytes: int = 4096  # zlib before encrypting from this size; 0: never
+    # `mmrag codec-server`: /encode and /decode for the Web UI and `temporal --codec-endpoint`.
+    codec_server_host: str = "127.0.0.1"
+    codec_server_port: int = 8234
+    codec_server_token: SecretStr = SecretStr("")  # required as "Authorization: Bearer …"
+    codec_server_origins: str = "http://localhost:8233,http://127.0.0.1:8233"  # CORS, commas
+    codec_server_namespaces: str = ""  # commas; empty: any X-Namespace is served
+    # Prometheus /metrics of the Temporal SDK runtime plus mmrag_* series, one per worker
+    # process (workers/telemetry.py). 0: off.
+    metrics_port: int = 0
+    metrics_host: str = "0.0.0.0"  # reachable by a scraper in a pod; 127.0.0.1 on a laptop
+    # OpenTelemetry tracing (TracingInterceptor): none | console | otlp. For otlp the
+    # endpoint defaults to OTEL_EXPORTER_OTLP_ENDPOINT (the exporter's own variable).
+    tracing_exporter: str = "none"
+    tracing_endpoint: str = ""
+    tracing_service_name: str = "mmrag"
+    # -- end of operability settings ------------------------------------------------------
 
     def stack_endpoint(self, key: str) -> str:
         """An endpoint the embedded stack recorded in ``state_dir/endpoints.json``."""

@@ -110,6 +110,7 @@ class Reindex:
                 FinishReindexInput("failed", failed_version),
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=DB_RETRY,
+                summary="record the failed run",
             )
             raise
 
@@ -124,6 +125,7 @@ class Reindex:
                     start_to_close_timeout=timedelta(seconds=30),
                     retry_policy=DB_RETRY,
                     result_type=IndexTarget,
+                    summary="active index version",
                 )
                 spec = ModelSpec(active.model, active.pretrained, active.checkpoint)
             info = await workflow.execute_activity(
@@ -213,6 +215,7 @@ class Reindex:
                         RecordOutcomesInput(tenant, target.version, objects, to_record, tags),
                         start_to_close_timeout=timedelta(minutes=2),
                         retry_policy=DB_RETRY,
+                        summary=f"registry + audit for {len(to_record)} assets",
                     )
                 inp.done += len(outcomes)
                 inp.failed += sum(o.status == FAILED for o in outcomes)
@@ -229,6 +232,7 @@ class Reindex:
                 FinishReindexInput("succeeded"),
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=DB_RETRY,
+                summary="record the successful run",
             )
             workflow.upsert_search_attributes([SearchAttributePair(OUTCOME_KEY, "completed")])
             return ReindexResult(
