@@ -1,29 +1,64 @@
 """GPU-side ingest: fetch, decode, encode and store one batch, on ``mmrag-gpu-encode``.
 
-Pixels never leave this worker: the activity receives URIs, decodes in a thread pool
-while the model encodes the previous micro-batch, writes the vectors to Milvus itself and
-returns only per-asset outcomes. A file that cannot be decoded fails alone.
+Pixels never leave this worker: the activity receives URIs, decodes, encodes, writes the
+vectors to Milvus itself and returns only per-asset outcomes. A file that cannot be
+decoded fails alone. A batch runs in two phases:
+
+1. **Images** (one vector each, chunk ``image``): fetched and decoded in a thread pool
+   while the model encodes the previous micro-batch, written with one delete-then-insert
+   for the whole phase (as before PDFs and videos existed).
+2. **Streamed assets**, PDFs (``page:N`` + ``page:N:text``) and videos (``frame:S.mmm``),
+   one after the other: decoded in a sandboxed child process (``activities/sandbox.py``)
+   ahead of the encoder, and written a *group* of chunks at a time, each group by
+   delete-then-insert of its own deterministic keys. After every group the activity
+   heartbeats a cursor (:class:`BatchProgress`), so a retry after a worker restart skips
+   the assets already done and resumes a long video or PDF after its last written group
+   instead of starting over. Chunks an older version of the asset had and this one lacks
+   are deleted only once the asset is complete, so its old vectors keep answering queries
+   until the new ones are all in.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import logging
+import os
+import queue
+import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.encoder import ClipEncoder, get_encoder
-from activities.media import BadMediaError, decode_image
+from activities.media import (
+    HEAD_BYTES,
+    IMAGE_TYPES,
+    PDF_TYPES,
+    VIDEO_TYPES,
+    BadMediaError,
+    MediaChunk,
+    MediaLimits,
+    Step,
+    decode_image,
+    sniff,
+    truncate_utf8,
+    type_note,
+)
+from activities.sandbox import DecoderSandbox, SandboxPool
 from activities.storage import ObjectMissingError, UnsupportedUriError, normalize_uri, store_for
-from activities.vectors import ChunkRow, get_store
+from activities.vectors import MAX_SNIPPET, ChunkRow, VectorStore, get_store
 from workers.settings import Settings
 from workflows.activity_payloads import (
     DESCRIBE_ENCODER,
@@ -45,8 +80,16 @@ from workflows.contracts import (
     ObjectRef,
 )
 
+log = logging.getLogger(__name__)
+
 IMAGE_CHUNK = "image"
 ALIAS_CACHE_SECONDS = 2.0
+STREAMED_TYPES = PDF_TYPES | VIDEO_TYPES
+FLUSH_EVERY_S = 10.0  # a streamed asset's vectors are written (and its cursor saved) this often
+IDLE_HEARTBEAT_S = 5.0  # heartbeat while waiting on a slow decoder
+PREFETCH_STEPS = 8  # decoded steps buffered ahead of the encoder per streamed asset
+
+Heartbeat = Callable[[dict[str, Any]], None]
 
 
 def _ms(started: float) -> float:
@@ -76,19 +119,73 @@ class LruCache:
                 self._data.popitem(last=False)
 
 
+_OUTCOME_FIELDS = {f.name for f in fields(AssetOutcome)}
+
+
+@dataclass
+class BatchProgress:
+    """What a retried ``encode_batch`` resumes from: its heartbeat details, as JSON.
+
+    ``done``: outcomes of finished assets; ``images_done``: phase 1 is written;
+    ``current``: the streamed asset in progress, ``{"asset_id", "cursor", "written"}``,
+    where ``cursor`` is the decoder's resume point after the last written group and
+    ``written`` the locators written so far (kept at the end, the rest of the asset's
+    old chunks deleted).
+    """
+
+    done: dict[str, AssetOutcome] = field(default_factory=dict)
+    images_done: bool = False
+    current: dict[str, Any] | None = None
+
+    @classmethod
+    def from_details(cls, details: Sequence[Any]) -> BatchProgress:
+        """Tolerant: details from an older worker (a plain count) mean "start over"."""
+        last = details[-1] if details else None
+        if not isinstance(last, dict) or last.get("v") != 1:
+            return cls()
+        done = {
+            asset_id: AssetOutcome(**{k: v for k, v in o.items() if k in _OUTCOME_FIELDS})
+            for asset_id, o in (last.get("done") or {}).items()
+            if isinstance(o, dict)
+        }
+        current = last.get("current")
+        return cls(
+            done, bool(last.get("images_done")), current if isinstance(current, dict) else None
+        )
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "v": 1,
+            "done": {k: asdict(o) for k, o in self.done.items()},
+            "images_done": self.images_done,
+            "current": self.current,
+        }
+
+
 class EncodeActivities:
     """Holds the warm model; one instance per encode worker process."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.limits = MediaLimits.from_settings(settings)
         self._decode_pool = ThreadPoolExecutor(
             max_workers=max(1, settings.decode_threads), thread_name_prefix="decode"
         )
+        # One reader thread per streamed asset in flight (at most one per activity).
+        self._stream_pool = ThreadPoolExecutor(
+            max_workers=max(2, settings.max_concurrent_encode_activities),
+            thread_name_prefix="stream",
+        )
+        self._sandboxes = SandboxPool(settings.decode_memory_mb)
         # One forward pass at a time: concurrent activities overlap their decoding and
         # Milvus writes with each other's model time instead of fighting over the device.
         self._model_lock = threading.Lock()
         self._query_cache = LruCache(maxsize=4096)  # CLIP is deterministic: cache queries
         self._alias_cache: tuple[float, tuple[str, int, ModelSpec | None] | None] = (0.0, None)
+
+    def close(self) -> None:
+        """Stop the decoder children (they also die with this process)."""
+        self._sandboxes.close()
 
     @property
     def encoder(self) -> ClipEncoder:
@@ -104,6 +201,11 @@ class EncodeActivities:
         s = self.settings
         checkpoint = Path(spec.checkpoint) if spec.checkpoint else None
         return get_encoder(spec.model, spec.pretrained, checkpoint, s.device, s.torch_threads)
+
+    def _store(self) -> VectorStore:
+        return get_store(
+            self.settings.milvus_endpoint(), self.settings.milvus_token.get_secret_value()
+        )
 
     @activity.defn(name=DESCRIBE_ENCODER)
     def describe_encoder(self) -> EncoderInfo:
@@ -124,44 +226,125 @@ class EncodeActivities:
             enc.model_name, enc.pretrained, enc.dim, str(enc.device), spec.checkpoint
         )
 
+    # -- ingest ---------------------------------------------------------------------------
     @activity.defn(name=ENCODE_BATCH)
     def encode_batch(self, inp: EncodeBatchInput) -> list[AssetOutcome]:
         """Decode each object once; encode and write it into every target index version."""
+        progress = BatchProgress()
+        if activity.in_activity():  # also callable directly, e.g. by bench/ingest.py
+            progress = BatchProgress.from_details(activity.info().heartbeat_details)
+            if progress.done or progress.current:
+                log.info(
+                    "resuming encode batch: %d assets done, in progress: %s",
+                    len(progress.done),
+                    progress.current and progress.current.get("asset_id"),
+                )
+        return self.encode_objects(inp, progress, _heartbeat)
+
+    def encode_objects(
+        self, inp: EncodeBatchInput, progress: BatchProgress, beat: Heartbeat
+    ) -> list[AssetOutcome]:
+        """The batch, resumed from ``progress``; ``beat`` records progress durably.
+
+        Every target index version (``inp.index`` and, during a re-index, ``extra_targets``)
+        gets the same chunks, each encoded by the model that version was built with.
+        """
         targets = [inp.index, *inp.extra_targets]
         encoders = [self.encoder_for(t) for t in targets]
+        self._classify(inp.objects)
+        images = [o for o in inp.objects if o.media_type not in STREAMED_TYPES]
+        if images and not progress.images_done:
+            outcomes = self._encode_images(
+                targets, encoders, inp, images, lambda: beat(progress.details())
+            )
+            for outcome in outcomes:
+                progress.done[outcome.asset_id] = outcome
+            progress.images_done = True
+            beat(progress.details())
+        for ref in inp.objects:
+            if ref.media_type in STREAMED_TYPES and ref.asset_id not in progress.done:
+                outcome = self._encode_streamed(targets, encoders, inp, ref, progress, beat)
+                progress.done[ref.asset_id] = outcome
+                progress.current = None
+                beat(progress.details())
+        return [progress.done[o.asset_id] for o in inp.objects]
+
+    def _classify(self, objects: Sequence[ObjectRef]) -> None:
+        """Sniff objects the scan did not (direct callers): the phase depends on the type."""
+        for ref in objects:
+            if ref.media_type:
+                continue
+            # Unreadable now: the image phase reports it precisely.
+            with contextlib.suppress(ObjectMissingError, UnsupportedUriError, OSError):
+                ref.media_type = sniff(store_for(ref.uri).read_head(ref.uri, HEAD_BYTES))
+
+    def _failed(self, ref: ObjectRef, reason: str) -> AssetOutcome:
+        note = type_note(ref.uri, ref.content_type, ref.media_type)
+        if note:
+            reason = f"{reason} ({note})"
+        return AssetOutcome(
+            ref.uri, ref.asset_id, FAILED, generation=ref.generation, reason=reason, note=note
+        )
+
+    def _ingested(self, ref: ObjectRef, chunks: int, notes: Sequence[str] = ()) -> AssetOutcome:
+        note = "; ".join(
+            n for n in (type_note(ref.uri, ref.content_type, ref.media_type), *notes) if n
+        )
+        return AssetOutcome(
+            ref.uri, ref.asset_id, INGESTED, generation=ref.generation, chunks=chunks, note=note
+        )
+
+    @staticmethod
+    def _row(
+        tenant: str, ref: ObjectRef, tags: dict[str, str], chunk: str, snippet: str = ""
+    ) -> ChunkRow:
+        return ChunkRow(
+            asset_id=ref.asset_id,
+            tenant=tenant,
+            uri=ref.uri,
+            media_type=ref.media_type or "image",
+            chunk=chunk,
+            created_at=ref.created_at,
+            tags=tags,
+            snippet=truncate_utf8(snippet, MAX_SNIPPET),
+            generation=ref.generation,
+        )
+
+    # -- phase 1: images --------------------------------------------------------------------
+    def _encode_images(
+        self,
+        targets: list[IndexTarget],
+        encoders: list[ClipEncoder],
+        inp: EncodeBatchInput,
+        objects: list[ObjectRef],
+        beat: Callable[[], None],
+    ) -> list[AssetOutcome]:
         outcomes: dict[str, AssetOutcome] = {}
         rows: list[ChunkRow] = []
         vectors: list[list[np.ndarray]] = [[] for _ in targets]
         micro = max(1, self.settings.batch_size)
-        done = 0
-        for refs, pixels in self._decoded_micro_batches(inp.objects, micro, outcomes, encoders):
+        for refs, pixels in self._decoded_micro_batches(objects, micro, outcomes, encoders):
             if refs:
                 for i, enc in enumerate(encoders):
                     with self._model_lock:
                         vectors[i].append(enc.encode_images([p[i] for p in pixels]))
-                rows.extend(self._row(inp.tenant, ref, inp.tags) for ref in refs)
-            done += len(refs)
-            if activity.in_activity():  # also callable directly, e.g. by bench/ingest.py
-                activity.heartbeat(done)
-        store = get_store(
-            self.settings.milvus_endpoint(), self.settings.milvus_token.get_secret_value()
-        )
+                rows.extend(self._row(inp.tenant, ref, inp.tags, IMAGE_CHUNK) for ref in refs)
+            beat()
         # Failed assets lose their vectors too: an object overwritten by a corrupt version
         # must not keep answering with its old content.
-        asset_ids = [o.asset_id for o in inp.objects]
+        asset_ids = [o.asset_id for o in objects]
         for target, enc, parts in zip(targets, encoders, vectors, strict=True):
-            store.replace_assets(
+            self._store().replace_assets(
                 target.collection,
                 inp.tenant,
                 asset_ids,
                 rows,
                 np.concatenate(parts) if parts else np.zeros((0, enc.dim), np.float32),
             )
+        by_id = {o.asset_id: o for o in objects}
         for row in rows:
-            outcomes[row.asset_id] = AssetOutcome(
-                row.uri, row.asset_id, INGESTED, generation=row.generation, chunks=1
-            )
-        return [outcomes[o.asset_id] for o in inp.objects]
+            outcomes[row.asset_id] = self._ingested(by_id[row.asset_id], 1)
+        return [outcomes[o.asset_id] for o in objects]
 
     def _decoded_micro_batches(
         self,
@@ -183,18 +366,184 @@ class EncodeActivities:
                 try:
                     pixels.append(future.result())
                     refs.append(ref)
-                except (BadMediaError, ObjectMissingError) as e:
-                    failures[ref.asset_id] = AssetOutcome(
-                        ref.uri, ref.asset_id, FAILED, generation=ref.generation, reason=str(e)
-                    )
+                except (BadMediaError, ObjectMissingError, UnsupportedUriError) as e:
+                    failures[ref.asset_id] = self._failed(ref, str(e))
             yield refs, pixels
 
     def _load(self, ref: ObjectRef, encoders: list[ClipEncoder]) -> list[Any]:
         s = self.settings
         data = store_for(ref.uri).read(ref.uri, s.max_object_bytes, ref.generation)
-        image = decode_image(data, s.max_object_bytes, s.max_image_pixels)
+        mime = sniff(data[:HEAD_BYTES])
+        if data and mime not in IMAGE_TYPES:
+            raise BadMediaError(
+                f"the object changed since it was listed: its bytes are now "
+                f"{mime or 'unrecognised'}; ingest it again"
+                if ref.media_type in IMAGE_TYPES
+                else f"not an image: the bytes are {mime or 'unrecognised'}"
+            )
+        image = decode_image(
+            data, s.max_object_bytes, s.max_image_pixels, mime, self.limits.render_max_side
+        )
         return [enc.preprocess(image) for enc in encoders]
 
+    # -- phase 2: PDFs and videos, one at a time, resumable ---------------------------------
+    def _encode_streamed(
+        self,
+        targets: list[IndexTarget],
+        encoders: list[ClipEncoder],
+        inp: EncodeBatchInput,
+        ref: ObjectRef,
+        progress: BatchProgress,
+        beat: Heartbeat,
+    ) -> AssetOutcome:
+        current = progress.current
+        resume = current if current and current.get("asset_id") == ref.asset_id else None
+        cursor = dict(resume.get("cursor") or {}) if resume else None
+        written: list[str] = [str(x) for x in resume.get("written", [])] if resume else []
+        if resume:
+            log.info("resuming %s after %d chunks at %s", ref.uri, len(written), cursor)
+        seen = set(written)
+        notes: list[str] = []
+        store = self._store()
+        try:
+            # closing(): an error while writing stops the decoder thread before the sandbox
+            # goes back to the pool (a suspended generator would otherwise keep it busy).
+            with (
+                self._local_copy(ref) as path,
+                self._sandboxes.lease() as sandbox,
+                contextlib.closing(
+                    self._flush_groups(
+                        encoders,
+                        sandbox,
+                        path,
+                        ref.media_type,
+                        cursor,
+                        lambda: beat(progress.details()),
+                    )
+                ) as groups,
+            ):
+                for steps, pixels in groups:
+                    notes.extend(s.note for s in steps if s.note)
+                    chunks = [c for s in steps for c in s.chunks]
+                    if chunks:
+                        rows = [
+                            self._row(inp.tenant, ref, inp.tags, c.locator, c.snippet)
+                            for c in chunks
+                        ]
+                        for i, (target, enc) in enumerate(zip(targets, encoders, strict=True)):
+                            vectors = self._encode_chunks(enc, chunks, [p[i] for p in pixels])
+                            store.replace_chunks(target.collection, inp.tenant, rows, vectors)
+                        for chunk in chunks:
+                            if chunk.locator not in seen:
+                                seen.add(chunk.locator)
+                                written.append(chunk.locator)
+                    progress.current = {
+                        "asset_id": ref.asset_id,
+                        "cursor": steps[-1].cursor,
+                        "written": written,
+                    }
+                    beat(progress.details())
+            if not written:
+                raise BadMediaError(f"nothing to index: the {ref.media_type} yielded no pages")
+        except (BadMediaError, ObjectMissingError, UnsupportedUriError) as e:
+            for target in targets:
+                store.delete_assets(target.collection, inp.tenant, [ref.asset_id])
+            return self._failed(ref, str(e))
+        keep = [f"{ref.asset_id}:{loc}" for loc in written]
+        for target in targets:
+            store.delete_stale_chunks(target.collection, inp.tenant, ref.asset_id, keep)
+        return self._ingested(ref, len(written), notes)
+
+    def _flush_groups(
+        self,
+        encoders: list[ClipEncoder],
+        sandbox: DecoderSandbox,
+        path: Path,
+        mime: str,
+        cursor: dict[str, Any] | None,
+        on_idle: Callable[[], None],
+    ) -> Generator[tuple[list[Step], list[Any]], None, None]:
+        """Decoded steps with their pixels preprocessed for each encoder (per image chunk, one
+        tensor per encoder), grouped for one forward pass.
+
+        A reader thread pulls steps from the sandbox and preprocesses them while the caller
+        encodes and writes the previous group; a group closes at ``batch_size`` chunks or
+        ``FLUSH_EVERY_S`` seconds, whichever comes first, so progress is saved regularly
+        even when keyframes are sparse.
+        """
+        s = self.settings
+        steps = sandbox.stream(str(path), mime, self.limits, cursor, s.decode_time_limit_s)
+
+        def prepare(step: Step) -> tuple[Step, list[list[Any]]]:
+            images = [c.image for c in step.chunks if c.image is not None]
+            return step, [[enc.preprocess(image) for enc in encoders] for image in images]
+
+        group: list[Step] = []
+        pixels: list[Any] = []
+        started = time.monotonic()
+        prefetched = _prefetch(self._stream_pool, steps, prepare, sandbox, on_idle)
+        with contextlib.closing(prefetched) as items:
+            for step, step_pixels in items:
+                if not group:
+                    started = time.monotonic()
+                group.append(step)
+                pixels.extend(step_pixels)
+                size = sum(len(st.chunks) for st in group)
+                if size >= max(1, s.batch_size) or time.monotonic() - started >= FLUSH_EVERY_S:
+                    yield group, pixels
+                    group, pixels = [], []
+        if group:
+            yield group, pixels
+
+    def _encode_chunks(
+        self, enc: ClipEncoder, chunks: list[MediaChunk], pixels: list[Any]
+    ) -> np.ndarray:
+        """Image chunks through the image tower, text chunks through the text tower."""
+        out = np.zeros((len(chunks), enc.dim), dtype=np.float32)
+        image_rows = [i for i, c in enumerate(chunks) if c.image is not None]
+        text_rows = [i for i, c in enumerate(chunks) if c.image is None]
+        with self._model_lock:
+            if image_rows:
+                out[image_rows] = enc.encode_images(pixels)
+            if text_rows:
+                out[text_rows] = enc.encode_texts([chunks[i].text for i in text_rows])
+        return out
+
+    @contextmanager
+    def _local_copy(self, ref: ObjectRef) -> Iterator[Path]:
+        """A file the decoder child can open: the file itself, or a spooled copy of an object.
+
+        Sizes are checked again here: the object may have grown since it was listed.
+        """
+        limit, setting = self.limits.max_bytes_for(ref.media_type)
+        too_large = BadMediaError(
+            f"file too large: more than {limit} bytes for {ref.media_type} ({setting}); "
+            "shrink or split it, or raise the limit"
+        )
+        if ref.uri.startswith("file://"):
+            path = Path(unquote(urlparse(ref.uri).path))
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError as e:
+                raise ObjectMissingError(f"{ref.uri}: no such file") from e
+            if size > limit:
+                raise too_large
+            yield path
+            return
+        data = store_for(ref.uri).read(ref.uri, limit, ref.generation)
+        if len(data) > limit:
+            raise too_large
+        prefix = f"mmrag-media-{ref.asset_id[:16]}-"
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=Path(ref.uri).suffix[:8])
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            del data
+            yield Path(name)
+        finally:
+            Path(name).unlink(missing_ok=True)
+
+    # -- queries --------------------------------------------------------------------------
     @activity.defn(name=ENCODE_QUERY)
     def encode_query(self, inp: EncodeQueryInput) -> QueryVector:
         """Text, image or hybrid (weighted mean of the normalised vectors, re-normalised)."""
@@ -275,15 +624,73 @@ class EncodeActivities:
             raw = store_for(uri).read(uri, s.max_object_bytes)
         return self.encoder.preprocess(decode_image(raw, s.max_object_bytes, s.max_image_pixels))
 
-    @staticmethod
-    def _row(tenant: str, ref: ObjectRef, tags: dict[str, str]) -> ChunkRow:
-        return ChunkRow(
-            asset_id=ref.asset_id,
-            tenant=tenant,
-            uri=ref.uri,
-            media_type=ref.media_type or "image",
-            chunk=IMAGE_CHUNK,
-            created_at=ref.created_at,
-            tags=tags,
-            generation=ref.generation,
-        )
+
+def _heartbeat(details: dict[str, Any]) -> None:
+    if activity.in_activity():
+        activity.heartbeat(details)
+
+
+_END = object()
+
+
+def _prefetch(
+    pool: ThreadPoolExecutor,
+    steps: Iterator[Step],
+    prepare: Callable[[Step], Any],
+    sandbox: DecoderSandbox,
+    on_idle: Callable[[], None],
+) -> Generator[Any, None, None]:
+    """``prepare(step)`` for each step, computed on a pool thread a few ahead of the consumer.
+
+    The consumer heartbeats (``on_idle``) while it waits, so a slow decode never looks like
+    a dead worker. If the consumer stops early (an error while writing), the decoder child
+    is killed so the reader thread unblocks at once, and the thread is joined before the
+    sandbox goes back to its pool.
+    """
+    buffer: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=PREFETCH_STEPS)
+    stop = threading.Event()
+
+    def put(kind: str, value: Any) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put((kind, value), timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for step in steps:
+                if not put("item", prepare(step)):
+                    return
+            put("end", _END)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            put("error", e)
+        finally:
+            close = getattr(steps, "close", None)
+            if close is not None:
+                close()  # an unfinished decode: the sandbox kills its child
+
+    future = pool.submit(produce)
+    finished = False
+    try:
+        while True:
+            try:
+                kind, value = buffer.get(timeout=IDLE_HEARTBEAT_S)
+            except queue.Empty:
+                on_idle()
+                continue
+            if kind == "item":
+                yield value
+            elif kind == "end":
+                finished = True
+                return
+            else:
+                finished = True
+                raise value
+    finally:
+        if not finished:
+            stop.set()
+            sandbox.interrupt()
+        future.result()

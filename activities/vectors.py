@@ -157,6 +157,30 @@ class VectorStore:
         result = self.client.insert(collection, data)
         return int(result.get("insert_count", len(data)))
 
+    def replace_chunks(
+        self, collection: str, tenant: str, rows: Sequence[ChunkRow], vectors: np.ndarray
+    ) -> int:
+        """Delete these rows' primary keys, then insert them: one asset's chunks written a
+        group at a time (long PDFs and videos), idempotent when a group is written twice.
+
+        The delete names primary keys only: Milvus then deletes directly, while any other
+        clause makes it query first (~300 ms per call here). Keys embed the asset id, which
+        is derived from the tenant, so no other tenant's row can match.
+        """
+        if not rows:
+            return 0
+        self.client.delete(collection, filter=in_list("pk", [r.pk for r in rows]))
+        return self.replace_assets(collection, tenant, [], rows, vectors)
+
+    def delete_stale_chunks(
+        self, collection: str, tenant: str, asset_id: str, keep_pks: Sequence[str]
+    ) -> None:
+        """Delete an asset's chunks other than ``keep_pks`` (left by an older version)."""
+        expr = f"tenant == {literal(tenant)} and asset_id == {literal(asset_id)}"
+        if keep_pks:
+            expr += f" and not ({in_list('pk', keep_pks)})"
+        self.client.delete(collection, filter=expr)
+
     def delete_assets(self, collection: str, tenant: str, asset_ids: Sequence[str]) -> None:
         expr = f"tenant == {literal(tenant)} and {in_list('asset_id', asset_ids)}"
         self.client.delete(collection, filter=expr)
