@@ -148,7 +148,13 @@ class IngestActivities:
         """Sniff the first bytes; fill in the media type; return a failure reason or ""."""
         try:
             head = store_for(ref.uri).read_head(ref.uri, HEAD_BYTES) if ref.size else b""
-            ref.media_type = check_object(head, ref.size, self.settings.max_object_bytes)
+            ref.media_type = check_object(
+                head,
+                ref.size,
+                self.settings.max_object_bytes,
+                uri=ref.uri,
+                content_type=ref.content_type,
+            )
         except (BadMediaError, ObjectMissingError) as e:
             return str(e)
         return ""

@@ -408,6 +408,8 @@ def record_outcomes(
             details["chunks"] = outcome.chunks
         else:
             details["reason"] = outcome.reason
+        if outcome.note:  # e.g. the name or declared type disagrees with the bytes
+            details["note"] = outcome.note
         audit.append(
             AuditRecord(
                 tenant=tenant,

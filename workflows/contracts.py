@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2
 
 # Task queues (see DESIGN.md): workflows and CPU activities, CLIP encoding, LLM generation.
 TASK_QUEUE = "mmrag"
