@@ -10,7 +10,8 @@ under the same workflow name, the way it would replace ``workflows/ingest.py``:
 - without ``patched()`` the same change makes replay of the old history fail with a
   nondeterminism error: in production, every open run of that type would be stuck;
 - step 2 of the patch lifecycle (``deprecate_patch``) replays new histories but not old
-  ones: it may only ship once no pre-patch run is open (README.md, "Replay and changing workflows safely").
+  ones: it may only ship once no pre-patch run is open (README.md, "Replay and changing
+  workflows safely").
 """
 
 from __future__ import annotations
