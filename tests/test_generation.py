@@ -20,7 +20,6 @@ import pytest
 from activities import generation
 from activities.generation import (
     EXTRACTIVE_LABEL,
-    SYSTEM_PROMPT,
     FusedPrompt,
     LlmConfig,
     LlmGenerator,
