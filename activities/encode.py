@@ -606,7 +606,12 @@ class EncodeActivities:
         spec = ModelSpec(
             model.get("model", ""), model.get("pretrained", ""), model.get("checkpoint", "")
         )
-        value = (collection, int(model.get("version", 0) or 0), spec if spec.model else None)
+        version = model.get("version") or collection.rsplit("_v", 1)[-1]  # older collections
+        value = (
+            collection,
+            int(version) if str(version).isdigit() else 0,
+            spec if spec.model else None,
+        )
         self._alias_cache = (now, value)
         return value
 

@@ -16,9 +16,11 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
+from pymilvus.exceptions import MilvusException
 
 from workflows.contracts import IndexTarget
 
@@ -64,12 +66,48 @@ def tag_value(key: str, value: str) -> str:
     return f"{key}={value}"
 
 
+class VectorStoreError(RuntimeError):
+    """A Milvus call failed; the message is Milvus's own. Raised without the pymilvus
+    exception chained: its cause chain can be cyclic, which breaks failure reporting."""
+
+
+class _GuardedClient:
+    """``MilvusClient`` whose errors arrive as :class:`VectorStoreError` (retryable)."""
+
+    def __init__(self, client: MilvusClient) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except MilvusException as e:
+                raise VectorStoreError(
+                    f"Milvus {name} failed: {e.message} (code {e.code})"
+                ) from None
+
+        return call
+
+
 class VectorStore:
     """A thin, typed facade over ``MilvusClient`` for the calls mmrag makes."""
 
     def __init__(self, uri: str, token: str = "") -> None:
-        self.client = MilvusClient(uri=uri, token=token or "")
+        self.client: Any = _GuardedClient(MilvusClient(uri=uri, token=token or ""))
         self._lock = threading.Lock()
+        self._fields: dict[str, frozenset[str]] = {}
+
+    def fields_of(self, collection: str) -> frozenset[str]:
+        """The collection's field names, cached: a version created by an older mmrag lacks
+        newer fields (e.g. ``generation``), and its rows are written without them."""
+        if collection not in self._fields:
+            described = self.client.describe_collection(collection)
+            self._fields[collection] = frozenset(f["name"] for f in described["fields"])
+        return self._fields[collection]
 
     # -- collections and aliases -------------------------------------------------------
     def ensure_collection(self, name: str, dim: int, model: dict[str, str] | None = None) -> None:
@@ -113,12 +151,15 @@ class VectorStore:
     def point_alias(self, alias: str, collection: str) -> None:
         """Make ``alias`` name ``collection`` in one step (create or alter)."""
         with self._lock:
-            aliases = self.client.list_aliases(collection).get("aliases", [])
-            if alias in aliases:
+            if alias in self.client.list_aliases(collection).get("aliases", []):
                 return
-            try:
+            exists = any(
+                alias in self.client.list_aliases(name).get("aliases", [])
+                for name in self.client.list_collections()
+            )
+            if exists:
                 self.client.alter_alias(collection_name=collection, alias=alias)
-            except Exception:
+            else:
                 self.client.create_alias(collection_name=collection, alias=alias)
 
     # -- writes -----------------------------------------------------------------------
@@ -154,6 +195,9 @@ class VectorStore:
             }
             for r, vec in zip(rows, vectors.astype(np.float32).tolist(), strict=True)
         ]
+        known = self.fields_of(collection)
+        if not known.issuperset(data[0]):
+            data = [{k: v for k, v in row.items() if k in known} for row in data]
         result = self.client.insert(collection, data)
         return int(result.get("insert_count", len(data)))
 

@@ -515,14 +515,17 @@ def outage_message(error: BaseException) -> str | None:
     from pymilvus.exceptions import MilvusException
     from sqlalchemy.exc import OperationalError
 
+    from activities.vectors import VectorStoreError
+
     if isinstance(error, OperationalError):
         return (
             "Postgres is unreachable (MMRAG_DATABASE_URL or the embedded stack): start it with "
             "`mmrag stack up` or check the database server"
         )
-    if isinstance(error, MilvusException):
+    if isinstance(error, MilvusException | VectorStoreError):
+        detail = error.message if isinstance(error, MilvusException) else str(error)
         return (
-            f"Milvus is unreachable or refused the request ({error.message}): start it with "
+            f"Milvus is unreachable or refused the request ({detail}): start it with "
             "`mmrag stack up` or check MMRAG_MILVUS_URI"
         )
     text = str(error)
