@@ -8,6 +8,9 @@ says so and the workflow keeps its extractive answer.
 
 from __future__ import annotations
 
+import base64
+import io
+import logging
 import time
 from datetime import timedelta
 
@@ -23,13 +26,41 @@ from activities.generation import (
     TransientLlmError,
     get_generator,
 )
+from activities.media import BadMediaError, decode_image
+from activities.storage import ObjectMissingError, UnsupportedUriError, store_for
+from workers.settings import Settings, get_settings
 from workflows.activity_payloads import GENERATE, GenerateInput, Generation
+
+log = logging.getLogger(__name__)
 
 
 class GenerateActivities:
-    def __init__(self, config: LlmConfig | None = None) -> None:
+    def __init__(self, config: LlmConfig | None = None, settings: Settings | None = None) -> None:
         self.config = config or LlmConfig.from_env()
+        self.settings = settings or get_settings()
         self.generator = get_generator(self.config) if self.config.enabled else None
+
+    def image_data_urls(self, uris: list[str]) -> list[str]:
+        """The top image sources as small JPEG data URLs, for a vision model (when enabled).
+
+        Pixels are read here, next to the model, never carried in a payload; a source that
+        cannot be read is left out (the text context still carries it)."""
+        s = self.settings
+        if not s.llm_vision:
+            return []
+        urls = []
+        for uri in uris[: max(0, s.llm_vision_images)]:
+            try:
+                data = store_for(uri).read(uri, s.max_object_bytes)
+                image = decode_image(data, s.max_object_bytes, s.max_image_pixels)
+            except (BadMediaError, ObjectMissingError, UnsupportedUriError) as e:
+                log.warning("vision: leaving out %s: %s", uri, e)
+                continue
+            image.thumbnail((s.llm_vision_max_side, s.llm_vision_max_side))
+            buf = io.BytesIO()
+            image.save(buf, "JPEG", quality=85)
+            urls.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode())
+        return urls
 
     @activity.defn(name=GENERATE)
     def generate(self, inp: GenerateInput) -> Generation:
@@ -44,7 +75,12 @@ class GenerateActivities:
             redactions={},
         )
         try:
-            result = self.generator.generate(prompt, self.config.model, inp.max_tokens)
+            result = self.generator.generate(
+                prompt,
+                self.config.model,
+                inp.max_tokens,
+                self.image_data_urls(inp.image_uris) or None,
+            )
         except LlmUnavailableError as e:
             raise ApplicationError(str(e), type="LlmUnavailable", non_retryable=True) from e
         except PermanentLlmError as e:

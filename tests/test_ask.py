@@ -289,3 +289,31 @@ async def test_ask_started_from_temporal_cli(corpus: Corpus, test_stack: ServerS
     assert len(result["sources"]) == 3
     assert result["sources"][0]["uri"].rsplit("/", 1)[-1].startswith("yellow-circle-")
     assert result["answer_kind"] == "extractive"
+
+
+async def test_vision_model_gets_top_images_as_data_urls(
+    corpus: Corpus, client: Client, llm: LlmTestServer, worker: Workers, test_stack: ServerStack
+) -> None:
+    """With MMRAG_LLM_VISION the generate worker sends the top image sources as small JPEG
+    data URLs (read next to the model; pixels never cross a task queue)."""
+    from tests.conftest import LLM_ENV
+
+    worker.generate.stop()
+    vision = test_stack.start_worker(
+        "generate", OPENAI_BASE_URL=llm.base_url, MMRAG_LLM_VISION="true", **LLM_ENV
+    )
+    try:
+        llm.set_mode("ok")
+        llm.reset()
+        result = await run_ask(
+            client, tenant=corpus.tenant, text="a green triangle", max_answer_tokens=70
+        )
+        assert result.answer_kind == "generated"
+        parts = llm.requests[-1]["messages"][-1]["content"]
+        images = [p["image_url"]["url"] for p in parts if p.get("type") == "image_url"]
+        assert len(images) == 2 and all(u.startswith("data:image/jpeg;base64,") for u in images)
+    finally:
+        vision.stop()
+        worker.generate = test_stack.start_worker(
+            "generate", OPENAI_BASE_URL=llm.base_url, **LLM_ENV
+        )

@@ -82,7 +82,7 @@ def encode_role(settings: Settings) -> RoleContent:
 def generate_role(settings: Settings) -> RoleContent:
     from activities.generate import GenerateActivities
 
-    generate = GenerateActivities()
+    generate = GenerateActivities(settings=settings)
     llm = generate.config.model if generate.generator else "none (extractive answers)"
     log.info("LLM: %s", llm)
     return RoleContent(

@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     # Ask: prompt fusion budgets (tokens).
     prompt_token_budget: int = 3000
     prompt_chunk_tokens: int = 200
+    # Send the top image sources to a vision-capable model as data URLs (downscaled JPEGs).
+    llm_vision: bool = False
+    llm_vision_images: int = 2
+    llm_vision_max_side: int = 512
 
     # Workers.
     max_concurrent_activities: int = 8

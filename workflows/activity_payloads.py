@@ -134,6 +134,7 @@ class GenerateInput:
     user_prompt: str
     max_tokens: int
     source_ids: list[str]
+    image_uris: list[str] = field(default_factory=list)  # top image sources, for vision models
 
 
 @dataclass

@@ -110,6 +110,7 @@ class Ask:
                         retrieval.user_prompt,
                         inp.max_answer_tokens,
                         [s.id for s in retrieval.sources],
+                        [s.uri for s in retrieval.sources if s.media_type.startswith("image/")],
                     ),
                     task_queue=GENERATE_TASK_QUEUE,
                     start_to_close_timeout=timedelta(seconds=30),
