@@ -97,22 +97,32 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 async def _ingest(args: argparse.Namespace) -> int:
+    from activities.storage import normalize_uri
     from starters.ingest import follow, print_summary, result_json, start_ingest
     from workers.temporal_client import connect
+
+    try:
+        for source in args.sources:
+            normalize_uri(source)
+    except ValueError as e:
+        raise UserError(str(e)) from e
 
     client = await connect()
     options = {}
     if args.batch_size:
         options["batch_size"] = args.batch_size
-    handle = await start_ingest(
-        client,
-        args.tenant,
-        args.sources,
-        _parse_tags(args.tag),
-        force=args.force,
-        allow_forgotten=args.allow_forgotten,
-        **options,
-    )
+    try:
+        handle = await start_ingest(
+            client,
+            args.tenant,
+            args.sources,
+            _parse_tags(args.tag),
+            force=args.force,
+            allow_forgotten=args.allow_forgotten,
+            **options,
+        )
+    except ValueError as e:  # an unsupported URI scheme
+        raise UserError(str(e)) from e
     console.print(f"started IngestBatch [bold]{handle.id}[/bold]")
     if not args.wait:
         return 0

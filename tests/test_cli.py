@@ -1,0 +1,72 @@
+"""The `mmrag` CLI as a person uses it: summaries, exit codes, and one-line errors (never a
+traceback) when a server is down."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from starters.synthetic_corpus import write_corpus
+from tests.conftest import ServerStack, Workers
+from workers.settings import REPO_ROOT
+
+
+def mmrag(
+    env: dict[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "starters.cli", *args],
+        env={**env, "COLUMNS": "200"},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_ingest_wait_prints_a_summary_with_reasons(
+    test_stack: ServerStack, worker: Workers, tmp_path: Path
+) -> None:
+    write_corpus(tmp_path / "c", per_class=1, seed=13)
+    (tmp_path / "c" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
+    tenant = f"cli-{uuid.uuid4().hex[:6]}"
+    out = mmrag(test_stack.env, "ingest", str(tmp_path / "c"), "--tenant", tenant, "--wait")
+    assert out.returncode == 1, out.stderr  # one object failed
+    assert "18 ingested" in out.stdout and "1 failed" in out.stdout
+    assert "broken.png" in out.stdout and "corrupt or truncated" in out.stdout
+    again = mmrag(test_stack.env, "ingest", str(tmp_path / "c"), "--tenant", tenant, "--wait")
+    assert "18 unchanged" in again.stdout
+
+
+def test_temporal_down_is_one_line(test_stack: ServerStack, tmp_path: Path) -> None:
+    env = {**test_stack.env, "TEMPORAL_ADDRESS": f"127.0.0.1:{closed_port()}"}
+    out = mmrag(env, "ingest", str(tmp_path), "--tenant", "t")
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "cannot reach Temporal" in out.stderr and "mmrag stack up" in out.stderr
+
+
+def test_postgres_down_is_one_line(test_stack: ServerStack) -> None:
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/mmrag"
+    out = mmrag({**test_stack.env, "MMRAG_DATABASE_URL": url}, "search", "a red circle")
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "Postgres is unreachable" in out.stderr
+
+
+def test_user_errors_say_what_to_do(test_stack: ServerStack) -> None:
+    out = mmrag(test_stack.env, "ask", "--filter", "colour=red", "x")
+    assert out.returncode == 2 and "not a filter" in out.stderr and "Traceback" not in out.stderr
+    out = mmrag(test_stack.env, "ingest", "s3://bucket/x")
+    assert out.returncode == 2 and "unsupported URI scheme" in out.stderr
+    out = mmrag(test_stack.env, "forget", "--tenant", "t")
+    assert out.returncode == 2 and "--asset-id" in out.stderr
