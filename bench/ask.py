@@ -160,6 +160,29 @@ class BenchStack(Stack):
 
 
 # -- statistics ------------------------------------------------------------------------------
+def bench_env(
+    state: Path, endpoints: dict[str, str], llm_url: str, torch_threads: int, grace_s: int
+) -> dict[str, str]:
+    """The environment of a benchmark's workers (and its own process): the tiny model, the
+    bench stack, the LLM test server; Temporal profile variables of the caller removed."""
+    env = {
+        **os.environ,
+        **TINY_ENV,
+        "MMRAG_TORCH_THREADS": str(torch_threads),
+        "MMRAG_STATE_DIR": str(state),
+        "MMRAG_GRACEFUL_SHUTDOWN_SECONDS": str(grace_s),
+        "TEMPORAL_ADDRESS": endpoints["temporal_address"],
+        "TEMPORAL_NAMESPACE": "default",
+        "OPENAI_BASE_URL": llm_url,
+        "OPENAI_API_KEY": "bench-key",
+        "MMRAG_LLM_MODEL": "bench-llm",
+    }
+    for inherited in ("TEMPORAL_PROFILE", "TEMPORAL_API_KEY", "TEMPORAL_CONFIG_FILE"):
+        env.pop(inherited, None)
+        os.environ.pop(inherited, None)
+    return env
+
+
 def pct(values: list[float], q: float) -> float:
     """Nearest-rank percentile (p99 of 50 values is the slowest one)."""
     s = sorted(values)
@@ -1335,21 +1358,7 @@ def main() -> None:
     try:
         endpoints = stack.up()
         llm.start()
-        env = {
-            **os.environ,
-            **TINY_ENV,
-            "MMRAG_TORCH_THREADS": str(args.torch_threads),
-            "MMRAG_STATE_DIR": str(state),
-            "MMRAG_GRACEFUL_SHUTDOWN_SECONDS": "2",
-            "TEMPORAL_ADDRESS": endpoints["temporal_address"],
-            "TEMPORAL_NAMESPACE": "default",
-            "OPENAI_BASE_URL": llm.base_url,
-            "OPENAI_API_KEY": "bench-key",
-            "MMRAG_LLM_MODEL": "bench-llm",
-        }
-        for inherited in ("TEMPORAL_PROFILE", "TEMPORAL_API_KEY", "TEMPORAL_CONFIG_FILE"):
-            env.pop(inherited, None)
-            os.environ.pop(inherited, None)
+        env = bench_env(state, endpoints, llm.base_url, args.torch_threads, grace_s=2)
         os.environ.update(env)
         get_settings.cache_clear()
         print(f"stack up in {time.perf_counter() - t0:.1f} s ({state})", flush=True)
