@@ -7,7 +7,7 @@
  * tests/test_starters.py checks that every interface here matches its Python dataclass.
  */
 
-export const CONTRACT_VERSION = 1;
+export const CONTRACT_VERSION = 2;
 
 // Task queues. Starters only ever use TASK_QUEUE: the workflows route their own activities
 // to the GPU queues.
