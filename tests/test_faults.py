@@ -70,3 +70,33 @@ async def test_server_restart_mid_ingest_loses_nothing(
     wait_searchable(tenant, 144)
     answer = await ask(client, AskInput(tenant, text="a red circle", generate=False))
     assert answer.sources
+
+
+@pytest.mark.parametrize("server", ["temporal", "postgres"])
+async def test_asks_in_flight_finish_after_a_server_restart(
+    test_stack: ServerStack, worker: Workers, client: Client, tmp_path: Path, server: str
+) -> None:
+    """Asks started just before a server stops complete once it is back: none is lost."""
+    tenant = f"ask-restart-{server}-{uuid.uuid4().hex[:6]}"
+    write_corpus(tmp_path / "c", per_class=1, seed=31)
+    ingest = await start_ingest(client, tenant, [str(tmp_path / "c")])
+    await asyncio.wait_for(ingest.result(), timeout=120)
+    wait_searchable(tenant, 18)
+    from workflows.contracts import ASK_WORKFLOW, TASK_QUEUE, AskResult
+
+    handles = [
+        await client.start_workflow(
+            ASK_WORKFLOW,
+            AskInput(tenant, text=f"a red circle number {i}", generate=False),
+            id=f"ask-restart-{server}-{uuid.uuid4().hex}",
+            task_queue=TASK_QUEUE,
+            result_type=AskResult,
+        )
+        for i in range(8)
+    ]
+    await asyncio.to_thread(test_stack.stack.stop_service, server)
+    await asyncio.sleep(1)
+    await asyncio.to_thread(test_stack.stack.start_service, server)
+    results = await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), timeout=120)
+    assert all(r.sources for r in results)
+    assert worker.alive()
