@@ -74,10 +74,18 @@ def create_version(
     checkpoint: str,
     dim: int,
     actor: str,
+    first: bool = False,
 ) -> IndexTarget:
-    """A new ``building`` version; the same workflow asking twice gets the same version."""
+    """Record a new version: ``building`` for a re-index, or (``first``) the ``active`` one
+    of an empty installation, unless a concurrent start already created it."""
     with Session(engine) as session, session.begin():
         session.execute(func.pg_advisory_xact_lock(_LOCK))
+        if first:
+            active = session.scalars(
+                select(IndexVersion).where(IndexVersion.state == "active")
+            ).first()
+            if active is not None:
+                return target(active)
         version = (session.scalar(select(func.max(IndexVersion.version))) or 0) + 1
         row = IndexVersion(
             version=version,
@@ -86,7 +94,8 @@ def create_version(
             pretrained=pretrained,
             checkpoint=checkpoint,
             dim=dim,
-            state="building",
+            state="active" if first else "building",
+            activated_at=func.now() if first else None,
         )
         session.add(row)
         write_audit(

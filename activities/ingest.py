@@ -61,14 +61,15 @@ class IngestActivities:
     def create_first_index(self, inp: CreateIndexInput) -> IndexTarget:
         """Create version 1 (collection + alias) for the encoder's model; idempotent."""
         info = activity.info()
-        target = registry.create_first_index(
+        target = index_versions.create_version(
             self.engine,
             self.settings.collection_prefix,
             inp.model,
             inp.pretrained,
+            inp.checkpoint,
             inp.dim,
             actor=info.workflow_id,
-            checkpoint=inp.checkpoint,
+            first=True,
         )
         store = get_store(
             self.settings.milvus_endpoint(), self.settings.milvus_token.get_secret_value()

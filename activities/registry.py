@@ -79,58 +79,22 @@ def _target(row: IndexVersion) -> IndexTarget:
     )
 
 
+def _ref(row: Asset) -> ObjectRef:
+    """A registry row as the object reference the encoder works from."""
+    return ObjectRef(
+        uri=row.uri,
+        generation=row.generation,
+        size=row.size_bytes,
+        asset_id=row.asset_id,
+        media_type=row.media_type,
+        created_at=row.object_created_at,
+    )
+
+
 def active_index(engine: Engine) -> IndexTarget | None:
     with Session(engine) as session:
         row = session.scalars(select(IndexVersion).where(IndexVersion.state == "active")).first()
         return _target(row) if row else None
-
-
-def create_first_index(
-    engine: Engine,
-    prefix: str,
-    model: str,
-    pretrained: str,
-    dim: int,
-    actor: str,
-    checkpoint: str = "",
-) -> IndexTarget:
-    """Record version 1 as active unless some version already is (a concurrent start)."""
-    with Session(engine) as session, session.begin():
-        session.execute(func.pg_advisory_xact_lock(0x6D6D726167))  # serialise first creation
-        row = session.scalars(select(IndexVersion).where(IndexVersion.state == "active")).first()
-        if row is not None:
-            return _target(row)
-        version = (session.scalar(select(func.max(IndexVersion.version))) or 0) + 1
-        row = IndexVersion(
-            version=version,
-            collection=f"{prefix}_v{version}",
-            model=model,
-            pretrained=pretrained,
-            checkpoint=checkpoint,
-            dim=dim,
-            state="active",
-            activated_at=func.now(),
-        )
-        session.add(row)
-        session.flush()
-        write_audit(
-            session,
-            [
-                AuditRecord(
-                    tenant="*",
-                    action="index.create",
-                    idempotency_key=f"index.create/{version}",
-                    actor=actor,
-                    details={
-                        "version": version,
-                        "model": model,
-                        "pretrained": pretrained,
-                        "dim": dim,
-                    },
-                )
-            ],
-        )
-        return _target(row)
 
 
 @dataclass
@@ -196,14 +160,7 @@ def live_assets_page(
     assets = [
         LiveAsset(
             r.tenant,
-            ObjectRef(
-                uri=r.uri,
-                generation=r.generation,
-                size=r.size_bytes,
-                asset_id=r.asset_id,
-                media_type=r.media_type,
-                created_at=r.object_created_at,
-            ),
+            _ref(r),
         )
         for r in rows
     ]
@@ -279,14 +236,7 @@ def items_by_key(engine: Engine, keys: Sequence[tuple[str, str]]) -> list[Reinde
     return [
         ReindexItem(
             r.tenant,
-            ObjectRef(
-                uri=r.uri,
-                generation=r.generation,
-                size=r.size_bytes,
-                asset_id=r.asset_id,
-                media_type=r.media_type,
-                created_at=r.object_created_at,
-            ),
+            _ref(r),
             dict(r.tags or {}),
         )
         for r in rows
