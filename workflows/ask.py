@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributePair
+from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -149,9 +149,9 @@ class Ask:
         stage_ms["finalize"] = final.ms
         workflow.upsert_search_attributes(
             [
-                SearchAttributePair(TENANT_KEY, inp.tenant),
-                SearchAttributePair(INDEX_VERSION_KEY, retrieval.index_version),
-                SearchAttributePair(OUTCOME_KEY, "degraded" if degraded else final.answer_kind),
+                TENANT_KEY.value_set(inp.tenant),
+                INDEX_VERSION_KEY.value_set(retrieval.index_version),
+                OUTCOME_KEY.value_set("degraded" if degraded else final.answer_kind),
             ]
         )
         return AskResult(

@@ -11,7 +11,6 @@ from __future__ import annotations
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import SearchAttributePair
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -31,9 +30,9 @@ class Forget:
                 type="BadForget",
                 non_retryable=True,
             )
-        attributes = [SearchAttributePair(TENANT_KEY, inp.tenant)]
+        attributes = [TENANT_KEY.value_set(inp.tenant)]
         if inp.asset_id:
-            attributes.append(SearchAttributePair(ASSET_ID_KEY, inp.asset_id))
+            attributes.append(ASSET_ID_KEY.value_set(inp.asset_id))
         workflow.upsert_search_attributes(attributes)
         result = ForgetResult(tenant=inp.tenant, forgotten=0, objects_deleted=0)
         after = ""
@@ -62,5 +61,5 @@ class Forget:
             after = page.next_after
             if not after:
                 break
-        workflow.upsert_search_attributes([SearchAttributePair(OUTCOME_KEY, "forgotten")])
+        workflow.upsert_search_attributes([OUTCOME_KEY.value_set("forgotten")])
         return result

@@ -13,7 +13,6 @@ from datetime import timedelta
 from typing import Optional
 
 from temporalio import workflow
-from temporalio.common import SearchAttributePair
 
 with workflow.unsafe.imports_passed_through():
     from workflows.activity_payloads import (
@@ -64,11 +63,12 @@ PAGES_PER_RUN = 20
 
 async def resolve_index() -> IndexTarget:
     """The active index version, creating version 1 from the encoder's model if none exists."""
-    target = await workflow.execute_activity(
+    target = await workflow.execute_activity(  # type: ignore[call-overload]
         RESOLVE_INDEX,
         start_to_close_timeout=timedelta(seconds=30),
         retry_policy=DB_RETRY,
-        result_type=Optional[IndexTarget],  # noqa: UP045 - a runtime type for the converter
+        # A runtime type for the converter (None: nothing indexed yet); typeshed wants a class.
+        result_type=Optional[IndexTarget],  # noqa: UP045
         summary="active index version",
     )
     if target is not None:
@@ -208,10 +208,10 @@ class IngestBatch:
         index = await resolve_index()
         workflow.upsert_search_attributes(
             [
-                SearchAttributePair(TENANT_KEY, inp.tenant),
-                SearchAttributePair(SOURCE_KEY, ",".join(inp.sources)[:256]),
-                SearchAttributePair(INDEX_VERSION_KEY, index.version),
-                SearchAttributePair(OUTCOME_KEY, "running"),
+                TENANT_KEY.value_set(inp.tenant),
+                SOURCE_KEY.value_set(",".join(inp.sources)[:256]),
+                INDEX_VERSION_KEY.value_set(index.version),
+                OUTCOME_KEY.value_set("running"),
             ]
         )
         batch_size = inp.batch_size or 32
@@ -263,9 +263,7 @@ class IngestBatch:
                             totals=self._totals,
                         )
                     )
-        workflow.upsert_search_attributes(
-            [SearchAttributePair(OUTCOME_KEY, outcome_label(self._totals))]
-        )
+        workflow.upsert_search_attributes([OUTCOME_KEY.value_set(outcome_label(self._totals))])
         return result_of(inp.tenant, index, self._totals)
 
     @workflow.query(name="progress")
@@ -295,9 +293,9 @@ class IngestAsset:
         index = await resolve_index()
         workflow.upsert_search_attributes(
             [
-                SearchAttributePair(TENANT_KEY, inp.tenant),
-                SearchAttributePair(SOURCE_KEY, inp.uri[:256]),
-                SearchAttributePair(INDEX_VERSION_KEY, index.version),
+                TENANT_KEY.value_set(inp.tenant),
+                SOURCE_KEY.value_set(inp.uri[:256]),
+                INDEX_VERSION_KEY.value_set(index.version),
             ]
         )
         totals = IngestTotals()
@@ -315,7 +313,7 @@ class IngestAsset:
         count(totals, page.unchanged + page.rejected)
         asset_ids = [o.asset_id for o in page.to_encode + page.unchanged + page.rejected]
         if asset_ids and asset_ids[0]:
-            workflow.upsert_search_attributes([SearchAttributePair(ASSET_ID_KEY, asset_ids[0])])
+            workflow.upsert_search_attributes([ASSET_ID_KEY.value_set(asset_ids[0])])
         if page.to_encode:
             outcomes = await encode_and_record(
                 inp.tenant,
@@ -326,5 +324,5 @@ class IngestAsset:
                 page.extra_targets,
             )
             count(totals, outcomes)
-        workflow.upsert_search_attributes([SearchAttributePair(OUTCOME_KEY, outcome_label(totals))])
+        workflow.upsert_search_attributes([OUTCOME_KEY.value_set(outcome_label(totals))])
         return result_of(inp.tenant, index, totals)

@@ -21,7 +21,6 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 
 from temporalio import workflow
-from temporalio.common import SearchAttributePair
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -88,15 +87,15 @@ class Reindex:
             )
         workflow.upsert_search_attributes(
             [
-                SearchAttributePair(TENANT_KEY, inp.tenant or "*"),
-                SearchAttributePair(OUTCOME_KEY, "running"),
+                TENANT_KEY.value_set(inp.tenant or "*"),
+                OUTCOME_KEY.value_set("running"),
             ]
         )
         if inp.mode == ROLLBACK:
             return await self._rollback()
         target = await self._begin()
         inp.target_version = target.version
-        workflow.upsert_search_attributes([SearchAttributePair(INDEX_VERSION_KEY, target.version)])
+        workflow.upsert_search_attributes([INDEX_VERSION_KEY.value_set(target.version)])
         try:
             if inp.phase in ("", "embedding"):
                 await self._embed_pages(target)  # may continue as new
@@ -234,7 +233,7 @@ class Reindex:
                 retry_policy=DB_RETRY,
                 summary="record the successful run",
             )
-            workflow.upsert_search_attributes([SearchAttributePair(OUTCOME_KEY, "completed")])
+            workflow.upsert_search_attributes([OUTCOME_KEY.value_set("completed")])
             return ReindexResult(
                 inp.mode,
                 inp.tenant,
@@ -276,7 +275,7 @@ class Reindex:
             summary=f"swap alias to v{target.version}",
         )
         inp.phase = "done"
-        workflow.upsert_search_attributes([SearchAttributePair(OUTCOME_KEY, "swapped")])
+        workflow.upsert_search_attributes([OUTCOME_KEY.value_set("swapped")])
         return ReindexResult(
             inp.mode,
             inp.tenant,
@@ -297,7 +296,7 @@ class Reindex:
             result_type=SwapResult,
             summary="roll the alias back",
         )
-        workflow.upsert_search_attributes([SearchAttributePair(OUTCOME_KEY, "rolled_back")])
+        workflow.upsert_search_attributes([OUTCOME_KEY.value_set("rolled_back")])
         return ReindexResult(
             ROLLBACK, "", swap.active_version, swap.previous_version, 0, 0, 0, True
         )

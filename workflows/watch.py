@@ -14,7 +14,6 @@ from dataclasses import replace
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import SearchAttributePair
 
 with workflow.unsafe.imports_passed_through():
     from workflows.common import SOURCE_KEY, TENANT_KEY
@@ -33,8 +32,8 @@ class WatchPrefix:
     async def run(self, inp: WatchPrefixInput) -> IngestResult:
         workflow.upsert_search_attributes(
             [
-                SearchAttributePair(TENANT_KEY, inp.tenant),
-                SearchAttributePair(SOURCE_KEY, inp.prefix[:256]),
+                TENANT_KEY.value_set(inp.tenant),
+                SOURCE_KEY.value_set(inp.prefix[:256]),
             ]
         )
         result = await workflow.execute_child_workflow(
