@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from activities.models import Asset, IndexVersion, ReindexRun
 from activities.registry import AuditRecord, write_audit
+from activities.registry import index_target as target
 from workflows.contracts import INGESTED, IndexTarget
 
 # Staleness after which a "running" re-index row no longer blocks a new run (the
@@ -28,17 +29,6 @@ _LOCK = 0x6D6D726167  # one advisory lock for every index-version state change
 
 class ReindexConflict(Exception):
     """Another re-index of an overlapping tenant scope is running."""
-
-
-def target(row: IndexVersion) -> IndexTarget:
-    return IndexTarget(
-        version=row.version,
-        collection=row.collection,
-        model=row.model,
-        pretrained=row.pretrained,
-        dim=row.dim,
-        checkpoint=row.checkpoint or "",
-    )
 
 
 def writable(engine: Engine) -> list[IndexTarget]:

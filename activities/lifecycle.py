@@ -157,7 +157,9 @@ class LifecycleActivities:
             by_tenant[tenant].append(asset_id)
         for tenant, ids in by_tenant.items():
             for i in range(0, len(ids), 1000):
-                self.store.delete_assets(inp.target.collection, tenant, ids[i : i + 1000])
+                self.store.delete_assets(
+                    inp.target.collection, tenant, ids[i : i + 1000], strong=True
+                )
         stale = [key for key, gen in live.items() if indexed.get(key) != gen][: inp.limit]
         items = registry.items_by_key(self.engine, stale)
         return ReconcileResult(
@@ -204,7 +206,7 @@ class LifecycleActivities:
         versions = index_versions.all_live(self.engine)
         for target in versions:
             if ids:
-                self.store.delete_assets(target.collection, inp.tenant, ids)
+                self.store.delete_assets(target.collection, inp.tenant, ids, strong=True)
         deleted = 0
         if inp.delete_object:
             for _asset_id, uri, _gen in candidates:

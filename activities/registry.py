@@ -68,7 +68,8 @@ def write_audit(session: Session, records: Iterable[AuditRecord]) -> None:
         )
 
 
-def _target(row: IndexVersion) -> IndexTarget:
+def index_target(row: IndexVersion) -> IndexTarget:
+    """An index version as the workflows see it."""
     return IndexTarget(
         version=row.version,
         collection=row.collection,
@@ -94,7 +95,7 @@ def _ref(row: Asset) -> ObjectRef:
 def active_index(engine: Engine) -> IndexTarget | None:
     with Session(engine) as session:
         row = session.scalars(select(IndexVersion).where(IndexVersion.state == "active")).first()
-        return _target(row) if row else None
+        return index_target(row) if row else None
 
 
 @dataclass

@@ -225,9 +225,25 @@ class VectorStore:
             expr += f" and not ({in_list('pk', keep_pks)})"
         self.client.delete(collection, filter=expr)
 
-    def delete_assets(self, collection: str, tenant: str, asset_ids: Sequence[str]) -> None:
+    def delete_assets(
+        self, collection: str, tenant: str, asset_ids: Sequence[str], strong: bool = False
+    ) -> None:
+        """Delete every chunk of these assets.
+
+        Milvus resolves a delete-by-expression with a query at its default (bounded)
+        consistency, so rows inserted a moment ago can survive it. ``strong`` reads the
+        primary keys with Strong consistency first and deletes those: forget and
+        re-index reconciliation use it, since a resurrected row there is a correctness bug.
+        """
         expr = f"tenant == {literal(tenant)} and {in_list('asset_id', asset_ids)}"
-        self.client.delete(collection, filter=expr)
+        if not strong:
+            self.client.delete(collection, filter=expr)
+            return
+        rows = self.client.query(
+            collection, filter=expr, output_fields=["pk"], consistency_level="Strong", limit=16384
+        )
+        if rows:
+            self.client.delete(collection, ids=[r["pk"] for r in rows])
 
     def drop(self, collection: str) -> None:
         with self._lock:

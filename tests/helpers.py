@@ -213,3 +213,37 @@ def decoded_colour(name: str, image: Image.Image) -> tuple[int, int, int]:
 
 def close_colour(a: tuple[int, int, int], b: tuple[int, int, int], tolerance: int = 12) -> bool:
     return all(abs(x - y) <= tolerance for x, y in zip(a, b, strict=True))
+
+
+def temporal_execute(address: str, workflow_type: str, payload: dict, workflow_id: str) -> dict:  # type: ignore[type-arg]
+    """Run a workflow by name with JSON input through the `temporal` CLI, as another
+    backend would, and return its JSON result."""
+    import json
+    import subprocess
+
+    from workers.settings import REPO_ROOT
+
+    out = subprocess.run(
+        [
+            str(REPO_ROOT / ".venv" / "bin" / "temporal"),
+            "workflow",
+            "execute",
+            "--address",
+            address,
+            "--type",
+            workflow_type,
+            "--task-queue",
+            "mmrag",
+            "--workflow-id",
+            workflow_id,
+            "--input",
+            json.dumps(payload),
+            "--output",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return dict(json.loads(out.stdout)["result"])

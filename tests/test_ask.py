@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import os
-import subprocess
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from starters.ask import ask
 from starters.ingest import start_ingest
 from starters.synthetic_corpus import render, write_corpus
 from tests.conftest import LLM_API_KEY, ServerStack, Workers
-from tests.helpers import audit_events, milvus_pks, wait_searchable
+from tests.helpers import audit_events, milvus_pks, temporal_execute, wait_searchable
 from tests.llm_server import LlmTestServer
 from workflows.contracts import AskFilters, AskInput, AskResult
 
@@ -260,32 +259,10 @@ async def test_pii_never_reaches_the_llm_or_the_audit_trail(
 
 
 async def test_ask_started_from_temporal_cli(corpus: Corpus, test_stack: ServerStack) -> None:
-    temporal = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "temporal"
     payload = {"tenant": corpus.tenant, "text": "a yellow circle", "generate": False, "top_k": 3}
-    out = subprocess.run(
-        [
-            str(temporal),
-            "workflow",
-            "execute",
-            "--address",
-            test_stack.endpoints["temporal_address"],
-            "--type",
-            "Ask",
-            "--task-queue",
-            "mmrag",
-            "--workflow-id",
-            f"cli-ask-{uuid.uuid4().hex[:6]}",
-            "--input",
-            json.dumps(payload),
-            "--output",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
+    result = temporal_execute(
+        test_stack.endpoints["temporal_address"], "Ask", payload, f"cli-ask-{uuid.uuid4().hex[:6]}"
     )
-    result = json.loads(out.stdout)["result"]
     assert len(result["sources"]) == 3
     assert result["sources"][0]["uri"].rsplit("/", 1)[-1].startswith("yellow-circle-")
     assert result["answer_kind"] == "extractive"

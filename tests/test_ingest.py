@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from tests.helpers import (
     milvus_pks,
     registry_rows,
     store,
+    temporal_execute,
     wait_searchable,
     write_bad_corpus,
 )
@@ -199,33 +198,9 @@ async def test_started_from_temporal_cli_with_json(
     """Another backend starts IngestBatch by name with JSON input and gets JSON back."""
     write_corpus(tmp_path / "cli", per_class=1, seed=4)
     payload = {"tenant": tenant, "sources": [(tmp_path / "cli").resolve().as_uri()]}
-    temporal = Path(os.environ.get("VIRTUAL_ENV", ".venv")) / "bin" / "temporal"
-    if not temporal.exists():
-        temporal = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "temporal"
-    out = subprocess.run(
-        [
-            str(temporal),
-            "workflow",
-            "execute",
-            "--address",
-            test_stack.endpoints["temporal_address"],
-            "--type",
-            "IngestBatch",
-            "--task-queue",
-            "mmrag",
-            "--workflow-id",
-            f"cli-{tenant}",
-            "--input",
-            json.dumps(payload),
-            "--output",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
+    result = temporal_execute(
+        test_stack.endpoints["temporal_address"], "IngestBatch", payload, f"cli-{tenant}"
     )
-    result = json.loads(out.stdout)["result"]
     assert result["tenant"] == tenant
     assert (result["ingested"], result["failed"], result["vectors"]) == (18, 0, 18)
     assert len(milvus_pks(tenant)) == 18
