@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from temporalio import activity
 
 from activities import metrics, registry
-from activities.generation import SourceChunk, extractive_answer, fuse_prompt
+from activities.generation import SourceChunk, extractive_answer, fuse_prompt, redacted_chunk
 from activities.guardrails import I_DONT_KNOW, insert_citations, redact_pii, validate_answer
 from activities.vectors import compile_filters, get_store
 from workers.settings import Settings
@@ -23,6 +23,8 @@ from workflows.activity_payloads import (
     RETRIEVE,
     FinalAnswer,
     FinalizeInput,
+    Fusion,
+    FusionChunk,
     Retrieval,
     RetrieveInput,
 )
@@ -146,6 +148,21 @@ class AskActivities:
             token_budget=self.settings.prompt_token_budget,
             per_chunk_tokens=self.settings.prompt_chunk_tokens,
         )
+        fusion = None
+        if prompt.shortened and self.settings.llm_summarize_chunks:
+            # Over-cap sources: the generate worker may summarise them with the LLM and fuse
+            # again. Only redacted text goes in the payload (and so in the history).
+            used = set(prompt.used)
+            fusion = Fusion(
+                question=prompt.question,
+                sources=[
+                    FusionChunk(r.id, r.media_type, r.chunk, r.caption, r.snippet)
+                    for r in (redacted_chunk(c) for c in chunks if c.id in used)
+                ],
+                shortened=prompt.shortened,
+                token_budget=self.settings.prompt_token_budget,
+                per_chunk_tokens=self.settings.prompt_chunk_tokens,
+            )
         metrics.observe("retrieval_seconds", time.perf_counter() - started)
         return Retrieval(
             index_version=inp.index_version,
@@ -156,6 +173,7 @@ class AskActivities:
             extractive_answer=extractive_answer(inp.question, chunks) if chunks else "",
             ms=_ms(started),
             context=prompt.context,
+            fusion=fusion,
         )
 
     @activity.defn(name=FINALIZE_ANSWER)
@@ -181,8 +199,8 @@ class AskActivities:
                         tenant=inp.tenant,
                         action="query.ask",
                         idempotency_key=f"{info.workflow_run_id}/query.ask",
-                        workflow_id=info.workflow_id,
-                        run_id=info.workflow_run_id,
+                        workflow_id=info.workflow_id or "",
+                        run_id=info.workflow_run_id or "",
                         details={
                             "question_sha256": hashlib.sha256(inp.question.encode()).hexdigest(),
                             "sources": [s.asset_id for s in inp.sources],

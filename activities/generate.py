@@ -4,6 +4,11 @@ Transient failures (429, 5xx, timeouts) raise a retryable error, so Temporal's r
 policy backs off; an open breaker and permanent rejections raise non-retryable errors
 the ``Ask`` workflow turns into a degraded answer. With no LLM configured the activity
 says so and the workflow keeps its extractive answer.
+
+Sources cut to the per-chunk cap arrive with their redacted text (``GenerateInput.fusion``)
+and are summarised here by the LLM before the answer is asked for: the LLM is only reachable
+from this queue, and doing it in this activity adds no hop to the ``Ask`` path. A summary
+that fails only costs that chunk its LLM summary (it keeps the extractive one).
 """
 
 from __future__ import annotations
@@ -19,17 +24,20 @@ from temporalio.exceptions import ApplicationError
 
 from activities import metrics
 from activities.generation import (
+    ChunkSummary,
     FusedPrompt,
     LlmConfig,
     LlmUnavailableError,
     PermanentLlmError,
+    SourceChunk,
     TransientLlmError,
+    fuse_with_llm_summaries,
     get_generator,
 )
 from activities.media import BadMediaError, decode_image
 from activities.storage import ObjectMissingError, UnsupportedUriError, store_for
 from workers.settings import Settings, get_settings
-from workflows.activity_payloads import GENERATE, GenerateInput, Generation
+from workflows.activity_payloads import GENERATE, Fusion, GenerateInput, Generation
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +70,28 @@ class GenerateActivities:
             urls.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode())
         return urls
 
+    def summarized_prompt(self, fusion: Fusion) -> tuple[FusedPrompt, dict[str, ChunkSummary]]:
+        """The prompt fused again with the LLM's summaries of the shortened sources."""
+        assert self.generator is not None
+        sources = [
+            SourceChunk(c.id, "", "", c.chunk, c.media_type, 0.0, c.snippet, c.caption)
+            for c in fusion.sources
+        ]
+        timeout_s = min(self.settings.llm_summary_timeout_s, self.config.timeout_s)
+        prompt, results = fuse_with_llm_summaries(
+            self.generator,
+            fusion.question,
+            sources,
+            fusion.shortened,
+            fusion.token_budget,
+            fusion.per_chunk_tokens,
+            timeout_s=timeout_s,
+        )
+        for sid, r in results.items():
+            if r.reason:
+                log.info("chunk %s: extractive summary (%s)", sid, r.reason)
+        return prompt, results
+
     @activity.defn(name=GENERATE)
     def generate(self, inp: GenerateInput) -> Generation:
         started = time.perf_counter()
@@ -74,6 +104,12 @@ class GenerateActivities:
             tokens=0,
             redactions={},
         )
+        summaries: dict[str, ChunkSummary] = {}
+        summarize_ms = 0.0
+        if inp.fusion is not None and self.settings.llm_summarize_chunks:
+            t0 = time.perf_counter()
+            prompt, summaries = self.summarized_prompt(inp.fusion)
+            summarize_ms = round((time.perf_counter() - t0) * 1000, 2)
         try:
             result = self.generator.generate(
                 prompt,
@@ -99,4 +135,7 @@ class GenerateActivities:
             model=result.model,
             ms=round((time.perf_counter() - started) * 1000, 2),
             cached=result.cached,
+            context=prompt.context if summaries else "",
+            summaries={sid: r.method for sid, r in summaries.items()},
+            summarize_ms=summarize_ms,
         )

@@ -385,3 +385,38 @@ def validate_answer(
             score,
         )
     return ValidationResult(True, "", cited, score)
+
+
+def validate_summary(
+    summary: str,
+    source_text: str,
+    *,
+    min_grounding: float = DEFAULT_MIN_GROUNDING,
+) -> ValidationResult:
+    """Check an LLM summary of one source chunk before it replaces the chunk in a prompt.
+
+    A summary is shown to the answering model *instead of* its source, so a made-up one
+    would let a made-up answer pass :func:`validate_answer` (which measures grounding
+    against the prompt's context). It fails when empty, when it abstains, when it carries
+    citation markers (the prompt's ``[S#]`` headers are the only ones), or when fewer than
+    ``min_grounding`` of its content words occur in ``source_text`` (the chunk as sent to
+    be summarised). The caller then falls back to the extractive summary.
+    """
+    text = (summary or "").strip()
+    if not text:
+        return ValidationResult(False, "empty summary")
+    cited = extract_citations(text)
+    if cited:
+        return ValidationResult(False, "a summary must not cite sources", cited)
+    if _ABSTAIN_RE.search(text) and len(content_words(text)) <= 12:
+        return ValidationResult(False, "the model declined to summarise")
+    score = grounding_score(text, source_text)
+    if score < min_grounding:
+        return ValidationResult(
+            False,
+            f"summary not grounded in its chunk: {score:.0%} of its content words occur in "
+            f"it (needs {min_grounding:.0%})",
+            [],
+            score,
+        )
+    return ValidationResult(True, "", [], score)

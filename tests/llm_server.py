@@ -17,7 +17,14 @@ Behaviour is switched at run time with :meth:`LlmTestServer.set_mode`:
 - ``"fail"``: HTTP 500 on every request;
 - ``"down"``: the connection is closed without a response;
 - ``"hallucinate"``: a fluent answer citing ``[S9]``, grounded in nothing;
-- ``"status"``: HTTP ``status`` (e.g. 400, 404) with an OpenAI-style error body.
+- ``"status"``: HTTP ``status`` (e.g. 400, 404) with an OpenAI-style error body;
+- ``"empty"``: HTTP 200 with empty content.
+
+Chunk summarisation requests (:func:`is_summary_request`: the generator's summary system
+prompt) are answered in ``ok`` mode with :func:`summary_answer` (the passage's own
+sentences, last first, within the request's token cap) and follow the same mode, unless
+:meth:`LlmTestServer.set_summary_mode` gives them their own (say ``"fail"`` for summaries
+while answers still work).
 
 With ``api_key=`` set, requests without ``Authorization: Bearer <api_key>`` get a 401 whose
 message echoes the key that was sent (as some providers do, partially masked), so tests can
@@ -28,6 +35,7 @@ prove the client side never repeats it.
         srv.set_mode("throttle", count=3)
         srv.requests            # every request body (parsed JSON), in arrival order
         srv.request_count
+        srv.summary_requests    # the summarisation requests among them
 """
 
 from __future__ import annotations
@@ -41,7 +49,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
-MODES = ("ok", "slow", "throttle", "fail", "down", "hallucinate", "status")
+MODES = ("ok", "slow", "throttle", "fail", "down", "hallucinate", "status", "empty")
+HALLUCINATION = "The Eiffel Tower was painted purple in 1850 by Napoleon's engineers [S9]."
+# How activities.generation's summary system prompt starts (kept literal: a test server
+# that imported the code under test would agree with it by construction).
+SUMMARY_PROMPT_START = "You condense one source passage"
 
 _SOURCE_RE = re.compile(r"^\[S1\][^\n]*\n(?P<body>.*?)(?=\n\n\[S\d+\]|\n\nAnswer |\Z)", re.S | re.M)
 
@@ -57,6 +69,35 @@ def user_text(body: dict[str, Any]) -> str:
         if isinstance(content, list):
             return "\n".join(p.get("text", "") for p in content if p.get("type") == "text")
     return ""
+
+
+def is_summary_request(body: dict[str, Any]) -> bool:
+    """Whether a chat request asks to summarise a chunk (rather than answer a question)."""
+    for msg in body.get("messages") or []:
+        if msg.get("role") == "system" and str(msg.get("content", "")).startswith(
+            SUMMARY_PROMPT_START
+        ):
+            return True
+    return False
+
+
+def summary_answer(body: dict[str, Any]) -> str:
+    """The ``ok`` summary: the passage's sentences in reverse order (so it differs from any
+    extractive summary, which keeps document order), skipping any that would take it past
+    a third of the request's token cap in words; every word is the passage's own, so it is
+    grounded."""
+    passage = user_text(body).split("\nPassage:\n", 1)[-1]
+    cap = int(body.get("max_tokens") or body.get("max_completion_tokens") or 64)
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n+", passage) if s.strip()]
+    out: list[str] = []
+    words = 0
+    for sentence in reversed(sentences):
+        n = len(sentence.split())
+        if words + n > cap // 3:
+            continue
+        out.append(sentence.strip())
+        words += n
+    return " ".join(out)
 
 
 def grounded_answer(user: str) -> str:
@@ -131,8 +172,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # server stopping: drop the request
             return
         user = user_text(body)
-        if mode == "hallucinate":
-            text = "The Eiffel Tower was painted purple in 1850 by Napoleon's engineers [S9]."
+        if mode == "empty":
+            text = ""
+        elif mode == "hallucinate":
+            text = HALLUCINATION
+        elif is_summary_request(body):
+            text = summary_answer(body)
         else:
             text = grounded_answer(user)
         prompt_tokens = max(1, len(json.dumps(body.get("messages", ""))) // 4)
@@ -194,6 +239,8 @@ class LlmTestServer:
         self._mode = "ok"
         self._params: dict[str, Any] = {}
         self._throttle_left = 0
+        self._summary_mode: str | None = None
+        self._summary_params: dict[str, Any] = {}
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self._httpd: _Server | None = None
@@ -213,9 +260,30 @@ class LlmTestServer:
             self._params = params
             self._throttle_left = int(params.get("count", 1)) if mode == "throttle" else 0
 
+    def set_summary_mode(self, mode: str | None, **params: Any) -> None:
+        """Give chunk summarisation requests their own behaviour (one of :data:`MODES`;
+        ``None``: the same as every request). Throttling counts are shared."""
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; one of {MODES}")
+        with self._lock:
+            self._summary_mode = mode
+            self._summary_params = params
+
     @property
     def mode(self) -> str:
         return self._mode
+
+    @property
+    def summary_requests(self) -> list[dict[str, Any]]:
+        """The chunk summarisation requests recorded, in arrival order."""
+        with self._lock:
+            return [b for b in self.requests if is_summary_request(b)]
+
+    @property
+    def answer_requests(self) -> list[dict[str, Any]]:
+        """The question-answering requests recorded, in arrival order."""
+        with self._lock:
+            return [b for b in self.requests if not is_summary_request(b)]
 
     @property
     def request_count(self) -> int:
@@ -237,6 +305,8 @@ class LlmTestServer:
         with self._lock:
             self.requests.append(body)
             self.headers.append(headers)
+            if self._summary_mode is not None and is_summary_request(body):
+                return self._summary_mode, dict(self._summary_params)
             return self._mode, dict(self._params)
 
     def _take_throttle(self) -> bool:

@@ -561,3 +561,215 @@ def test_generator_env_has_no_key_in_repr() -> None:
     assert API_KEY not in repr(gen.config)
     assert generation.safe_url(cfg.base_url) == "http://host:9/v1"
     gen.close()
+
+
+# --- chunk summarisation by the LLM ----------------------------------------------------------
+
+CHUNK_CAP = 60
+CHUNK_QUESTION = "Where is the blue container stored?"
+CHUNK_PII = ["ops.lead@example.com", "+44 20 7946 0958", "4111 1111 1111 1111"]
+
+
+def _long_sources(n: int = 3) -> list[SourceChunk]:
+    """Sources far over :data:`CHUNK_CAP`, made of real sentences, with PII in the text."""
+    out = []
+    for i in range(n):
+        sentences = [
+            f"Shelf {j} in hall {i} holds {j + 3} crates of spare parts." for j in range(25)
+        ]
+        sentences.insert(7, f"The blue container of hall {i} is stored in bay {i + 40}.")
+        sentences.insert(12, f"Questions go to {CHUNK_PII[0]} or {CHUNK_PII[1]}.")
+        sentences.insert(18, f"The deposit was paid with card {CHUNK_PII[2]}.")
+        out.append(
+            SourceChunk(
+                id=f"S{i + 1}",
+                asset_id=f"asset{i}",
+                uri=f"file:///docs/{i}.pdf",
+                chunk=f"page:{i + 1}",
+                media_type="application/pdf",
+                score=1.0 - i / 10,
+                snippet=" ".join(sentences),
+                caption=f"inventory hall {i}",
+            )
+        )
+    return out
+
+
+def _extractive(sources: list[SourceChunk]) -> FusedPrompt:
+    return fuse_prompt(CHUNK_QUESTION, sources, token_budget=2000, per_chunk_tokens=CHUNK_CAP)
+
+
+def _summarised(
+    gen: LlmGenerator, sources: list[SourceChunk], first: FusedPrompt
+) -> tuple[FusedPrompt, dict[str, generation.ChunkSummary]]:
+    used = [generation.redacted_chunk(s) for s in sources if s.id in first.used]
+    return generation.fuse_with_llm_summaries(
+        gen, first.question, used, first.shortened, 2000, CHUNK_CAP
+    )
+
+
+def _bodies(prompt: FusedPrompt) -> dict[str, str]:
+    out = {}
+    for block in prompt.user.split("\n\n[")[1:]:
+        sid, rest = block.split("]", 1)
+        out[sid] = rest.split("\n", 1)[1].split("\n\nAnswer the question")[0]
+    return out
+
+
+def test_fuse_prompt_reports_cut_sources_and_fuses_again_identically() -> None:
+    sources = [*_long_sources(2), _sources(1, words=2)[0]]
+    sources[2].id = "S3"
+    first = _extractive(sources)
+    assert first.used == ["S1", "S2", "S3"] and first.shortened == ["S1", "S2"]
+    for value in CHUNK_PII:
+        assert value not in first.question + first.user
+    # What the retrieve step ships (redacted) fuses to exactly the same prompt.
+    again = fuse_prompt(
+        first.question, [generation.redacted_chunk(s) for s in sources], 2000, CHUNK_CAP
+    )
+    assert (again.user, again.context, again.used) == (first.user, first.context, first.used)
+    passage = generation.chunk_passage(sources[0])
+    assert "bay 40" in passage and "[EMAIL]" in passage and "[CARD]" in passage
+    assert not any(value in passage for value in CHUNK_PII)
+
+
+def test_fuse_prompt_shows_summaries_redacted_and_within_the_cap() -> None:
+    sources = _long_sources(2)
+    summaries = {
+        "S1": "The blue container of hall 0 is stored in bay 40; ask ops.lead@example.com.",
+        "S2": " ".join(f"Shelf {j} in hall 1 holds {j + 3} crates." for j in range(40)),
+    }
+    prompt = fuse_prompt(CHUNK_QUESTION, sources, 2000, CHUNK_CAP, summaries)
+    bodies = _bodies(prompt)
+    assert bodies["S1"] == "The blue container of hall 0 is stored in bay 40; ask [EMAIL]."
+    assert count_tokens(bodies["S2"]) <= CHUNK_CAP and bodies["S2"].startswith("Shelf")
+    assert prompt.redactions.get("EMAIL") == 1
+    assert "ops.lead@example.com" not in prompt.user + prompt.context
+    assert bodies["S1"] in prompt.context  # grounding is checked against the summaries
+
+
+@pytest.mark.parametrize(
+    ("summary", "ok"),
+    [
+        ("The blue container of hall 0 is stored in bay 40.", True),
+        ("Shelf 3 holds 6 crates; the blue container is in bay 40.", True),
+        ("", False),
+        ("   ", False),
+        ("The blue container is in bay 40 [S1].", False),
+        ("I don't know.", False),
+        ("Napoleon painted the Eiffel Tower purple in 1850 with his engineers.", False),
+    ],
+)
+def test_validate_summary(summary: str, ok: bool) -> None:
+    from activities.guardrails import validate_summary
+
+    passage = generation.chunk_passage(_long_sources(1)[0])
+    assert validate_summary(summary, passage).ok is ok
+
+
+def test_llm_summarises_each_cut_chunk_without_pii_and_the_prompt_uses_it(
+    server: LlmTestServer,
+) -> None:
+    from tests.llm_server import summary_answer
+
+    gen = _generator(server)
+    sources = [*_long_sources(2), _sources(1, words=2)[0]]
+    sources[2].id = "S3"
+    first = _extractive(sources)
+    prompt, results = _summarised(gen, sources, first)
+    requests = server.summary_requests
+    assert len(requests) == 2 and server.request_count == 2  # one per cut chunk, S3 fits
+    sent = server.request_bodies_text()
+    for value in CHUNK_PII:
+        assert value not in sent
+    assert "[EMAIL]" in sent and "[CARD]" in sent
+    assert all(r[gen.config.max_tokens_param] == CHUNK_CAP for r in requests)
+    assert {sid: r.method for sid, r in results.items()} == {"S1": "llm", "S2": "llm"}
+    bodies = _bodies(prompt)
+    summaries = {summary_answer(r) for r in requests}
+    assert {bodies["S1"], bodies["S2"]} == summaries
+    assert all(count_tokens(bodies[sid]) <= CHUNK_CAP for sid in ("S1", "S2"))
+    assert bodies["S3"] == _bodies(first)["S3"]  # under the cap: untouched
+    assert prompt.used == first.used and prompt.tokens <= 2000
+    # The answer is generated from, and validated against, the summarised context.
+    answer = gen.generate(prompt, "test-model", max_tokens=64)
+    assert validate_answer(answer.text, prompt.used, prompt.context).ok
+    assert _bodies(prompt)["S1"].split(".")[0] in answer.text
+
+
+def test_repeated_summaries_come_from_the_cache(server: LlmTestServer) -> None:
+    gen = _generator(server)
+    sources = _long_sources(2)
+    first = _extractive(sources)
+    prompt1, _ = _summarised(gen, sources, first)
+    assert server.request_count == 2
+    prompt2, results = _summarised(gen, sources, first)
+    assert server.request_count == 2  # no second summarisation request
+    assert all(r.method == "llm" and r.cached for r in results.values())
+    assert prompt2.user == prompt1.user
+    other = fuse_prompt("Which hall has shelf 4?", sources, 2000, CHUNK_CAP)
+    _summarised(gen, sources, other)  # another question: summarised again
+    assert server.request_count == 4
+
+
+@pytest.mark.parametrize(
+    ("mode", "reason"),
+    [("fail", "HTTP 500"), ("empty", "empty"), ("hallucinate", "cite"), ("down", "")],
+)
+def test_failed_summaries_fall_back_to_extractive_and_the_answer_still_works(
+    server: LlmTestServer, mode: str, reason: str
+) -> None:
+    gen = _generator(server, breaker_fail_max=5)
+    server.set_summary_mode(mode)
+    sources = _long_sources(2)
+    first = _extractive(sources)
+    prompt, results = _summarised(gen, sources, first)
+    assert all(r.method == "extractive" and reason in r.reason for r in results.values())
+    assert prompt.user == first.user and prompt.context == first.context
+    answer = gen.generate(prompt, "test-model", max_tokens=64)
+    assert validate_answer(answer.text, prompt.used, prompt.context).ok
+    assert len(server.answer_requests) == 1
+    # A failed summary is not cached: once the LLM recovers, it is asked again.
+    server.set_summary_mode(None)
+    _, results = _summarised(gen, sources, first)
+    assert all(r.method == "llm" and not r.cached for r in results.values())
+
+
+def test_open_breaker_skips_summaries_fast(server: LlmTestServer) -> None:
+    gen = _generator(server, breaker_fail_max=1, breaker_reset_s=30)
+    server.set_mode("fail")
+    with pytest.raises(TransientLlmError):
+        gen.generate(_prompt(), "test-model", max_tokens=16)
+    seen = server.request_count
+    sources = _long_sources(3)
+    first = _extractive(sources)
+    t0 = time.perf_counter()
+    prompt, results = _summarised(gen, sources, first)
+    assert time.perf_counter() - t0 < 0.2
+    assert server.request_count == seen
+    assert all(r.method == "extractive" and "breaker" in r.reason for r in results.values())
+    assert prompt.user == first.user
+
+
+def test_summaries_are_requested_concurrently(server: LlmTestServer) -> None:
+    gen = _generator(server, timeout_s=5.0)
+    server.set_summary_mode("slow", delay=0.4)
+    sources = _long_sources(4)
+    first = _extractive(sources)
+    t0 = time.perf_counter()
+    _, results = _summarised(gen, sources, first)
+    assert len(results) == 4 and all(r.method == "llm" for r in results.values())
+    assert time.perf_counter() - t0 < 1.2  # one after another would take >= 1.6 s
+    gen.close()
+
+
+def test_identical_passages_are_summarised_once(server: LlmTestServer) -> None:
+    gen = _generator(server)
+    page = _long_sources(1)[0]
+    text_chunk = SourceChunk(**{**page.__dict__, "id": "S2", "chunk": "page:1:text"})
+    first = _extractive([page, text_chunk])
+    assert first.shortened == ["S1", "S2"]
+    prompt, results = _summarised(gen, [page, text_chunk], first)
+    assert server.request_count == 1  # a PDF page's image and text chunk share their text
+    assert results["S1"] == results["S2"] and results["S1"].method == "llm"
+    assert _bodies(prompt)["S1"] == _bodies(prompt)["S2"]

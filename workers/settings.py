@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     # Ask: prompt fusion budgets (tokens).
     prompt_token_budget: int = 3000
     prompt_chunk_tokens: int = 200
+    # Sources longer than prompt_chunk_tokens are summarised by the LLM (on the generate
+    # worker, falling back to the extractive summary per chunk) when one is configured.
+    # Off on either the CPU or the generate worker: extractive summaries only.
+    llm_summarize_chunks: bool = True
+    llm_summary_timeout_s: float = 10.0  # per summary request (capped by MMRAG_LLM_TIMEOUT_S)
     # Send the top image sources to a vision-capable model as data URLs (downscaled JPEGs).
     llm_vision: bool = False
     llm_vision_images: int = 2

@@ -117,6 +117,30 @@ class RetrieveInput:
 
 
 @dataclass
+class FusionChunk:
+    """One source of a fused prompt, PII-redacted, as the fusion helper reads it."""
+
+    id: str
+    media_type: str
+    chunk: str
+    caption: str = ""
+    snippet: str = ""
+
+
+@dataclass
+class Fusion:
+    """What the generate worker needs to fuse the prompt again with LLM chunk summaries,
+    so summarising adds no task-queue hop: the redacted question and used sources, the
+    ids of those cut to fit (``shortened``) and the budgets. Everything here is redacted."""
+
+    question: str
+    sources: list[FusionChunk]
+    shortened: list[str]
+    token_budget: int
+    per_chunk_tokens: int
+
+
+@dataclass
 class Retrieval:
     index_version: int
     sources: list[Source]
@@ -126,6 +150,7 @@ class Retrieval:
     extractive_answer: str
     ms: float
     context: str = ""  # the sources' text as the LLM sees it: what grounding is checked against
+    fusion: Fusion | None = None  # set when a source was cut and LLM summaries may help
 
 
 @dataclass
@@ -135,6 +160,7 @@ class GenerateInput:
     max_tokens: int
     source_ids: list[str]
     image_uris: list[str] = field(default_factory=list)  # top image sources, for vision models
+    fusion: Fusion | None = None  # summarise the shortened sources with the LLM first
 
 
 @dataclass
@@ -144,6 +170,12 @@ class Generation:
     model: str
     ms: float
     cached: bool = False
+    # Set when the prompt was fused again with LLM chunk summaries: the sources' text the
+    # model saw (grounding is checked against it) ...
+    context: str = ""
+    # ... and per shortened source id, "llm" or "extractive" (the LLM's summary failed).
+    summaries: dict[str, str] = field(default_factory=dict)
+    summarize_ms: float = 0.0
 
 
 @dataclass

@@ -98,7 +98,7 @@ class Ask:
         )
         stage_ms = {"encode": query.ms, "retrieve": retrieval.ms}
         answer, kind, llm_model = retrieval.extractive_answer, "extractive", ""
-        degraded, reason = False, ""
+        degraded, reason, context = False, "", retrieval.context
         if not retrieval.sources:
             kind = "none"
         elif inp.generate:
@@ -111,6 +111,7 @@ class Ask:
                         inp.max_answer_tokens,
                         [s.id for s in retrieval.sources],
                         [s.uri for s in retrieval.sources if s.media_type.startswith("image/")],
+                        retrieval.fusion,
                     ),
                     task_queue=GENERATE_TASK_QUEUE,
                     start_to_close_timeout=timedelta(seconds=30),
@@ -120,8 +121,14 @@ class Ask:
                     summary="LLM generation",
                 )
                 stage_ms["generate"] = generation.ms
+                if generation.summaries:  # sources over the per-chunk cap: how they were cut
+                    methods = list(generation.summaries.values())
+                    stage_ms["summarize"] = generation.summarize_ms
+                    stage_ms["summarized_llm"] = float(methods.count("llm"))
+                    stage_ms["summarized_extractive"] = float(methods.count("extractive"))
                 if generation.kind == "generated":  # else no LLM is configured: extractive
                     answer, kind, llm_model = generation.text, generation.kind, generation.model
+                    context = generation.context or retrieval.context
             except ActivityError as e:
                 degraded, reason = True, _degraded_reason(e)
                 answer = f"{UNAVAILABLE}: {reason}. The most relevant sources are listed below."
@@ -135,7 +142,7 @@ class Ask:
                 answer,
                 kind,
                 retrieval.sources,
-                retrieval.context,
+                context,
                 degraded,
                 reason,
                 latency_ms,
