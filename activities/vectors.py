@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+import grpc
 import numpy as np
 from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
@@ -71,11 +72,82 @@ class VectorStoreError(RuntimeError):
     exception chained: its cause chain can be cyclic, which breaks failure reporting."""
 
 
-class _GuardedClient:
-    """``MilvusClient`` whose errors arrive as :class:`VectorStoreError` (retryable)."""
+class VectorStoreAccessError(VectorStoreError):
+    """Milvus refused this worker's credentials or a privilege its user lacks.
 
-    def __init__(self, client: MilvusClient) -> None:
+    A deployment mistake, not a bug: the message says which user, which privilege and what
+    to change, and never contains the token. Still retryable, so runs resume once the
+    worker is restarted with the right token (or the role is granted the privilege).
+    ``reason`` is the refusal alone, without the advice for workers.
+    """
+
+    def __init__(self, reason: str, hint: str) -> None:
+        super().__init__(f"{reason}. {hint}")
+        self.reason = reason
+
+
+#: What to do when Milvus refuses a call: the users `mmrag milvus provision-rbac` creates.
+RBAC_HINT = (
+    "workers that write (cpu: ingest, re-index, forget; encode: vectors) need the "
+    "mmrag_ingest / mmrag_encode users, read-only clients mmrag_query; set the worker's "
+    "MMRAG_MILVUS_TOKEN (or MMRAG_MILVUS_TOKEN_CPU / _ENCODE) to that user's user:password "
+    "and run `mmrag milvus provision-rbac` as root to create or repair the roles "
+    "(README, Milvus RBAC)"
+)
+
+
+def token_user(token: str) -> str:
+    """The user name of a ``user:password`` token, never the password; "" for API keys."""
+    user, sep, _ = token.partition(":")
+    return user if sep else ""
+
+
+def _rpc_status(error: BaseException) -> tuple[str, str] | None:
+    """(gRPC status name, details) of a gRPC error in ``error`` or its causes, else None.
+
+    pymilvus raises PERMISSION_DENIED as the bare ``grpc.RpcError`` and an authentication
+    failure at connect time as a generic "Fail connecting" MilvusException caused by one.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, grpc.RpcError) and isinstance(current, grpc.Call):
+            return current.code().name, str(current.details() or "")
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def access_error(action: str, error: BaseException, user: str) -> VectorStoreAccessError | None:
+    """A clear :class:`VectorStoreAccessError` if Milvus refused credentials or a privilege."""
+    status = _rpc_status(error)
+    if status is None:
+        return None
+    code, details = status
+    who = f"user {user!r}" if user else "this token"
+    if code == "PERMISSION_DENIED":
+        # Milvus 2.3: "PrivilegeInsert: permission deny to mmrag_query"
+        privilege = details.split(":", 1)[0].removeprefix("Privilege") or "?"
+        return VectorStoreAccessError(
+            f"Milvus refused {action}: {who} lacks the {privilege} privilege (Milvus: {details})",
+            RBAC_HINT,
+        )
+    if code == "UNAUTHENTICATED":
+        return VectorStoreAccessError(
+            f"Milvus refused the credentials of {who} ({details}): the user does not exist or "
+            "the password is wrong",
+            RBAC_HINT,
+        )
+    return None
+
+
+class _GuardedClient:
+    """``MilvusClient`` whose errors arrive as :class:`VectorStoreError` (retryable), and
+    refusals as :class:`VectorStoreAccessError` naming the user and privilege."""
+
+    def __init__(self, client: MilvusClient, user: str = "") -> None:
         self._client = client
+        self._user = user
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._client, name)
@@ -85,19 +157,46 @@ class _GuardedClient:
         def call(*args: Any, **kwargs: Any) -> Any:
             try:
                 return attr(*args, **kwargs)
-            except MilvusException as e:
-                raise VectorStoreError(
-                    f"Milvus {name} failed: {e.message} (code {e.code})"
-                ) from None
+            except (MilvusException, grpc.RpcError) as e:
+                refused = access_error(name, e, self._user)
+                if refused is not None:
+                    raise refused from None
+                if isinstance(e, MilvusException):
+                    message = f"Milvus {name} failed: {e.message} (code {e.code})"
+                else:
+                    message = f"Milvus {name} failed: {_rpc_status(e) or e!r}"
+                raise VectorStoreError(message) from None
 
         return call
+
+
+def connect(uri: str, token: str = "") -> MilvusClient:
+    """A ``MilvusClient``; refused credentials raise :class:`VectorStoreAccessError`.
+
+    pymilvus reports a wrong password as "Fail connecting ... server unavailable"; the
+    message here says what really happened, and never echoes the token.
+    """
+    try:
+        return MilvusClient(uri=uri, token=token or "")
+    except (MilvusException, grpc.RpcError) as e:
+        refused = access_error("the connection", e, token_user(token))
+        if refused is not None:
+            raise refused from None
+        detail = e.message if isinstance(e, MilvusException) else repr(e)
+        raise VectorStoreError(f"Milvus at {uri} is unreachable: {detail}") from None
+
+
+def guarded_client(uri: str, token: str = "") -> Any:
+    """A ``MilvusClient`` (duck-typed) whose errors are :class:`VectorStoreError` and whose
+    refusals are :class:`VectorStoreAccessError`; for admin tools such as RBAC provisioning."""
+    return _GuardedClient(connect(uri, token), token_user(token))
 
 
 class VectorStore:
     """A thin, typed facade over ``MilvusClient`` for the calls mmrag makes."""
 
     def __init__(self, uri: str, token: str = "") -> None:
-        self.client: Any = _GuardedClient(MilvusClient(uri=uri, token=token or ""))
+        self.client: Any = guarded_client(uri, token)
         self._lock = threading.Lock()
         self._fields: dict[str, frozenset[str]] = {}
 

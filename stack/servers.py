@@ -66,6 +66,9 @@ class Context:
     state_dir: Path
     ports: StackPorts
     temporal_db_file: bool = True
+    # Values for keys of the milvus wheel's config template (``authorization_enabled``,
+    # ...); empty: the template's defaults, which is what the default stack runs.
+    milvus_config: tuple[tuple[str, str | int | bool], ...] = ()
 
 
 def venv_executable(name: str) -> str:
@@ -384,6 +387,16 @@ class Milvus(Server):
         for key, port in self.extra.items():
             if key in config.configurable_items:
                 config.set(key, port)
+        for key, value in self.ctx.milvus_config:
+            item = config.configurable_items.get(key)
+            # config.set ignores a value of the wrong type without a word: refuse it here.
+            if item is None or type(value) is not item[0]:
+                known = sorted(k for k in config.configurable_items if not k.endswith("_port"))
+                raise StackError(
+                    f"milvus: config override {key}={value!r} is not a {key} of the wheel's "
+                    f"config template (or has the wrong type); known keys: {known}"
+                )
+            config.set(key, value)
         # The parts of MilvusServerConfig.resolve() that write the config. Its port check is
         # left out: it binds without SO_REUSEADDR, so it rejects a port that still has
         # TIME_WAIT connections of a Milvus stopped a moment ago (the stack's own check,
@@ -425,9 +438,17 @@ class Milvus(Server):
         )
         return env
 
+    @property
+    def authorization_enabled(self) -> bool:
+        return dict(self.ctx.milvus_config).get("authorization_enabled") is True
+
     def probe(self) -> bool:
         if not tcp_answers(self.ports.milvus):
             return False
+        if self.authorization_enabled:
+            # No credentials here (root's password may have been changed): Milvus's own
+            # health endpoint says when every component is up.
+            return _http_ok(f"http://{LOOPBACK}:{self.extra['metrics_port']}/healthz")
         try:
             from pymilvus import MilvusClient
 
@@ -707,6 +728,15 @@ class Gcs(Server):
             return e.code < 500
         except OSError:
             return False
+
+
+def _http_ok(url: str) -> bool:
+    """Whether ``url`` answers 200 within 2 s."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:  # URLError and HTTPError are OSErrors
+        return False
 
 
 SERVERS: dict[str, type[Server]] = {

@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -92,6 +92,9 @@ class Stack:
 
     ``ports`` defaults to the ports of the last ``up()`` in this ``state_dir`` (ports.json),
     else ``StackPorts()``. ``temporal_db_file=False`` runs Temporal in memory.
+    ``milvus_config`` sets keys of the milvus wheel's config template, e.g.
+    ``{"authorization_enabled": True}`` for RBAC tests (readiness is then probed on
+    Milvus's /healthz, since no credentials are known); the default stack sets none.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class Stack:
         ports: StackPorts | None = None,
         services: tuple[str, ...] = DEFAULT_SERVICES,
         temporal_db_file: bool = True,
+        milvus_config: Mapping[str, str | int | bool] | None = None,
     ) -> None:
         unknown = [s for s in services if s not in SERVERS]
         if unknown:
@@ -107,6 +111,7 @@ class Stack:
         self.state_dir = Path(state_dir).expanduser().resolve()
         self.services = tuple(dict.fromkeys(services))
         self.temporal_db_file = temporal_db_file
+        self.milvus_config = tuple(sorted((milvus_config or {}).items()))
         self.ports = ports or self._recorded_ports() or StackPorts()
         self._launched: dict[str, Launched] = {}
 
@@ -125,7 +130,9 @@ class Stack:
 
     def server(self, name: str, ports: StackPorts | None = None) -> Server:
         """The definition of one server (command, probe, paths) with these ports."""
-        ctx = Context(self.state_dir, ports or self.ports, self.temporal_db_file)
+        ctx = Context(
+            self.state_dir, ports or self.ports, self.temporal_db_file, self.milvus_config
+        )
         return SERVERS[name](ctx)
 
     def endpoints(self) -> dict[str, str]:

@@ -360,6 +360,29 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- Milvus RBAC ----------------------------------------------------------------------
+def cmd_milvus(args: argparse.Namespace) -> int:
+    from workers.milvus_rbac import RbacError, passwords_from_env, provision
+
+    s = get_settings()
+    try:
+        report = provision(
+            s.milvus_endpoint(),
+            s.milvus_token.get_secret_value(),
+            passwords_from_env(),
+            reset_passwords=args.reset_passwords,
+        )
+    except RbacError as e:
+        raise UserError(str(e)) from None
+    for line in report.changes:
+        console.print(f"changed: {line}", highlight=False)
+    for line in report.warnings:
+        err.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
+    if not report.changes:
+        console.print("Milvus RBAC is up to date: " + "; ".join(report.unchanged), highlight=False)
+    return 0
+
+
 # -- Temporal operations ------------------------------------------------------------
 def cmd_codec_server(args: argparse.Namespace) -> int:
     from starters.codec_server import main as serve
@@ -494,6 +517,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("db", help="apply the Postgres migrations (Alembic) to MMRAG_DATABASE_URL")
     p.add_argument("action", choices=["upgrade"])
     p.set_defaults(func=cmd_db)
+
+    p = sub.add_parser(
+        "milvus",
+        help="Milvus production setup: `provision-rbac` creates mmrag's users and roles",
+        description="Run as root (MMRAG_MILVUS_TOKEN=root:<password>) against a Milvus with "
+        "authorization enabled. Passwords: MMRAG_MILVUS_INGEST_PASSWORD, "
+        "MMRAG_MILVUS_ENCODE_PASSWORD, MMRAG_MILVUS_QUERY_PASSWORD (a user whose variable is "
+        "unset is not created). Idempotent; README, Milvus RBAC.",
+    )
+    p.add_argument("action", choices=["provision-rbac"])
+    p.add_argument(
+        "--reset-passwords",
+        action="store_true",
+        help="drop and re-create a user whose password differs from its variable",
+    )
+    p.set_defaults(func=cmd_milvus)
 
     p = sub.add_parser(
         "codec-server", help="/encode and /decode for the Web UI and `temporal --codec-endpoint`"

@@ -2,6 +2,12 @@
 
 Kept apart from ``workers/run.py`` (how a worker is built and stopped) so adding a
 workflow or an activity touches one list here.
+
+Milvus access per role (``MILVUS_ACCESS``) is what ``workers/milvus_rbac.py`` grants: each
+role's activities connect with ``Settings.for_milvus_role(role)``, i.e. the role's own token
+(``MMRAG_MILVUS_TOKEN_CPU`` / ``_ENCODE``) when set, else ``MMRAG_MILVUS_TOKEN``. Change an
+activity's Milvus calls and this table, the RBAC roles and tests/test_milvus_rbac.py change
+with it.
 """
 
 from __future__ import annotations
@@ -25,7 +31,34 @@ class RoleContent:
     max_concurrent_activities: int = 8
 
 
+@dataclass(frozen=True)
+class MilvusAccess:
+    """Which Milvus user a worker role runs as, and why it needs that user's privileges."""
+
+    user: str  # a user of workers/milvus_rbac.py USERS; "" for no Milvus access
+    why: str
+
+
+MILVUS_ACCESS: dict[str, MilvusAccess] = {
+    # One task queue runs ingest, re-index and forget (create collections, swap the alias,
+    # delete vectors) next to Ask's retrieve (search): the writer's user. Ask's own calls
+    # (search; the alias's description) need only mmrag_query's privileges.
+    "cpu": MilvusAccess(
+        "mmrag_ingest",
+        "ingest/re-index/forget create collections, point the alias and delete vectors; "
+        "Ask's retrieve searches",
+    ),
+    # encode_batch writes vectors into existing collections; encode_query reads the alias's
+    # model from the collection description. No collection or alias management.
+    "encode": MilvusAccess(
+        "mmrag_encode", "encode_batch inserts/deletes vectors; encode_query reads the alias"
+    ),
+    "generate": MilvusAccess("", "no Milvus access"),
+}
+
+
 def cpu_role(settings: Settings) -> RoleContent:
+    settings = settings.for_milvus_role("cpu")
     from activities.ask import AskActivities
     from activities.ingest import IngestActivities
     from activities.lifecycle import LifecycleActivities
@@ -60,6 +93,7 @@ def cpu_role(settings: Settings) -> RoleContent:
 
 
 def encode_role(settings: Settings) -> RoleContent:
+    settings = settings.for_milvus_role("encode")
     from activities.encode import EncodeActivities
 
     encode = EncodeActivities(settings)

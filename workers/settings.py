@@ -33,6 +33,13 @@ class Settings(BaseSettings):
     # API key for Zilliz Cloud).
     milvus_uri: str = ""  # empty: the embedded stack's endpoint from state_dir
     milvus_token: SecretStr = SecretStr("")
+    # Least privilege with Milvus authorization on (workers/milvus_rbac.py, README "Milvus
+    # RBAC"): a worker role's own token, used by that role's activities instead of
+    # milvus_token (which stays the default, and is what CLI tools use). cpu: mmrag_ingest
+    # (collections, aliases, deletes, Ask's search); encode: mmrag_encode (vector writes,
+    # the alias's model). The generate role never touches Milvus.
+    milvus_token_cpu: SecretStr = SecretStr("")
+    milvus_token_encode: SecretStr = SecretStr("")
     collection_prefix: str = "mmrag"  # collections are <prefix>_v<N>; the alias is <prefix>
 
     # Postgres: asset registry, index versions and the audit trail.
@@ -134,6 +141,14 @@ class Settings(BaseSettings):
 
     def milvus_endpoint(self) -> str:
         return self.milvus_uri or self.stack_endpoint("milvus_uri")
+
+    def for_milvus_role(self, role: str) -> Settings:
+        """These settings with ``milvus_token`` set to the worker role's own token, if any,
+        so every activity of the role connects as the role's Milvus user."""
+        token = {"cpu": self.milvus_token_cpu, "encode": self.milvus_token_encode}.get(role)
+        if token is None or not token.get_secret_value():
+            return self
+        return self.model_copy(update={"milvus_token": token})
 
     def database_endpoint(self) -> str:
         return self.database_url.get_secret_value() or self.stack_endpoint("database_url")
