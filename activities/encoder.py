@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ import numpy as np
 import open_clip
 import torch
 from PIL import Image
+from torchvision.transforms import Compose, Normalize, ToTensor
 
 from workers.settings import TINY_MODEL_DIR
 
@@ -257,14 +259,47 @@ class ClipEncoder:
         return f"{self.model_name} ({source}) dim={self.dim} on {self.device} {self.dtype}"
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """Resize, crop and normalise one image into a CPU tensor (C, H, W), float32.
+        """Resize and crop one image into a CPU tensor (C, H, W).
 
-        Safe to call from many decode threads at once: the inference transform holds no
-        mutable state, and each call works on its own image.
+        When the model's transform ends in the usual ToTensor + Normalize, only the PIL steps
+        run here and the result stays uint8: a quarter of the bytes to stack, pin and copy
+        to the device, and no float maths on decode threads (where each torch op would also
+        spawn its own intra-op threads). :meth:`encode_images` normalises on the device.
+        Other transforms run whole and give float32. Safe to call from many decode threads
+        at once: the inference transform holds no mutable state.
         """
         if image.mode != "RGB":
             image = image.convert("RGB")
-        return self.transform(image)
+        if self._pil_steps is None:
+            return self.transform(image)
+        array = np.array(self._pil_steps(image), dtype=np.uint8, copy=True)  # (H, W, C)
+        return torch.from_numpy(array).permute(2, 0, 1)
+
+    @cached_property
+    def _pil_steps(self) -> Callable[[Image.Image], Image.Image] | None:
+        steps = list(getattr(self.transform, "transforms", []))
+        if (
+            len(steps) < 2
+            or not isinstance(steps[-2], ToTensor)
+            or not isinstance(steps[-1], Normalize)
+        ):
+            return None
+        return Compose(steps[:-2])
+
+    @cached_property
+    def _normalization(self) -> tuple[torch.Tensor, torch.Tensor]:
+        normalize = self.transform.transforms[-1]  # type: ignore[attr-defined]
+        mean = torch.tensor(normalize.mean, dtype=torch.float32, device=self.device)
+        std = torch.tensor(normalize.std, dtype=torch.float32, device=self.device)
+        return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+
+    def _host_batch(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        """Stack straight into page-locked memory on CUDA (one copy, async upload)."""
+        if self.device.type != "cuda":
+            return torch.stack(pixels)
+        first = pixels[0]
+        out = torch.empty((len(pixels), *first.shape), dtype=first.dtype, pin_memory=True)
+        return torch.stack(pixels, out=out)
 
     def _autocast(self) -> AbstractContextManager[Any]:
         if self.device.type == "cuda":
@@ -279,14 +314,13 @@ class ClipEncoder:
         """Encode preprocessed images in one forward pass: float32 ``(N, dim)``, unit norm."""
         if not pixels:
             return np.zeros((0, self.dim), dtype=np.float32)
-        batch = torch.stack(pixels)
-        if self.device.type == "cuda":
-            batch = batch.pin_memory()
+        batch = self._host_batch(pixels)
         with torch.inference_mode(), self._autocast():
-            # Copy first, cast on the device: an async H2D copy of pinned memory, and no
-            # CPU time spent converting to fp16.
-            batch = batch.to(self.device, non_blocking=True).to(self.dtype)
-            features = self.model.encode_image(batch)
+            batch = batch.to(self.device, non_blocking=True)
+            if batch.dtype == torch.uint8:  # ToTensor + Normalize, on the device
+                mean, std = self._normalization
+                batch = (batch.float().div_(255.0) - mean).div_(std)
+            features = self.model.encode_image(batch.to(self.dtype))
         return self._to_numpy(features)
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
