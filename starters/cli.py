@@ -564,8 +564,10 @@ def outage_message(error: BaseException) -> str | None:
     from pymilvus.exceptions import MilvusException
     from sqlalchemy.exc import OperationalError
 
-    from activities.vectors import VectorStoreError
+    from activities.vectors import VectorStoreAccessError, VectorStoreError
 
+    if isinstance(error, VectorStoreAccessError):  # up, but refused these credentials
+        return f"Milvus refused the request: {error.reason}; check MMRAG_MILVUS_TOKEN"
     if isinstance(error, OperationalError):
         return (
             "Postgres is unreachable (MMRAG_DATABASE_URL or the embedded stack): start it with "

@@ -70,3 +70,19 @@ def test_user_errors_say_what_to_do(test_stack: ServerStack) -> None:
     assert out.returncode == 2 and "unsupported URI scheme" in out.stderr
     out = mmrag(test_stack.env, "forget", "--tenant", "t")
     assert out.returncode == 2 and "--asset-id" in out.stderr
+
+
+def test_a_refused_milvus_privilege_is_not_reported_as_an_outage() -> None:
+    from activities.vectors import VectorStoreAccessError, VectorStoreError
+    from starters.cli import outage_message
+
+    refused = VectorStoreAccessError(
+        "Milvus refused insert: user 'mmrag_query' lacks the Insert privilege",
+        "run the writing worker with MMRAG_MILVUS_TOKEN_CPU set to the mmrag_ingest user",
+    )
+    message = outage_message(refused)
+    assert message is not None
+    assert "lacks the Insert privilege" in message and "MMRAG_MILVUS_TOKEN" in message
+    assert "unreachable" not in message and "stack up" not in message
+    down = outage_message(VectorStoreError("Milvus at http://127.0.0.1:1 is unreachable"))
+    assert down is not None and "mmrag stack up" in down
