@@ -25,6 +25,7 @@ from tests.llm_server import LlmTestServer
 from workers.settings import TINY_MODEL_DIR
 
 TEST_MAX_OBJECT_BYTES = 2_000_000
+DB_PASSWORD = "pg-canary-5b4a3c2d1e0f9a8b"  # must never appear in logs, payloads or errors
 TEST_MAX_IMAGE_PIXELS = 4_000_000
 
 
@@ -83,6 +84,11 @@ def test_stack() -> Iterator[ServerStack]:
             "TEMPORAL_ADDRESS": endpoints["temporal_address"],
             "TEMPORAL_NAMESPACE": "default",
             "STORAGE_EMULATOR_HOST": endpoints["gcs_emulator"],
+            # A canary password (the embedded server trusts loopback and never asks for it):
+            # tests/test_secrets.py proves it appears in no log, history or audit row.
+            "MMRAG_DATABASE_URL": endpoints["database_url"].replace(
+                "://postgres@", f"://postgres:{DB_PASSWORD}@", 1
+            ),
         }
         for inherited in ("TEMPORAL_PROFILE", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
             env.pop(inherited, None)

@@ -491,6 +491,7 @@ async def test_server_stores_ciphertext_and_the_cli_decodes_with_the_codec_serve
         "failed ask": await encrypted.plain.get_workflow_handle(fail_id).fetch_history(),
     }
     decoder = codec_server.codec
+    keys = [line.split("=", 1)[1].encode() for line in encrypted.key_file.read_text().split()]
     for name, history in histories.items():
         raw = stored_bytes(history)
         assert canary.encode() not in raw, f"plaintext in the stored {name} history"
@@ -505,6 +506,7 @@ async def test_server_stores_ciphertext_and_the_cli_decodes_with_the_codec_serve
             if p.metadata.get("encoding") == ENCODING
         )
         assert canary.encode() in decoded, f"the {name} history does not carry the data"
+        assert not any(k in raw or k in decoded for k in keys), f"codec key in the {name} history"
 
     # The temporal CLI shows plaintext through the codec server, and only through it.
     shown = _cli_show(encrypted.address, handle.id, codec_server)
@@ -559,6 +561,8 @@ async def test_wrong_key_gives_a_clear_error(
     with pytest.raises(CodecKeyError, match="key id 'k2'.*not the one") as e:
         await wrong.get_workflow_handle(handle.id, result_type=IngestResult).result()
     assert "MMRAG_CODEC_KEY" in str(e.value)
+    keys = [line.split("=", 1)[1] for line in encrypted.key_file.read_text().split()]
+    assert not any(k in str(e.value) for k in [*keys, other.read_text().split("=", 1)[1]])
     none = await connect(settings_with())
     with pytest.raises(CodecKeyError, match="no codec key is configured"):
         await none.get_workflow_handle(handle.id, result_type=IngestResult).result()

@@ -1,10 +1,13 @@
-"""Secrets never leak: a canary API key is planted in the generate worker, then worker logs,
-workflow histories, the audit table and error messages are scanned for it."""
+"""Secrets never leak: a canary API key is planted in the generate worker and a canary
+database password in every worker's MMRAG_DATABASE_URL (tests/conftest.py), then worker logs,
+workflow histories, the audit table and error messages are scanned for both. The codec key
+is scanned for in tests/test_codec.py, where the encrypted worker runs."""
 
 from __future__ import annotations
 
 import asyncio
-import json
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -13,7 +16,7 @@ from temporalio.client import Client
 from starters.ask import ask
 from starters.ingest import start_ingest
 from starters.synthetic_corpus import write_corpus
-from tests.conftest import LLM_API_KEY, ServerStack, Workers
+from tests.conftest import DB_PASSWORD, LLM_API_KEY, ServerStack, Workers
 from tests.helpers import engine, wait_searchable
 from tests.llm_server import LlmTestServer
 from workflows.contracts import AskInput
@@ -41,17 +44,41 @@ async def test_canary_secret_appears_nowhere(
     assert any(
         LLM_API_KEY in h.get("authorization", h.get("Authorization", "")) for h in llm.headers
     )
+    # The database password is in the URL every worker connected with (so it was there to
+    # leak), and a CLI whose database is down must not echo it either.
+    assert DB_PASSWORD in test_stack.env["MMRAG_DATABASE_URL"]
+    down = subprocess.run(
+        [sys.executable, "-m", "starters.cli", "db", "upgrade"],
+        env={
+            **test_stack.env,
+            "MMRAG_DATABASE_URL": f"postgresql+psycopg://postgres:{DB_PASSWORD}@127.0.0.1:1/x",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert down.returncode != 0 and "Postgres is unreachable" in down.stderr, down.stderr
+    assert DB_PASSWORD not in down.stdout + down.stderr
+
     # ... and nowhere else: worker logs, every workflow history, the audit table.
-    for log in (test_stack.state_dir / "logs").glob("*.log"):
-        assert LLM_API_KEY not in log.read_text(errors="replace"), f"key in {log.name}"
+    secrets = {"LLM key": LLM_API_KEY, "database password": DB_PASSWORD}
+    logs = list((test_stack.state_dir / "logs").glob("*.log"))
+    assert len(logs) >= 3
+    for log in logs:
+        content = log.read_text(errors="replace")
+        for name, secret in secrets.items():
+            assert secret not in content, f"{name} in {log.name}"
     histories = 0
     async for wf in client.list_workflows():
         history = await client.get_workflow_handle(wf.id, run_id=wf.run_id).fetch_history()
-        assert LLM_API_KEY not in json.dumps(history.to_json_dict()), f"key in history {wf.id}"
+        # Serialized events hold payload data as raw bytes (JSON would base64 them).
+        stored = b"".join(e.SerializeToString() for e in history.events)
+        for name, secret in secrets.items():
+            assert secret.encode() not in stored, f"{name} in history {wf.id}"
         histories += 1
     assert histories > 2
     with engine().connect() as conn:
         from sqlalchemy import text
 
         rows = conn.execute(text("SELECT row_to_json(a)::text FROM audit_log a")).scalars().all()
-    assert rows and not any(LLM_API_KEY in r for r in rows)
+    assert rows and not any(secret in r for r in rows for secret in secrets.values())
