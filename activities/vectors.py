@@ -27,6 +27,7 @@ from workflows.contracts import IndexTarget
 
 MAX_URI = 2048
 MAX_SNIPPET = 2048
+GENERATION_PAGE = 4096  # rows per page of asset_generations (Milvus caps a query at 16384)
 
 
 @dataclass
@@ -360,23 +361,31 @@ class VectorStore:
         return collection, model
 
     def asset_generations(self, collection: str, tenant: str = "") -> dict[tuple[str, str], str]:
-        """(tenant, asset_id) -> generation of every asset with a vector (Strong read)."""
-        expr = f"tenant == {literal(tenant)}" if tenant else 'pk != ""'
-        iterator = self.client.query_iterator(
-            collection,
-            batch_size=4096,
-            filter=expr,
-            output_fields=["tenant", "asset_id", "generation"],
-            consistency_level="Strong",
-        )
+        """(tenant, asset_id) -> generation of every asset with a vector (Strong read).
+
+        Paged by primary key with a Strong query per page. pymilvus's ``query_iterator``
+        is not used: against Milvus 2.3 it cannot get a server timestamp and falls back to a
+        client-side one that misses the most recent insert (measured: the 5 rows inserted
+        just before were absent, every time), and reconciliation must see every row.
+        """
+        scope = f"tenant == {literal(tenant)}" if tenant else 'pk != ""'
         found: dict[tuple[str, str], str] = {}
-        try:
-            while rows := iterator.next():
-                for row in rows:
-                    found[(row["tenant"], row["asset_id"])] = row["generation"]
-        finally:
-            iterator.close()
-        return found
+        last = ""
+        while True:
+            # Query results with a limit are the smallest primary keys matching the filter
+            # (segments reduce by pk), so "pk > last" pages through them all.
+            rows = self.client.query(
+                collection,
+                filter=f"({scope}) and pk > {literal(last)}",
+                output_fields=["pk", "tenant", "asset_id", "generation"],
+                limit=GENERATION_PAGE,
+                consistency_level="Strong",
+            )
+            for row in rows:
+                found[(row["tenant"], row["asset_id"])] = row["generation"]
+            if len(rows) < GENERATION_PAGE:
+                return found
+            last = max(row["pk"] for row in rows)
 
     # -- reads ------------------------------------------------------------------------
     def count(self, collection: str, tenant: str | None = None, strong: bool = True) -> int:

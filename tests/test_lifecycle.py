@@ -420,3 +420,42 @@ async def test_watch_prefix_ingests_only_new_objects(
     second = await start_watch(client, WatchPrefixInput(tenant, prefix, interval_s=0))
     r2 = await asyncio.wait_for(second.result(), timeout=60)
     assert (r2.ingested, r2.unchanged) == (1, 3)
+
+
+def test_reconciliation_sees_rows_inserted_a_moment_before(
+    test_stack: object, monkeypatch: pytest.MonkeyPatch, tenant: str
+) -> None:
+    """Re-index reconciliation reads (tenant, asset) -> generation; a read that missed the
+    latest insert (pymilvus's query_iterator on Milvus 2.3 did) would re-encode or drop it."""
+    import numpy as np
+
+    from activities import vectors
+    from activities.vectors import ChunkRow
+
+    monkeypatch.setattr(vectors, "GENERATION_PAGE", 3)  # several pages of 3 rows
+    s = store()
+    collection = f"mmrag_gen_{uuid.uuid4().hex[:8]}"
+    s.ensure_collection(collection, 8)
+    try:
+        expected: dict[tuple[str, str], str] = {}
+        for round_ in range(3):
+            rows = [
+                ChunkRow(
+                    f"a{round_}-{i}",
+                    t,
+                    "file:///x.png",
+                    "image/png",
+                    "image",
+                    1,
+                    generation=f"g{i}",
+                )
+                for i, t in enumerate([tenant, tenant, tenant, "other-" + tenant])
+            ]
+            vecs = np.random.default_rng(round_).random((len(rows), 8), dtype=np.float32)
+            s.replace_assets(collection, tenant, [r.asset_id for r in rows], rows, vecs)
+            expected.update({(r.tenant, r.asset_id): r.generation for r in rows})
+            assert s.asset_generations(collection) == expected  # read right after the insert
+            mine = {k: v for k, v in expected.items() if k[0] == tenant}
+            assert s.asset_generations(collection, tenant) == mine
+    finally:
+        s.drop(collection)
