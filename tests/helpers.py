@@ -6,6 +6,8 @@ import io
 import random
 import struct
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image
@@ -247,3 +249,13 @@ def temporal_execute(address: str, workflow_type: str, payload: dict, workflow_i
         check=True,
     )
     return dict(json.loads(out.stdout)["result"])
+
+
+# -- faults (issue 8) -------------------------------------------------------------------------
+@contextmanager
+def assets_locked(tenant: str) -> Iterator[None]:
+    """Hold row locks on a tenant's registry rows: an activity that writes them blocks
+    (a deterministic "mid-activity" for killing its worker) until the block exits."""
+    with Session(engine()) as session, session.begin():
+        session.execute(select(Asset.asset_id).where(Asset.tenant == tenant).with_for_update())
+        yield

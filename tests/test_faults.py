@@ -1,5 +1,6 @@
-"""Faults in the middle of work: each server restarted during a batch ingest, a worker
-stopped with SIGTERM. Counts must come out exact: lost = 0, duplicated = 0."""
+"""Faults in the middle of work: each server restarted during a batch ingest and during
+asks, a worker stopped with SIGTERM or killed with SIGKILL in the middle of an activity, an
+encode queue nobody serves. Counts must come out exact: lost = 0, duplicated = 0."""
 
 from __future__ import annotations
 
@@ -7,15 +8,36 @@ import asyncio
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
-from temporalio.client import Client
+from temporalio.api.enums.v1 import EventType, PendingActivityState
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import ActivityError, TimeoutError, TimeoutType
 
 from starters.ask import ask
+from starters.background import WorkerProcess
 from starters.ingest import start_ingest
-from starters.synthetic_corpus import write_corpus
+from starters.lifecycle import start_forget, start_reindex
+from starters.synthetic_corpus import CLASSES, caption_for, write_corpus
 from tests.conftest import ServerStack, Workers
-from tests.helpers import audit_counts, milvus_pks, registry_rows, wait_searchable
-from workflows.contracts import AskInput
+from tests.helpers import (
+    assets_locked,
+    audit_counts,
+    milvus_pks,
+    registry_rows,
+    wait_searchable,
+)
+from tests.llm_server import LlmTestServer
+from tests.test_cli import mmrag
+from workflows.activity_payloads import ENCODE_QUERY, FORGET_PAGE, GENERATE, RECORD_OUTCOMES
+from workflows.contracts import (
+    ASK_WORKFLOW,
+    TASK_QUEUE,
+    AskInput,
+    AskResult,
+    ForgetInput,
+    ReindexInput,
+)
 
 
 async def wait_for_progress(handle, at_least: int) -> None:  # type: ignore[no-untyped-def]
@@ -25,6 +47,48 @@ async def wait_for_progress(handle, at_least: int) -> None:  # type: ignore[no-u
             return
         await asyncio.sleep(0.02)
     raise AssertionError("the ingest made no progress")
+
+
+async def wait_started(handle: WorkflowHandle, activity_type: str, timeout: float = 90) -> None:  # type: ignore[type-arg]
+    """Until ``activity_type`` of this workflow runs on a worker (picked up, not finished)."""
+    started = PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
+    for _ in range(int(timeout / 0.1)):
+        description = await handle.describe()
+        for pending in description.raw_description.pending_activities:
+            if pending.activity_type.name == activity_type and pending.state == started:
+                return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{activity_type} never started")
+
+
+async def retried_after_heartbeat_timeout(handle: WorkflowHandle, activity_type: str) -> bool:  # type: ignore[type-arg]
+    """Whether an attempt of ``activity_type`` was retried because its heartbeats stopped
+    (its worker died), not after its start-to-close timeout of minutes."""
+    scheduled: dict[int, str] = {}
+    async for event in handle.fetch_history_events():
+        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            attrs = event.activity_task_scheduled_event_attributes
+            scheduled[event.event_id] = attrs.activity_type.name
+        elif event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
+            started = event.activity_task_started_event_attributes
+            timeout = started.last_failure.timeout_failure_info.timeout_type
+            if (
+                scheduled.get(started.scheduled_event_id) == activity_type
+                and started.attempt >= 2
+                and timeout == TimeoutType.HEARTBEAT
+            ):
+                return True
+    return False
+
+
+async def kill_and_replace(test_stack: ServerStack, workers: Workers, role: str) -> None:
+    """SIGKILL the shared ``role`` worker and start a replacement with the same environment,
+    as a supervisor (systemd, Kubernetes) would; later tests use the replacement."""
+    victim: WorkerProcess = getattr(workers, role)
+    env = psutil.Process(victim.proc.pid).environ()
+    env.pop("MMRAG_METRICS_PORT", None)  # the replacement gets a port of its own
+    victim.kill()
+    setattr(workers, role, await asyncio.to_thread(test_stack.start_worker, role, **env))
 
 
 def assert_exact(tenant: str, n: int) -> None:
@@ -72,31 +136,155 @@ async def test_server_restart_mid_ingest_loses_nothing(
     assert answer.sources
 
 
-@pytest.mark.parametrize("server", ["temporal", "postgres"])
+@pytest.mark.parametrize("server", ["temporal", "postgres", "milvus"])
 async def test_asks_in_flight_finish_after_a_server_restart(
     test_stack: ServerStack, worker: Workers, client: Client, tmp_path: Path, server: str
 ) -> None:
-    """Asks started just before a server stops complete once it is back: none is lost."""
+    """Asks started before a server stops (and, for Milvus, while it is down) complete once
+    it is back, each with the right top source: none is lost. While Milvus is down the CLI
+    says so in one line."""
     tenant = f"ask-restart-{server}-{uuid.uuid4().hex[:6]}"
     write_corpus(tmp_path / "c", per_class=1, seed=31)
     ingest = await start_ingest(client, tenant, [str(tmp_path / "c")])
     await asyncio.wait_for(ingest.result(), timeout=120)
     wait_searchable(tenant, 18)
-    from workflows.contracts import ASK_WORKFLOW, TASK_QUEUE, AskResult
+    classes = [CLASSES[i % len(CLASSES)] for i in range(0, 24, 3)]
 
-    handles = [
-        await client.start_workflow(
+    async def start(colour: str, shape: str) -> WorkflowHandle[object, AskResult]:
+        return await client.start_workflow(
             ASK_WORKFLOW,
-            AskInput(tenant, text=f"a red circle number {i}", generate=False),
+            AskInput(tenant, text=caption_for(colour, shape), generate=False),
             id=f"ask-restart-{server}-{uuid.uuid4().hex}",
             task_queue=TASK_QUEUE,
             result_type=AskResult,
         )
-        for i in range(8)
-    ]
+
+    asked = list(classes)
+    handles = [await start(*c) for c in classes]
     await asyncio.to_thread(test_stack.stack.stop_service, server)
-    await asyncio.sleep(1)
+    if server == "milvus":
+        out = await asyncio.to_thread(mmrag, test_stack.env, "search", "a red circle")
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert "Milvus is unreachable" in out.stderr and "mmrag stack up" in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+        asked += classes[:4]
+        handles += [await start(*c) for c in classes[:4]]  # started during the outage
+    else:
+        await asyncio.sleep(1)
     await asyncio.to_thread(test_stack.stack.start_service, server)
     results = await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), timeout=120)
-    assert all(r.sources for r in results)
+    for (colour, shape), result in zip(asked, results, strict=True):
+        top = result.sources[0].uri.rsplit("/", 1)[-1]
+        assert top.startswith(f"{colour}-{shape}-"), (colour, shape, top)
     assert worker.alive()
+
+
+async def test_sigkill_generate_worker_mid_answer(
+    test_stack: ServerStack, worker: Workers, client: Client, llm: LlmTestServer, tmp_path: Path
+) -> None:
+    """The generate worker dies while the LLM is answering: the replacement answers the same
+    Ask, which is audited once."""
+    tenant = f"kill-generate-{uuid.uuid4().hex[:6]}"
+    write_corpus(tmp_path / "c", per_class=1, seed=37)
+    ingest = await start_ingest(client, tenant, [str(tmp_path / "c")])
+    await asyncio.wait_for(ingest.result(), timeout=120)
+    wait_searchable(tenant, 18)
+    before = llm.request_count
+    llm.set_mode("slow", delay=1.5)
+    try:
+        handle = await client.start_workflow(
+            ASK_WORKFLOW,
+            AskInput(tenant, text=caption_for("blue", "square")),
+            id=f"kill-generate-{uuid.uuid4().hex}",
+            task_queue=TASK_QUEUE,
+            result_type=AskResult,
+        )
+        await wait_started(handle, GENERATE)
+        for _ in range(300):  # until the LLM has the request
+            if llm.request_count > before:
+                break
+            await asyncio.sleep(0.02)
+        await kill_and_replace(test_stack, worker, "generate")
+    finally:
+        llm.set_mode("ok")
+    result = await asyncio.wait_for(handle.result(), timeout=120)
+    assert (result.answer_kind, result.degraded) == ("generated", False), result.answer
+    assert result.sources[0].uri.rsplit("/", 1)[-1].startswith("blue-square-")
+    assert audit_counts(tenant)["query.ask"] == 1
+    assert worker.alive()
+
+
+async def test_sigkill_cpu_worker_mid_reindex(
+    test_stack: ServerStack, worker: Workers, client: Client, tmp_path: Path
+) -> None:
+    """The cpu worker (workflows and registry writes) dies while an incremental re-index
+    records a batch: the replacement finishes it; each asset is re-embedded and audited once."""
+    tenant = f"kill-reindex-{uuid.uuid4().hex[:6]}"
+    files = write_corpus(tmp_path / "c", per_class=2, seed=41)  # 36 images
+    ingest = await start_ingest(client, tenant, [str(tmp_path / "c")])
+    assert (await asyncio.wait_for(ingest.result(), timeout=120)).ingested == 36
+    for path, _caption in files:  # a new generation of every object
+        path.touch()
+    with assets_locked(tenant):  # the first batch's registry write waits here
+        handle = await start_reindex(
+            client,
+            ReindexInput(mode="incremental", tenant=tenant, batch_size=4, max_concurrent_batches=1),
+        )
+        await wait_started(handle, RECORD_OUTCOMES)
+        await kill_and_replace(test_stack, worker, "cpu")
+    result = await asyncio.wait_for(handle.result(), timeout=180)
+    assert (result.embedded, result.failed) == (36, 0)
+    assert await retried_after_heartbeat_timeout(handle, RECORD_OUTCOMES)
+    pks = milvus_pks(tenant)
+    assert len(pks) == len(set(pks)) == 36, "lost or duplicated vectors"
+    generations = {r.uri: r.generation for r in registry_rows(tenant)}
+    assert len(generations) == 36
+    for path, _caption in files:
+        assert generations[path.resolve().as_uri()].startswith(str(path.stat().st_mtime_ns))
+    assert audit_counts(tenant) == {"asset.ingest": 72}  # ingest + re-index, once each
+    assert worker.alive()
+
+
+async def test_sigkill_cpu_worker_mid_forget(
+    test_stack: ServerStack, worker: Workers, client: Client, tmp_path: Path
+) -> None:
+    """The cpu worker dies in the middle of a Forget page (vectors deleted, tombstones not
+    yet written): the retried page finishes it with one tombstone per asset."""
+    tenant = f"kill-forget-{uuid.uuid4().hex[:6]}"
+    write_corpus(tmp_path / "c", per_class=2, seed=43)  # 36 images
+    ingest = await start_ingest(client, tenant, [str(tmp_path / "c")])
+    assert (await asyncio.wait_for(ingest.result(), timeout=120)).ingested == 36
+    prefix = (tmp_path / "c").resolve().as_uri()
+    with assets_locked(tenant):  # the page's registry update waits here
+        handle = await start_forget(client, ForgetInput(tenant, uri_prefix=prefix, reason="t-8"))
+        await wait_started(handle, FORGET_PAGE)
+        await kill_and_replace(test_stack, worker, "cpu")
+    result = await asyncio.wait_for(handle.result(), timeout=120)
+    assert result.forgotten == 36
+    assert await retried_after_heartbeat_timeout(handle, FORGET_PAGE)
+    assert milvus_pks(tenant) == []
+    assert {r.status for r in registry_rows(tenant)} == {"forgotten"}
+    assert audit_counts(tenant) == {"asset.ingest": 36, "asset.forget": 36}
+    assert worker.alive()
+
+
+async def test_unserved_encode_queue_fails_an_ask_fast_and_retryably(
+    test_stack: ServerStack, worker: Workers, client: Client
+) -> None:
+    """No encode worker polls (all dead or busy): the Ask fails with a ScheduleToStart
+    timeout of its encode step after ``encode_schedule_to_start_s``, not a silent wait;
+    the same Ask succeeds once a worker is back."""
+    tenant = f"no-encoder-{uuid.uuid4().hex[:6]}"
+    query = AskInput(tenant, text="a red circle", generate=False, encode_schedule_to_start_s=2)
+    await asyncio.to_thread(worker.encode.stop, 30)
+    try:
+        with pytest.raises(WorkflowFailureError) as failure:
+            await asyncio.wait_for(ask(client, query), timeout=60)
+    finally:
+        worker.encode = await asyncio.to_thread(test_stack.start_worker, "encode")
+    step = failure.value.cause
+    assert isinstance(step, ActivityError) and step.activity_type == ENCODE_QUERY, step
+    assert isinstance(step.cause, TimeoutError), step.cause
+    assert step.cause.type == TimeoutType.SCHEDULE_TO_START
+    retried = await asyncio.wait_for(ask(client, query), timeout=60)
+    assert retried.answer_kind == "none"  # a tenant with nothing ingested, answered

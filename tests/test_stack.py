@@ -326,6 +326,39 @@ def test_server_without_pid_file_is_adopted(running: Running) -> None:
     assert running.pids()["postgres"] == pid
 
 
+def test_up_after_every_server_was_killed(running: Running) -> None:
+    """An unclean stop (power loss, OOM killer: every server process SIGKILLed) that also
+    left half-written files: ``up()`` recovers without anything removed by hand, and keeps
+    the data."""
+    url = pg_conninfo(running.endpoints["database_url"])
+    with psycopg.connect(url) as conn:
+        conn.execute("create table crash_probe (v text)")
+        conn.execute("insert into crash_probe values ('kept')")
+    stack = running.stack
+    pids = running.pids()
+    assert set(pids) == set(ALL)
+    for pid in pids.values():  # the whole group: helpers die too, as in a crash
+        os.killpg(os.getpgid(pid), signal.SIGKILL)
+    for pid in pids.values():
+        wait_gone(pid)
+    (stack.run_dir / "postgres.pid").write_text("")  # cut short mid-write
+    stack.endpoints_path.write_text('{"temporal_address": "127.0')
+    (stack.state_dir / "endpoints.json.tmp").write_text("{")
+    assert not any(info["running"] for info in stack.status().values())
+    assert stack.up() == running.endpoints
+    assert read_endpoints(stack.state_dir) == running.endpoints
+    status = stack.status()
+    assert all(info["running"] for info in status.values()), status
+    assert set(running.pids().values()).isdisjoint(pids.values())
+    with psycopg.connect(url) as conn:
+        assert conn.execute("select v from crash_probe").fetchall() == [("kept",)]
+    client = MilvusClient(uri=running.endpoints["milvus_uri"], timeout=10)
+    try:
+        assert isinstance(client.list_collections(), list)
+    finally:
+        client.close()
+
+
 def test_down_leaves_no_process(running: Running) -> None:
     stack = running.stack
     running.pids()

@@ -4,7 +4,16 @@ Roles (see DESIGN.md): ``cpu`` runs the workflows and the storage / Milvus / Pos
 activities on ``mmrag``; ``encode`` runs CLIP on ``mmrag-gpu-encode`` with the model
 loaded before polling starts; ``generate`` runs LLM generation on ``mmrag-gpu-generate``.
 SIGTERM and SIGINT shut down gracefully: running activities get
-``MMRAG_GRACEFUL_SHUTDOWN_SECONDS`` to finish before they are handed back.
+``MMRAG_GRACEFUL_SHUTDOWN_SECONDS`` to finish before they are handed back. A worker killed
+outright (SIGKILL, OOM, a lost node) hands back nothing: its activities are retried once
+their heartbeat timeout passes, so activities that cannot heartbeat mid-call get a liveness
+heartbeat from the worker (``LivenessHeartbeat``) and a short heartbeat timeout from their
+workflow, instead of a retry only after a start-to-close of minutes.
+
+Concurrency is bounded per role (``max_concurrent_activities``: ``MMRAG_MAX_CONCURRENT_
+ACTIVITIES`` for cpu and generate, ``MMRAG_MAX_CONCURRENT_ENCODE_ACTIVITIES`` for encode);
+work beyond it waits in Temporal's task queue, where ``schedule_to_start_timeout`` turns
+a saturated queue into a clear, retryable failure rather than an unbounded wait.
 
 Operability comes from settings, the same for every role: the client's data converter
 encrypts payloads when a codec key is set (``workers/temporal_client.py``), a Prometheus
@@ -20,8 +29,15 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
+from temporalio import activity
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import (
+    ActivityInboundInterceptor,
+    ActivityOutboundInterceptor,
+    ExecuteActivityInput,
+    Interceptor,
+    Worker,
+)
 
 from workers.roles import ROLE_BUILDERS
 from workers.settings import Settings, get_settings
@@ -32,9 +48,73 @@ from workers.telemetry import (
     worker_runtime,
 )
 from workers.temporal_client import connect
+from workflows.activity_payloads import (
+    BEGIN_REINDEX,
+    DESCRIBE_MODEL,
+    FINISH_REINDEX,
+    FORGET_PAGE,
+    GENERATE,
+    RECONCILE_INDEX,
+    RECORD_OUTCOMES,
+    REINDEX_PAGE,
+    SWAP_INDEX,
+)
 
 ROLES = ("all", "cpu", "encode", "generate")
 log = logging.getLogger("mmrag.worker")
+
+# Activities that spend their time in one blocking call (a Milvus delete, a registry page,
+# a model load, an LLM request) and report no progress of their own. Not encode_batch: it
+# heartbeats its resume cursor itself, which an empty liveness heartbeat would overwrite.
+LIVENESS_HEARTBEAT = frozenset(
+    {
+        BEGIN_REINDEX,
+        DESCRIBE_MODEL,
+        FINISH_REINDEX,
+        FORGET_PAGE,
+        GENERATE,
+        RECONCILE_INDEX,
+        RECORD_OUTCOMES,
+        REINDEX_PAGE,
+        SWAP_INDEX,
+    }
+)
+
+
+class LivenessHeartbeat(Interceptor):
+    """Heartbeats from the worker's event loop while a ``LIVENESS_HEARTBEAT`` activity that
+    was given a heartbeat timeout runs: the beats stop when the process dies, so Temporal
+    retries the activity elsewhere after that timeout. A hung call is still bounded by its
+    start-to-close timeout."""
+
+    def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
+        return _LivenessInbound(next)
+
+
+class _LivenessInbound(ActivityInboundInterceptor):
+    _outbound: ActivityOutboundInterceptor | None = None
+
+    def init(self, outbound: ActivityOutboundInterceptor) -> None:
+        self._outbound = outbound  # its heartbeat() is safe to call from the event loop
+        super().init(outbound)
+
+    async def execute_activity(self, input: ExecuteActivityInput) -> object:
+        info = activity.info()
+        timeout = info.heartbeat_timeout
+        outbound = self._outbound
+        if info.activity_type not in LIVENESS_HEARTBEAT or not timeout or outbound is None:
+            return await super().execute_activity(input)
+
+        async def beat() -> None:
+            while True:
+                outbound.heartbeat()
+                await asyncio.sleep(timeout.total_seconds() / 3)
+
+        beating = asyncio.create_task(beat())
+        try:
+            return await super().execute_activity(input)
+        finally:
+            beating.cancel()
 
 
 def build_workers(role: str, client: Client, settings: Settings) -> list[Worker]:
@@ -53,7 +133,7 @@ def build_workers(role: str, client: Client, settings: Settings) -> list[Worker]
                 activity_executor=ThreadPoolExecutor(content.max_concurrent_activities),
                 max_concurrent_activities=content.max_concurrent_activities,
                 graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown_seconds),
-                interceptors=worker_interceptors(),
+                interceptors=[*worker_interceptors(), LivenessHeartbeat()],
             )
         )
     return workers

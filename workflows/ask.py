@@ -47,6 +47,15 @@ QUICK_RETRY = RetryPolicy(
     maximum_attempts=5,
     non_retryable_error_types=["BadQuery"],
 )
+# Reads of the vector store (encode_query reads the alias, retrieve searches) wait out a
+# Milvus restart instead of failing the Ask (restart to first search took ~35 s on the
+# test stack); VECTOR_STORE_WAIT bounds it, then the Ask fails with Milvus's own error.
+VECTOR_STORE_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200),
+    maximum_interval=timedelta(seconds=5),
+    non_retryable_error_types=["BadQuery"],
+)
+VECTOR_STORE_WAIT = timedelta(seconds=90)
 LLM_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=500),
     backoff_coefficient=2.0,
@@ -72,8 +81,9 @@ class Ask:
             EncodeQueryInput(inp.text, inp.image_uri, inp.image_base64, inp.hybrid_weight),
             task_queue=ENCODE_TASK_QUEUE,
             start_to_close_timeout=timedelta(seconds=30),
-            schedule_to_start_timeout=timedelta(seconds=30),
-            retry_policy=QUICK_RETRY,
+            schedule_to_start_timeout=timedelta(seconds=inp.encode_schedule_to_start_s or 30),
+            schedule_to_close_timeout=VECTOR_STORE_WAIT,
+            retry_policy=VECTOR_STORE_RETRY,
             result_type=QueryVector,
             summary="encode query",
         )
@@ -92,7 +102,8 @@ class Ask:
                 query.index_version,
             ),
             start_to_close_timeout=timedelta(seconds=10),
-            retry_policy=QUICK_RETRY,
+            schedule_to_close_timeout=VECTOR_STORE_WAIT,
+            retry_policy=VECTOR_STORE_RETRY,
             result_type=Retrieval,
             summary="search + re-rank + prompt fusion",
         )

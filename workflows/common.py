@@ -17,6 +17,10 @@ ASSET_ID_KEY = SearchAttributeKey.for_keyword("MmragAssetId")
 INDEX_VERSION_KEY = SearchAttributeKey.for_int("MmragIndexVersion")
 OUTCOME_KEY = SearchAttributeKey.for_keyword("MmragOutcome")
 
+# Heartbeat timeout of activities that get a liveness heartbeat from their worker
+# (workers/run.py LIVENESS_HEARTBEAT): a killed worker's activity is retried after this.
+LIVENESS_TIMEOUT = timedelta(seconds=20)
+
 DB_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30)
 )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-CONTRACT_VERSION = 2
+CONTRACT_VERSION = 3
 
 # Task queues (see DESIGN.md): workflows and CPU activities, CLIP encoding, LLM generation.
 TASK_QUEUE = "mmrag"
@@ -199,6 +199,9 @@ class AskInput:
     rerank: bool = True
     generate: bool = True  # False: retrieval only, extractive answer
     max_answer_tokens: int = 300
+    # Fail (a ScheduleToStart timeout, safe to retry) when no encode worker takes the query
+    # within this many seconds, rather than queueing behind a saturated or absent one.
+    encode_schedule_to_start_s: int = 30
 
 
 @dataclass

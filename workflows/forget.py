@@ -15,7 +15,13 @@ from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from workflows.activity_payloads import FORGET_PAGE, ForgetPageInput, ForgetPageResult
-    from workflows.common import ASSET_ID_KEY, DB_RETRY, OUTCOME_KEY, TENANT_KEY
+    from workflows.common import (
+        ASSET_ID_KEY,
+        DB_RETRY,
+        LIVENESS_TIMEOUT,
+        OUTCOME_KEY,
+        TENANT_KEY,
+    )
     from workflows.contracts import FORGET_WORKFLOW, ForgetInput, ForgetResult
 
 
@@ -51,6 +57,7 @@ class Forget:
                     after,
                 ),
                 start_to_close_timeout=timedelta(minutes=5),
+                heartbeat_timeout=LIVENESS_TIMEOUT,  # a killed worker's page is retried soon
                 retry_policy=DB_RETRY,
                 result_type=ForgetPageResult,
                 summary="delete vectors everywhere, tombstone",

@@ -48,7 +48,14 @@ with workflow.unsafe.imports_passed_through():
         SwapInput,
         SwapResult,
     )
-    from workflows.common import DB_RETRY, ENCODE_RETRY, INDEX_VERSION_KEY, OUTCOME_KEY, TENANT_KEY
+    from workflows.common import (
+        DB_RETRY,
+        ENCODE_RETRY,
+        INDEX_VERSION_KEY,
+        LIVENESS_TIMEOUT,
+        OUTCOME_KEY,
+        TENANT_KEY,
+    )
     from workflows.contracts import (
         ENCODE_TASK_QUEUE,
         FAILED,
@@ -132,6 +139,7 @@ class Reindex:
                 spec,
                 task_queue=ENCODE_TASK_QUEUE,
                 start_to_close_timeout=timedelta(minutes=10),
+                heartbeat_timeout=LIVENESS_TIMEOUT,
                 retry_policy=ENCODE_RETRY,
                 result_type=EncoderInfo,
                 summary=f"load {spec.model}",
@@ -142,6 +150,7 @@ class Reindex:
             BEGIN_REINDEX,
             BeginReindexInput(inp.mode, inp.tenant, spec, dim, inp.target_version),
             start_to_close_timeout=timedelta(minutes=2),
+            heartbeat_timeout=LIVENESS_TIMEOUT,
             retry_policy=DB_RETRY,
             result_type=IndexTarget,
             summary="lock scope, create or pick the target version",
@@ -156,6 +165,7 @@ class Reindex:
                 REINDEX_PAGE,
                 ReindexPageInput(inp.mode, inp.tenant, cursor, PAGE_SIZE, target),
                 start_to_close_timeout=timedelta(minutes=5),
+                heartbeat_timeout=LIVENESS_TIMEOUT,
                 retry_policy=DB_RETRY,
                 result_type=ReindexPage,
                 summary="next registry page",
@@ -213,6 +223,7 @@ class Reindex:
                         RECORD_OUTCOMES,
                         RecordOutcomesInput(tenant, target.version, objects, to_record, tags),
                         start_to_close_timeout=timedelta(minutes=2),
+                        heartbeat_timeout=LIVENESS_TIMEOUT,
                         retry_policy=DB_RETRY,
                         summary=f"registry + audit for {len(to_record)} assets",
                     )
@@ -251,6 +262,7 @@ class Reindex:
                 RECONCILE_INDEX,
                 ReconcileInput(inp.tenant, target),
                 start_to_close_timeout=timedelta(minutes=10),
+                heartbeat_timeout=LIVENESS_TIMEOUT,
                 retry_policy=DB_RETRY,
                 result_type=ReconcileResult,
                 summary=f"verify v{target.version} against the registry",
@@ -270,6 +282,7 @@ class Reindex:
             SWAP_INDEX,
             SwapInput(target.version, inp.grace_period_hours),
             start_to_close_timeout=timedelta(minutes=2),
+            heartbeat_timeout=LIVENESS_TIMEOUT,
             retry_policy=DB_RETRY,
             result_type=SwapResult,
             summary=f"swap alias to v{target.version}",
@@ -292,6 +305,7 @@ class Reindex:
             SWAP_INDEX,
             SwapInput(0, self._inp.grace_period_hours),  # 0: the rollback target
             start_to_close_timeout=timedelta(minutes=2),
+            heartbeat_timeout=LIVENESS_TIMEOUT,
             retry_policy=DB_RETRY,
             result_type=SwapResult,
             summary="roll the alias back",

@@ -7,7 +7,7 @@
  * tests/test_starters.py checks that every interface here matches its Python dataclass.
  */
 
-export const CONTRACT_VERSION = 2;
+export const CONTRACT_VERSION = 3;
 
 // Task queues. Starters only ever use TASK_QUEUE: the workflows route their own activities
 // to the GPU queues.
@@ -128,6 +128,11 @@ export interface AskInput {
   /** false: retrieval only, an extractive answer. */
   generate?: boolean;
   max_answer_tokens?: number;
+  /**
+   * Fail (a ScheduleToStart timeout, safe to retry) when no encode worker takes the query
+   * within this many seconds.
+   */
+  encode_schedule_to_start_s?: number;
 }
 
 /** One retrieved chunk, cited in the answer as `[id]`. */
