@@ -71,6 +71,16 @@ def test_batch_encoding_matches_one_by_one(encoder: ClipEncoder) -> None:
     np.testing.assert_allclose(batched, single, atol=1e-5)
 
 
+def test_uint8_preprocessing_gives_the_vectors_of_the_full_transform(encoder: ClipEncoder) -> None:
+    """Decode threads stop at uint8 and the model normalises on the device: same vectors as
+    open_clip's own float32 ToTensor + Normalize transform."""
+    images = [image for _, _, image in iter_samples(1, TEST_SEED)][:6]
+    pixels = [encoder.preprocess(image) for image in images]
+    assert all(p.dtype == torch.uint8 and p.shape == (3, 64, 64) for p in pixels)
+    reference = encoder.encode_images([encoder.transform(image) for image in images])
+    np.testing.assert_allclose(encoder.encode_images(pixels), reference, atol=1e-6)
+
+
 def test_preprocess_is_thread_safe(encoder: ClipEncoder) -> None:
     images = [image for _, _, image in iter_samples(2, TEST_SEED)]
     serial = [encoder.preprocess(image) for image in images]
