@@ -16,6 +16,7 @@ from temporalio import activity
 from activities import metrics, registry
 from activities.generation import SourceChunk, extractive_answer, fuse_prompt, redacted_chunk
 from activities.guardrails import I_DONT_KNOW, insert_citations, redact_pii, validate_answer
+from activities.run_context import workflow_ids
 from activities.vectors import compile_filters, get_store
 from workers.settings import Settings
 from workflows.activity_payloads import (
@@ -190,7 +191,7 @@ class AskActivities:
                 answer, kind = insert_citations(I_DONT_KNOW, source_ids), "refused"
         elif kind == "none":
             answer = answer or "No indexed content matches this question and its filters."
-        info = activity.info()
+        workflow_id, run_id = workflow_ids()
         with Session(self.engine) as session, session.begin():
             registry.write_audit(
                 session,
@@ -198,9 +199,9 @@ class AskActivities:
                     registry.AuditRecord(
                         tenant=inp.tenant,
                         action="query.ask",
-                        idempotency_key=f"{info.workflow_run_id}/query.ask",
-                        workflow_id=info.workflow_id or "",
-                        run_id=info.workflow_run_id or "",
+                        idempotency_key=f"{run_id}/query.ask",
+                        workflow_id=workflow_id,
+                        run_id=run_id,
                         details={
                             "question_sha256": hashlib.sha256(inp.question.encode()).hexdigest(),
                             "sources": [s.asset_id for s in inp.sources],

@@ -10,6 +10,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities import index_versions, registry
 from activities.media import HEAD_BYTES, BadMediaError, check_object
+from activities.run_context import workflow_ids
 from activities.storage import (
     ObjectMissingError,
     Page,
@@ -60,7 +61,6 @@ class IngestActivities:
     @activity.defn(name=CREATE_FIRST_INDEX)
     def create_first_index(self, inp: CreateIndexInput) -> IndexTarget:
         """Create version 1 (collection + alias) for the encoder's model; idempotent."""
-        info = activity.info()
         target = index_versions.create_version(
             self.engine,
             self.settings.collection_prefix,
@@ -68,7 +68,7 @@ class IngestActivities:
             inp.pretrained,
             inp.checkpoint,
             inp.dim,
-            actor=info.workflow_id,
+            actor=workflow_ids()[0],
             first=True,
         )
         store = get_store(
@@ -162,7 +162,7 @@ class IngestActivities:
 
     @activity.defn(name=RECORD_OUTCOMES)
     def record_outcomes(self, inp: RecordOutcomesInput) -> None:
-        info = activity.info()
+        workflow_id, run_id = workflow_ids()
         try:
             registry.record_outcomes(
                 self.engine,
@@ -171,8 +171,8 @@ class IngestActivities:
                 inp.objects,
                 inp.outcomes,
                 inp.tags,
-                workflow_id=info.workflow_id,
-                run_id=info.workflow_run_id,
+                workflow_id=workflow_id,
+                run_id=run_id,
             )
         except ValueError as e:  # malformed input: retrying cannot help
             raise ApplicationError(str(e), non_retryable=True) from e

@@ -12,6 +12,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities import index_versions, registry
 from activities.guardrails import redact_pii
+from activities.run_context import workflow_ids
 from activities.storage import ObjectMissingError, store_for
 from activities.vectors import VectorStore, get_store, model_of
 from workers.settings import Settings
@@ -55,8 +56,8 @@ class LifecycleActivities:
     @activity.defn(name=BEGIN_REINDEX)
     def begin_reindex(self, inp: BeginReindexInput) -> IndexTarget:
         """Drop expired versions, take the scope's lock, and pick the target version."""
-        info = activity.info()
-        self._drop_expired(info.workflow_id)
+        workflow_id = workflow_ids()[0]
+        self._drop_expired(workflow_id)
         scope = inp.tenant or "*"
         if inp.mode == INCREMENTAL:
             target = registry.active_index(self.engine)
@@ -85,14 +86,14 @@ class LifecycleActivities:
                 inp.spec.pretrained,
                 inp.spec.checkpoint,
                 inp.dim,
-                actor=info.workflow_id,
+                actor=workflow_id,
             )
         self.store.ensure_collection(target.collection, target.dim, model=model_of(target))
         try:
-            index_versions.begin_run(self.engine, info.workflow_id, scope, inp.mode, target.version)
+            index_versions.begin_run(self.engine, workflow_id, scope, inp.mode, target.version)
         except index_versions.ReindexConflict as e:
             if inp.mode == FULL and not inp.target_version:
-                index_versions.mark(self.engine, [target.version], "failed", info.workflow_id)
+                index_versions.mark(self.engine, [target.version], "failed", workflow_id)
             raise ApplicationError(str(e), type="ReindexConflict", non_retryable=True) from e
         return target
 
@@ -107,7 +108,7 @@ class LifecycleActivities:
     def reindex_page(self, inp: ReindexPageInput) -> ReindexPage:
         """One page of the registry in scope: what to re-embed (full: everything live;
         incremental: changed objects, failed assets, assets of an older version)."""
-        index_versions.touch_run(self.engine, activity.info().workflow_id)
+        index_versions.touch_run(self.engine, workflow_ids()[0])
         statuses = (registry.INGESTED,) if inp.mode == FULL else (registry.INGESTED, FAILED)
         assets, cursor = registry.live_assets_page(
             self.engine, inp.tenant, inp.cursor, inp.page_size, statuses
@@ -148,7 +149,7 @@ class LifecycleActivities:
         """Compare the target collection with the registry: delete vectors of assets that
         are no longer live (forgotten during the run), and list assets to (re-)embed
         because they are missing or hold an older generation."""
-        index_versions.touch_run(self.engine, activity.info().workflow_id)
+        index_versions.touch_run(self.engine, workflow_ids()[0])
         live = registry.live_generations(self.engine, inp.tenant)
         indexed = self.store.asset_generations(inp.target.collection, inp.tenant)
         extra = [key for key in indexed if key not in live]
@@ -172,20 +173,20 @@ class LifecycleActivities:
     @activity.defn(name=SWAP_INDEX)
     def swap_index(self, inp: SwapInput) -> SwapResult:
         """Point the query alias at the new version and retire the old one, in one step."""
-        info = activity.info()
+        workflow_id = workflow_ids()[0]
         grace = timedelta(hours=inp.grace_period_hours)
         try:
             version = inp.version or index_versions.rollback_target(self.engine).version
         except LookupError as e:
             raise ApplicationError(str(e), type="NothingToRollBack", non_retryable=True) from e
-        swap = index_versions.swap(self.engine, version, grace, actor=info.workflow_id)
+        swap = index_versions.swap(self.engine, version, grace, actor=workflow_id)
         self.store.point_alias(self.settings.collection_prefix, swap.active.collection)
-        index_versions.finish_run(self.engine, info.workflow_id, "succeeded")
+        index_versions.finish_run(self.engine, workflow_id, "succeeded")
         return SwapResult(swap.previous.version if swap.previous else 0, swap.active.version)
 
     @activity.defn(name=FINISH_REINDEX)
     def finish_reindex(self, inp: FinishReindexInput) -> None:
-        actor = activity.info().workflow_id
+        actor = workflow_ids()[0]
         index_versions.finish_run(self.engine, actor, inp.state)
         if inp.failed_version:
             index_versions.mark(self.engine, [inp.failed_version], "failed", actor)
@@ -195,7 +196,7 @@ class LifecycleActivities:
     def forget_page(self, inp: ForgetPageInput) -> ForgetPageResult:
         """Forget one page of matching assets: vectors in every index version, optionally
         the objects, then the registry row is wiped and a tombstone written."""
-        info = activity.info()
+        workflow_id = workflow_ids()[0]
         candidates = registry.forget_candidates(
             self.engine, inp.tenant, inp.asset_id, inp.uri_prefix, inp.tags, inp.after, inp.limit
         )
@@ -219,7 +220,7 @@ class LifecycleActivities:
             redact_pii(inp.reason)[0][:500],
             inp.allow_reingest,
             [t.version for t in versions],
-            info.workflow_id,
+            workflow_id,
             {c[0]: c[2] for c in candidates},
         )
         return ForgetPageResult(

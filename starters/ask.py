@@ -8,6 +8,7 @@ import uuid
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
+from typing import TypedDict
 
 from rich.console import Console
 from temporalio.client import Client
@@ -56,7 +57,12 @@ def _epoch(value: str) -> int:
         raise ValueError(f"{value!r} is neither an ISO date (2026-01-31) nor epoch seconds") from e
 
 
-def image_fields(image: str) -> dict[str, str]:
+class ImageFields(TypedDict, total=False):
+    image_uri: str
+    image_base64: str
+
+
+def image_fields(image: str) -> ImageFields:
     """A small local image goes inline; anything else by URI (pixels stay out of payloads)."""
     if not image:
         return {}

@@ -104,6 +104,7 @@ class EventBridge:
         return future.result(timeout=30)
 
     async def _start(self, event: ObjectEvent) -> str:
+        arg: IngestAssetInput | ForgetInput
         if event.kind == "OBJECT_FINALIZE":
             workflow_id = ingest_asset_workflow_id(self.tenant, event.uri, event.generation)
             workflow, arg = INGEST_ASSET_WORKFLOW, IngestAssetInput(self.tenant, event.uri)

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 from dataclasses import asdict
+from typing import TypedDict, Unpack
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -29,6 +30,15 @@ def batch_workflow_id(inp: IngestBatchInput) -> str:
     return f"ingest-batch/{inp.tenant}/{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
+class IngestOptions(TypedDict, total=False):
+    """The tuning knobs of ``IngestBatchInput`` a starter may set."""
+
+    batch_size: int
+    page_size: int
+    max_concurrent_batches: int
+    encode_heartbeat_timeout_s: int
+
+
 async def start_ingest(
     client: Client,
     tenant: str,
@@ -36,7 +46,7 @@ async def start_ingest(
     tags: dict[str, str] | None = None,
     force: bool = False,
     allow_forgotten: bool = False,
-    **options: int,
+    **options: Unpack[IngestOptions],
 ) -> WorkflowHandle[object, IngestResult]:
     sources = [normalize_uri(p) for p in paths_or_uris]
     inp = IngestBatchInput(
