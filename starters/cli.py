@@ -587,6 +587,34 @@ def outage_message(error: BaseException) -> str | None:
     return None
 
 
+def workflow_failure_message(error: BaseException) -> str | None:
+    """One line: the step that failed and its root cause (the Web UI keeps the history);
+    None when ``error`` is not a failed workflow."""
+    from temporalio.client import WorkflowFailureError
+    from temporalio.exceptions import ActivityError, TimeoutError, TimeoutType
+
+    if not isinstance(error, WorkflowFailureError):
+        return None
+    step, cause = "", error.cause
+    while cause is not None:
+        if isinstance(cause, ActivityError):
+            step = cause.activity_type
+        if cause.__cause__ is None:
+            break
+        cause = cause.__cause__
+    where = f" at {step}" if step else ""
+    if isinstance(cause, TimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_START:
+        return (
+            f"the workflow failed{where}: no worker picked the task up in time; start a worker "
+            "for its task queue (`mmrag worker --role ...`) and ask again"
+        )
+    if isinstance(cause, TimeoutError):
+        return (
+            f"the workflow failed{where}: {cause.type.name.lower() if cause.type else 'a'} timeout"
+        )
+    return f"the workflow failed{where}: {cause}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -597,11 +625,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:
-        message = outage_message(e)
+        failed = workflow_failure_message(e)
+        message = failed or outage_message(e)
         if message is None:
             raise
         err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-        return 2
+        return 1 if failed else 2
 
 
 if __name__ == "__main__":

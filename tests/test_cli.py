@@ -86,3 +86,35 @@ def test_a_refused_milvus_privilege_is_not_reported_as_an_outage() -> None:
     assert "unreachable" not in message and "stack up" not in message
     down = outage_message(VectorStoreError("Milvus at http://127.0.0.1:1 is unreachable"))
     assert down is not None and "mmrag stack up" in down
+
+
+def test_a_failed_workflow_is_one_line_naming_the_step_and_the_cause() -> None:
+    from temporalio.client import WorkflowFailureError
+    from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError, TimeoutType
+
+    from starters.cli import workflow_failure_message
+
+    def failed(root: BaseException) -> WorkflowFailureError:
+        step = ActivityError(
+            "activity task failed",
+            scheduled_event_id=5,
+            started_event_id=0,
+            identity="",
+            activity_type="encode_query",
+            activity_id="1",
+            retry_state=None,
+        )
+        step.__cause__ = root
+        error = WorkflowFailureError(cause=step)
+        error.__cause__ = step
+        return error
+
+    unserved = failed(
+        TimeoutError("timeout", type=TimeoutType.SCHEDULE_TO_START, last_heartbeat_details=[])
+    )
+    message = workflow_failure_message(unserved)
+    assert message is not None and "\n" not in message
+    assert "at encode_query" in message and "mmrag worker" in message
+    down = workflow_failure_message(failed(ApplicationError("Milvus at x is unreachable")))
+    assert down == "the workflow failed at encode_query: Milvus at x is unreachable"
+    assert workflow_failure_message(RuntimeError("a bug")) is None

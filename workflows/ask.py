@@ -30,7 +30,7 @@ with workflow.unsafe.imports_passed_through():
         Retrieval,
         RetrieveInput,
     )
-    from workflows.common import INDEX_VERSION_KEY, OUTCOME_KEY, TENANT_KEY
+    from workflows.common import INDEX_VERSION_KEY, LIVENESS_TIMEOUT, OUTCOME_KEY, TENANT_KEY
     from workflows.contracts import (
         ASK_WORKFLOW,
         ENCODE_TASK_QUEUE,
@@ -127,6 +127,9 @@ class Ask:
                     task_queue=GENERATE_TASK_QUEUE,
                     start_to_close_timeout=timedelta(seconds=30),
                     schedule_to_close_timeout=timedelta(seconds=60),
+                    # The worker heartbeats for it (workers/run.py): a killed generate
+                    # worker's call is retried after 20 s, not after start_to_close.
+                    heartbeat_timeout=LIVENESS_TIMEOUT,
                     retry_policy=LLM_RETRY,
                     result_type=Generation,
                     summary="LLM generation",
