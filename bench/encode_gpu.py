@@ -129,7 +129,9 @@ def percentile(values: list[float], q: float) -> float:
 
 def measure(args: argparse.Namespace, model_name: str, checkpoint: Path | None) -> dict:
     device = resolve_device(args.device)
-    encoder = ClipEncoder.load(model_name, checkpoint=checkpoint, device=args.device)
+    encoder = ClipEncoder.load(
+        model_name, checkpoint=checkpoint, device=args.device, torch_threads=args.torch_threads
+    )
     baseline = fp32_copy(encoder)
     jpegs = synthetic_jpegs(args.images)
     images = [decode_image(raw, MAX_BYTES, MAX_PIXELS) for raw in jpegs]
@@ -266,6 +268,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--torch-threads", type=int, default=0, help="0: the encoder's default, as in workers"
+    )
     parser.add_argument("--tiny", action="store_true", help="also run the repo's tiny model")
     args = parser.parse_args()
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]

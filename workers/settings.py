@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 32  # images per encode activity and per forward pass
     decode_threads: int = 4
-    torch_threads: int = 0  # 0: torch's default
+    torch_threads: int = 0  # 0: torch's default on CPU, 1 on CUDA (encoder.CUDA_TORCH_THREADS)
 
     # Ask: prompt fusion budgets (tokens).
     prompt_token_budget: int = 3000
