@@ -47,6 +47,11 @@ HOW_TO_CHANGE: dict[str, str] = {
 }
 
 DATABASE_NAME = "mmrag"
+# Dynamic config of the embedded Temporal server, for Ask latency: the history service's
+# transfer-queue reader polls at most 20 times a second by default, a ~50 ms step per
+# activity on another task queue. bench/temporal_settings.py measures it and the
+# candidates that made no difference (task-queue partitions, batch size, no SQLite file).
+LATENCY_DYNAMIC_CONFIG = ("history.transferProcessorMaxPollRPS=1000",)
 POSTGRES_USER = "postgres"  # the database superuser initdb creates (trust auth, loopback only)
 POSTGRES_SYSTEM_USER = "embedded_postgres"  # the OS user PostgreSQL runs as when we are root
 
@@ -239,13 +244,9 @@ class Temporal(Server):
                 "--sqlite-pragma",
                 "synchronous=normal",
             ]
-        cmd += [
-            # Removes most of the ~50 ms step per activity on another task queue.
-            "--dynamic-config-value",
-            "history.transferProcessorMaxPollRPS=1000",
-            "--log-level",
-            "warn",
-        ]
+        for value in LATENCY_DYNAMIC_CONFIG:
+            cmd += ["--dynamic-config-value", value]
+        cmd += ["--log-level", "warn"]
         for attr, kind in search_attributes().items():
             cmd += ["--search-attribute", f"{attr}={kind}"]
         return cmd
