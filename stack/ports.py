@@ -90,6 +90,13 @@ class StackPorts:
         return cls(**values)
 
     @classmethod
+    def requested(cls, environ: dict[str, str] | None = None) -> StackPorts | None:
+        """Ports from ``MMRAG_STACK_*`` when any is set, else None: a ``Stack`` given None
+        reuses the ports its state directory recorded (or the defaults)."""
+        env = dict(os.environ) if environ is None else environ
+        return cls.from_env(env) if any(k.startswith(ENV_PREFIX) for k in env) else None
+
+    @classmethod
     def free(cls) -> StackPorts:
         """Ports that are free now, for a test stack beside the developer's own.
 
