@@ -60,7 +60,7 @@ from temporalio import activity, workflow  # noqa: E402
 from temporalio.common import SearchAttributePair  # noqa: E402
 from temporalio.exceptions import ActivityError  # noqa: E402
 
-from stack.servers import Temporal  # noqa: E402
+from stack.servers import LATENCY_DYNAMIC_CONFIG, Temporal  # noqa: E402
 from stack.services import Stack, StackPorts  # noqa: E402
 from workers.settings import TINY_MODEL_DIR, get_settings  # noqa: E402
 from workflows.activity_payloads import (  # noqa: E402
@@ -90,7 +90,7 @@ from workflows.contracts import (  # noqa: E402
 from workflows.ingest import INDEX_VERSION_KEY, OUTCOME_KEY, TENANT_KEY  # noqa: E402
 
 TENANT = "bench"
-BASE_RPS_FLAG = "history.transferProcessorMaxPollRPS=1000"  # what stack/servers.py sets
+BASE_RPS_FLAG = LATENCY_DYNAMIC_CONFIG[0]  # what stack/servers.py sets
 TINY_ENV = {
     "MMRAG_CLIP_MODEL": "mmrag-tiny",
     "MMRAG_CLIP_PRETRAINED": "",
