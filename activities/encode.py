@@ -58,7 +58,7 @@ from activities.media import (
 )
 from activities.sandbox import DecoderSandbox, SandboxPool
 from activities.storage import ObjectMissingError, UnsupportedUriError, normalize_uri, store_for
-from activities.vectors import MAX_SNIPPET, ChunkRow, VectorStore, VectorStoreError, get_store
+from activities.vectors import MAX_SNIPPET, ChunkRow, VectorStore, get_store
 from workers.settings import Settings
 from workflows.activity_payloads import (
     DESCRIBE_ENCODER,
@@ -599,12 +599,10 @@ class EncodeActivities:
             return value
         s = self.settings
         store = get_store(s.milvus_endpoint(), s.milvus_token.get_secret_value())
-        try:
-            collection, model = store.alias_model(s.collection_prefix)
-        except VectorStoreError as e:
-            if "not found" not in str(e) and "not exist" not in str(e):
-                raise  # Milvus down: retry; answering "nothing indexed" would be wrong
+        found = store.alias_model(s.collection_prefix)  # Milvus down: raises, Ask retries
+        if found is None:
             return "", 0, None  # no alias yet: nothing has been indexed
+        collection, model = found
         spec = ModelSpec(
             model.get("model", ""), model.get("pretrained", ""), model.get("checkpoint", "")
         )

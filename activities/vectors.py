@@ -350,9 +350,17 @@ class VectorStore:
             if self.client.has_collection(collection):
                 self.client.drop_collection(collection)
 
-    def alias_model(self, alias: str) -> tuple[str, dict[str, str]]:
-        """The collection the alias names now, and the model recorded on it."""
-        collection = self.client.describe_alias(alias)["collection_name"]
+    def alias_model(self, alias: str) -> tuple[str, dict[str, str]] | None:
+        """The collection the alias names now and the model recorded on it; None when the
+        alias does not exist yet (nothing indexed). An unreachable Milvus still raises."""
+        try:
+            collection = self.client.describe_alias(alias)["collection_name"]
+        except VectorStoreAccessError:
+            raise
+        except VectorStoreError as e:
+            if "not found" in str(e) or "not exist" in str(e):
+                return None
+            raise
         description = self.client.describe_collection(collection).get("description", "")
         try:
             model = json.loads(description).get("mmrag_model", {})

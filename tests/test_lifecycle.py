@@ -459,3 +459,9 @@ def test_reconciliation_sees_rows_inserted_a_moment_before(
             assert s.asset_generations(collection, tenant) == mine
     finally:
         s.drop(collection)
+
+
+def test_a_missing_alias_reads_as_nothing_indexed(test_stack: object) -> None:
+    """encode_query answers "nothing indexed" only for a missing alias; an unreachable Milvus
+    raises instead (tests/test_faults.py: asks across a Milvus restart)."""
+    assert store().alias_model(f"mmrag_missing_{uuid.uuid4().hex[:8]}") is None

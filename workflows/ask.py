@@ -5,6 +5,7 @@ Two hops leave the workflow's queue, the ones the design needs: query encoding o
 (search + re-rank + prompt fusion, and validation + citations + audit) are local
 activities. When the LLM is throttled past its retries, or its circuit breaker is open,
 the answer degrades to the sources with a clear message instead of failing or hanging.
+A vector-store outage is waited out for up to ``VECTOR_STORE_WAIT``, then fails clearly.
 """
 
 from __future__ import annotations
