@@ -22,11 +22,14 @@ from workers.settings import Settings
 from workflows.activity_payloads import (
     FINALIZE_ANSWER,
     RETRIEVE,
+    RETRIEVE_AND_ANSWER,
     FinalAnswer,
     FinalizeInput,
     Fusion,
     FusionChunk,
     Retrieval,
+    RetrieveAndAnswerInput,
+    RetrievedAnswer,
     RetrieveInput,
 )
 from workflows.contracts import Source
@@ -176,6 +179,28 @@ class AskActivities:
             context=prompt.context,
             fusion=fusion,
         )
+
+    @activity.defn(name=RETRIEVE_AND_ANSWER)
+    def retrieve_and_answer(self, inp: RetrieveAndAnswerInput) -> RetrievedAnswer:
+        """``retrieve`` then ``finalize_answer`` for an Ask that does not generate: the
+        extractive answer (or "no match"), cited and audited, in one call."""
+        started = time.perf_counter()
+        retrieval = self.retrieve(inp.retrieve)
+        final = self.finalize_answer(
+            FinalizeInput(
+                inp.retrieve.tenant,
+                inp.retrieve.question,
+                retrieval.extractive_answer,
+                "extractive" if retrieval.sources else "none",
+                retrieval.sources,
+                retrieval.context,
+                False,
+                "",
+                inp.elapsed_ms + _ms(started),
+                retrieval.index_version,
+            )
+        )
+        return RetrievedAnswer(retrieval.index_version, retrieval.sources, retrieval.ms, final)
 
     @activity.defn(name=FINALIZE_ANSWER)
     def finalize_answer(self, inp: FinalizeInput) -> FinalAnswer:

@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stack)
 
     p = sub.add_parser("worker", help="run workers for one role or all")
-    p.add_argument("--role", choices=["all", "cpu", "encode", "generate"], default="all")
+    p.add_argument("--role", choices=["all", "cpu", "encode", "generate", "query"], default="all")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("ingest", help="ingest files, folders, file:// or gs:// URIs")

@@ -125,9 +125,10 @@ class Workers:
     cpu: WorkerProcess
     encode: WorkerProcess
     generate: WorkerProcess
+    query: WorkerProcess
 
     def alive(self) -> bool:
-        return all(w.alive() for w in (self.cpu, self.encode, self.generate))
+        return all(w.alive() for w in (self.cpu, self.encode, self.generate, self.query))
 
 
 @pytest.fixture(scope="session")
@@ -144,6 +145,8 @@ def worker(test_stack: ServerStack, llm: LlmTestServer) -> Workers:
         cpu=test_stack.start_worker("cpu", MMRAG_DATABASE_ROLE="mmrag_ingest"),
         encode=test_stack.start_worker("encode"),
         generate=test_stack.start_worker("generate", OPENAI_BASE_URL=llm.base_url, **LLM_ENV),
+        # Asks on the query queue, as the read-only query role.
+        query=test_stack.start_worker("query", MMRAG_DATABASE_ROLE="mmrag_query"),
     )
 
 

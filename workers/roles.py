@@ -18,7 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers.settings import Settings
-from workflows.contracts import ENCODE_TASK_QUEUE, GENERATE_TASK_QUEUE, TASK_QUEUE
+from workflows.contracts import (
+    ENCODE_TASK_QUEUE,
+    GENERATE_TASK_QUEUE,
+    QUERY_TASK_QUEUE,
+    TASK_QUEUE,
+)
 
 log = logging.getLogger("mmrag.worker")
 
@@ -54,6 +59,8 @@ MILVUS_ACCESS: dict[str, MilvusAccess] = {
         "mmrag_encode", "encode_batch inserts/deletes vectors; encode_query reads the alias"
     ),
     "generate": MilvusAccess("", "no Milvus access"),
+    # Ask on the query queue: encode_query reads the alias's model, retrieve searches.
+    "query": MilvusAccess("mmrag_query", "Ask's encode_query reads the alias; retrieve searches"),
 }
 
 
@@ -80,6 +87,7 @@ def cpu_role(settings: Settings) -> RoleContent:
             ingest.scan_page,
             ingest.record_outcomes,
             ask.retrieve,
+            ask.retrieve_and_answer,
             ask.finalize_answer,
             lifecycle.begin_reindex,
             lifecycle.reindex_page,
@@ -126,8 +134,37 @@ def generate_role(settings: Settings) -> RoleContent:
     )
 
 
+def query_role(settings: Settings) -> RoleContent:
+    """``Ask`` on ``mmrag-query`` with everything but generation in this process: the CLIP
+    model warm here (on a GPU pod, or a CPU pod with a small model), so the query is encoded
+    by a local activity instead of a hop to the encode queue; searches and audit rows as the
+    read-only query users (``mmrag_query`` in Milvus and, via MMRAG_DATABASE_ROLE, Postgres).
+    Ingest and re-index never queue behind queries here."""
+    settings = settings.for_milvus_role("query")
+    from activities.ask import AskActivities
+    from activities.encode import EncodeActivities
+    from workflows.ask import Ask
+
+    encode = EncodeActivities(settings)
+    info = encode.describe_encoder()  # warm: load the model before taking any task
+    log.info("query encoder ready: %s/%s on %s", info.model, info.pretrained, info.device)
+    ask = AskActivities(settings)
+    return RoleContent(
+        QUERY_TASK_QUEUE,
+        workflows=[Ask],
+        activities=[
+            encode.encode_query,
+            ask.retrieve,
+            ask.retrieve_and_answer,
+            ask.finalize_answer,
+        ],
+        max_concurrent_activities=settings.max_concurrent_activities,
+    )
+
+
 ROLE_BUILDERS: dict[str, Callable[[Settings], RoleContent]] = {
     "cpu": cpu_role,
     "encode": encode_role,
     "generate": generate_role,
+    "query": query_role,
 }

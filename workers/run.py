@@ -60,7 +60,7 @@ from workflows.activity_payloads import (
     SWAP_INDEX,
 )
 
-ROLES = ("all", "cpu", "encode", "generate")
+ROLES = ("all", "cpu", "encode", "generate", "query")
 log = logging.getLogger("mmrag.worker")
 
 # Activities that spend their time in one blocking call (a Milvus delete, a registry page,

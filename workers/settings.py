@@ -37,15 +37,17 @@ class Settings(BaseSettings):
     # RBAC"): a worker role's own token, used by that role's activities instead of
     # milvus_token (which stays the default, and is what CLI tools use). cpu: mmrag_ingest
     # (collections, aliases, deletes, Ask's search); encode: mmrag_encode (vector writes,
-    # the alias's model). The generate role never touches Milvus.
+    # the alias's model); query: mmrag_query (search, the alias's model). The generate role
+    # never touches Milvus.
     milvus_token_cpu: SecretStr = SecretStr("")
     milvus_token_encode: SecretStr = SecretStr("")
+    milvus_token_query: SecretStr = SecretStr("")
     collection_prefix: str = "mmrag"  # collections are <prefix>_v<N>; the alias is <prefix>
 
     # Postgres: asset registry, index versions and the audit trail.
     database_url: SecretStr = SecretStr("")  # empty: the embedded stack's URL from state_dir
     # A least-privilege role assumed on every connection (migrations/0003): mmrag_ingest
-    # for cpu workers. Empty: the login user's own privileges.
+    # for cpu workers, mmrag_query for query workers. Empty: the login user's own privileges.
     database_role: str = ""
 
     # Media.
@@ -145,7 +147,11 @@ class Settings(BaseSettings):
     def for_milvus_role(self, role: str) -> Settings:
         """These settings with ``milvus_token`` set to the worker role's own token, if any,
         so every activity of the role connects as the role's Milvus user."""
-        token = {"cpu": self.milvus_token_cpu, "encode": self.milvus_token_encode}.get(role)
+        token = {
+            "cpu": self.milvus_token_cpu,
+            "encode": self.milvus_token_encode,
+            "query": self.milvus_token_query,
+        }.get(role)
         if token is None or not token.get_secret_value():
             return self
         return self.model_copy(update={"milvus_token": token})

@@ -82,6 +82,7 @@ ENCODE_QUERY = "encode_query"
 RETRIEVE = "retrieve"
 GENERATE = "generate"
 FINALIZE_ANSWER = "finalize_answer"
+RETRIEVE_AND_ANSWER = "retrieve_and_answer"
 
 
 @dataclass
@@ -197,6 +198,25 @@ class FinalAnswer:
     answer: str
     answer_kind: str
     ms: float
+
+
+@dataclass
+class RetrieveAndAnswerInput:
+    """An Ask that does not generate: retrieve, answer from the sources and audit in one
+    local activity, one SDK round trip fewer on the hot path of retrieval-only asks."""
+
+    retrieve: RetrieveInput
+    elapsed_ms: float  # the Ask's time before this step, for the audit row's latency
+
+
+@dataclass
+class RetrievedAnswer:
+    """What the workflow needs of a retrieval-only answer (no prompts: they are unused)."""
+
+    index_version: int
+    sources: list[Source]
+    retrieve_ms: float
+    final: FinalAnswer
 
 
 # -- Lifecycle ------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """``Ask``: query -> retrieval -> guarded, cited answer, durably and fast.
 
 Two hops leave the workflow's queue, the ones the design needs: query encoding on
-``mmrag-gpu-encode`` and generation on ``mmrag-gpu-generate``. The short steps
+``mmrag-gpu-encode`` and generation on ``mmrag-gpu-generate``. Started on
+``QUERY_TASK_QUEUE`` instead, the Ask runs on the query role's worker, which holds the CLIP
+model, and encodes the query as a local activity: one cross-queue hop fewer (bench/ask.py
+prices it); the choice is recorded in the history, so it replays. The short steps
 (search + re-rank + prompt fusion, and validation + citations + audit) are local
 activities. When the LLM is throttled past its retries, or its circuit breaker is open,
 the answer degrades to the sources with a clear message instead of failing or hanging.
@@ -10,7 +13,7 @@ A vector-store outage is waited out for up to ``VECTOR_STORE_WAIT``, then fails 
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -22,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
         FINALIZE_ANSWER,
         GENERATE,
         RETRIEVE,
+        RETRIEVE_AND_ANSWER,
         EncodeQueryInput,
         FinalAnswer,
         FinalizeInput,
@@ -29,6 +33,8 @@ with workflow.unsafe.imports_passed_through():
         Generation,
         QueryVector,
         Retrieval,
+        RetrieveAndAnswerInput,
+        RetrievedAnswer,
         RetrieveInput,
     )
     from workflows.common import INDEX_VERSION_KEY, LIVENESS_TIMEOUT, OUTCOME_KEY, TENANT_KEY
@@ -36,11 +42,18 @@ with workflow.unsafe.imports_passed_through():
         ASK_WORKFLOW,
         ENCODE_TASK_QUEUE,
         GENERATE_TASK_QUEUE,
+        QUERY_TASK_QUEUE,
         AskInput,
         AskResult,
+        Source,
     )
 
 UNAVAILABLE = "answer service temporarily unavailable"
+# Patch id: retrieval-only Asks answer in one local activity (retrieve_and_answer) since
+# 2026-11-27; histories from before replay through retrieve + finalize_answer.
+RETRIEVAL_ONLY_IN_ONE_STEP = "retrieval-only-in-one-step"
+# Marker id: this Ask ran on QUERY_TASK_QUEUE and encoded its query locally.
+ENCODED_ON_QUERY_WORKER = "encoded-on-query-worker"
 
 QUICK_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=200),
@@ -77,31 +90,60 @@ class Ask:
                 non_retryable=True,
             )
         started = workflow.now()
-        query = await workflow.execute_activity(
-            ENCODE_QUERY,
-            EncodeQueryInput(inp.text, inp.image_uri, inp.image_base64, inp.hybrid_weight),
-            task_queue=ENCODE_TASK_QUEUE,
-            start_to_close_timeout=timedelta(seconds=30),
-            schedule_to_start_timeout=timedelta(seconds=inp.encode_schedule_to_start_s or 30),
-            schedule_to_close_timeout=VECTOR_STORE_WAIT,
-            retry_policy=VECTOR_STORE_RETRY,
-            result_type=QueryVector,
-            summary="encode query",
+        encode_input = EncodeQueryInput(
+            inp.text, inp.image_uri, inp.image_base64, inp.hybrid_weight
         )
+        if _encodes_locally():
+            query = await workflow.execute_local_activity(
+                ENCODE_QUERY,
+                encode_input,
+                start_to_close_timeout=timedelta(seconds=30),
+                schedule_to_close_timeout=VECTOR_STORE_WAIT,
+                retry_policy=VECTOR_STORE_RETRY,
+                result_type=QueryVector,
+                summary="encode query (local)",
+            )
+        else:
+            query = await workflow.execute_activity(
+                ENCODE_QUERY,
+                encode_input,
+                task_queue=ENCODE_TASK_QUEUE,
+                start_to_close_timeout=timedelta(seconds=30),
+                schedule_to_start_timeout=timedelta(seconds=inp.encode_schedule_to_start_s or 30),
+                schedule_to_close_timeout=VECTOR_STORE_WAIT,
+                retry_policy=VECTOR_STORE_RETRY,
+                result_type=QueryVector,
+                summary="encode query",
+            )
+        retrieve_input = RetrieveInput(
+            inp.tenant,
+            inp.text,
+            query.vector,
+            query.model,
+            inp.top_k,
+            inp.filters,
+            inp.rerank,
+            inp.max_answer_tokens,
+            query.collection,
+            query.index_version,
+        )
+        if not inp.generate and workflow.patched(RETRIEVAL_ONLY_IN_ONE_STEP):
+            done = await workflow.execute_local_activity(
+                RETRIEVE_AND_ANSWER,
+                RetrieveAndAnswerInput(retrieve_input, _ms_since(started)),
+                start_to_close_timeout=timedelta(seconds=10),
+                schedule_to_close_timeout=VECTOR_STORE_WAIT,
+                retry_policy=VECTOR_STORE_RETRY,
+                result_type=RetrievedAnswer,
+                summary="search + re-rank + extractive answer + cite + audit",
+            )
+            stage_ms = {"encode": query.ms, "retrieve": done.retrieve_ms}
+            return _result(
+                inp, started, query, done.index_version, done.sources, done.final, stage_ms, "", ""
+            )
         retrieval = await workflow.execute_local_activity(
             RETRIEVE,
-            RetrieveInput(
-                inp.tenant,
-                inp.text,
-                query.vector,
-                query.model,
-                inp.top_k,
-                inp.filters,
-                inp.rerank,
-                inp.max_answer_tokens,
-                query.collection,
-                query.index_version,
-            ),
+            retrieve_input,
             start_to_close_timeout=timedelta(seconds=10),
             schedule_to_close_timeout=VECTOR_STORE_WAIT,
             retry_policy=VECTOR_STORE_RETRY,
@@ -148,7 +190,6 @@ class Ask:
                 degraded, reason = True, _degraded_reason(e)
                 answer = f"{UNAVAILABLE}: {reason}. The most relevant sources are listed below."
                 kind = "degraded"
-        latency_ms = (workflow.now() - started).total_seconds() * 1000
         final = await workflow.execute_local_activity(
             FINALIZE_ANSWER,
             FinalizeInput(
@@ -160,7 +201,7 @@ class Ask:
                 context,
                 degraded,
                 reason,
-                latency_ms,
+                _ms_since(started),
                 retrieval.index_version,
             ),
             start_to_close_timeout=timedelta(seconds=10),
@@ -168,26 +209,66 @@ class Ask:
             result_type=FinalAnswer,
             summary="validate + cite + audit",
         )
-        stage_ms["finalize"] = final.ms
-        workflow.upsert_search_attributes(
-            [
-                TENANT_KEY.value_set(inp.tenant),
-                INDEX_VERSION_KEY.value_set(retrieval.index_version),
-                OUTCOME_KEY.value_set("degraded" if degraded else final.answer_kind),
-            ]
+        return _result(
+            inp,
+            started,
+            query,
+            retrieval.index_version,
+            retrieval.sources,
+            final,
+            stage_ms,
+            reason,
+            llm_model,
         )
-        return AskResult(
-            answer=final.answer,
-            sources=retrieval.sources,
-            latency_ms=round((workflow.now() - started).total_seconds() * 1000, 1),
-            stage_ms=stage_ms,
-            degraded=degraded,
-            degraded_reason=reason,
-            answer_kind=final.answer_kind,
-            index_version=retrieval.index_version,
-            encoder_model=query.model,
-            llm_model=llm_model,
-        )
+
+
+def _encodes_locally() -> bool:
+    """Whether this Ask encodes its query by a local activity: decided by the queue it
+    first runs on, and recorded in its history as a patch marker, so that replay takes the
+    same path wherever it happens (a worker's task queue is what ``workflow.info()``
+    reports, and the Replayer's is its own)."""
+    if workflow.info().task_queue == QUERY_TASK_QUEUE or workflow.unsafe.is_replaying():
+        return workflow.patched(ENCODED_ON_QUERY_WORKER)
+    return False
+
+
+def _ms_since(started: datetime) -> float:
+    return (workflow.now() - started).total_seconds() * 1000
+
+
+def _result(
+    inp: AskInput,
+    started: datetime,
+    query: QueryVector,
+    index_version: int,
+    sources: list[Source],
+    final: FinalAnswer,
+    stage_ms: dict[str, float],
+    degraded_reason: str,
+    llm_model: str,
+) -> AskResult:
+    """The Ask's result, and its search attributes (tenant, index version, outcome)."""
+    stage_ms["finalize"] = final.ms
+    degraded = bool(degraded_reason)
+    workflow.upsert_search_attributes(
+        [
+            TENANT_KEY.value_set(inp.tenant),
+            INDEX_VERSION_KEY.value_set(index_version),
+            OUTCOME_KEY.value_set("degraded" if degraded else final.answer_kind),
+        ]
+    )
+    return AskResult(
+        answer=final.answer,
+        sources=sources,
+        latency_ms=round(_ms_since(started), 1),
+        stage_ms=stage_ms,
+        degraded=degraded,
+        degraded_reason=degraded_reason,
+        answer_kind=final.answer_kind,
+        index_version=index_version,
+        encoder_model=query.model,
+        llm_model=llm_model,
+    )
 
 
 def _degraded_reason(error: ActivityError) -> str:

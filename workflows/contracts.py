@@ -20,6 +20,11 @@ CONTRACT_VERSION = 3
 TASK_QUEUE = "mmrag"
 ENCODE_TASK_QUEUE = "mmrag-gpu-encode"
 GENERATE_TASK_QUEUE = "mmrag-gpu-generate"
+# The fast path for ``Ask`` (optional): an Ask started here runs on the query role's worker,
+# which holds the CLIP model itself and encodes the query as a local activity instead of a
+# hop to ENCODE_TASK_QUEUE. Same input, same result; start Asks here when a query worker
+# (`mmrag worker --role query`) is deployed, on TASK_QUEUE otherwise.
+QUERY_TASK_QUEUE = "mmrag-query"
 
 # Workflow type names: the stable strings other backends use.
 INGEST_ASSET_WORKFLOW = "IngestAsset"
