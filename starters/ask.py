@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 from dataclasses import asdict
 from datetime import datetime
@@ -17,6 +18,7 @@ from activities.storage import normalize_uri
 from workflows.contracts import (
     ASK_WORKFLOW,
     MAX_INLINE_IMAGE_BYTES,
+    QUERY_TASK_QUEUE,
     TASK_QUEUE,
     AskFilters,
     AskInput,
@@ -72,12 +74,40 @@ def image_fields(image: str) -> ImageFields:
     return {"image_uri": normalize_uri(image)}
 
 
-async def ask(client: Client, inp: AskInput) -> AskResult:
+async def query_worker_polling(client: Client) -> bool:
+    """Whether a query worker (``mmrag worker --role query``) polls ``QUERY_TASK_QUEUE`` now.
+
+    Temporal lists a poller for a few minutes after its last poll; one seen within the long
+    poll's minute counts. An Ask started on a queue nobody polls would wait, not fail."""
+    from temporalio.api.enums.v1 import TaskQueueType
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+
+    response = await client.workflow_service.describe_task_queue(
+        DescribeTaskQueueRequest(
+            namespace=client.namespace,
+            task_queue=TaskQueue(name=QUERY_TASK_QUEUE),
+            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+        )
+    )
+    now = time.time()
+    return any(now - p.last_access_time.ToSeconds() < 70 for p in response.pollers)
+
+
+async def ask_task_queue(client: Client, queue: str = "auto") -> str:
+    """The queue to start an Ask on: ``auto`` takes the query queue when a query worker
+    polls it (one cross-queue hop fewer), else the main queue every deployment serves."""
+    if queue != "auto":
+        return queue
+    return QUERY_TASK_QUEUE if await query_worker_polling(client) else TASK_QUEUE
+
+
+async def ask(client: Client, inp: AskInput, task_queue: str = TASK_QUEUE) -> AskResult:
     return await client.execute_workflow(
         ASK_WORKFLOW,
         inp,
         id=f"ask/{inp.tenant}/{uuid.uuid4().hex}",
-        task_queue=TASK_QUEUE,
+        task_queue=task_queue,
         result_type=AskResult,
         static_summary=f"ask for tenant {inp.tenant}",
     )

@@ -152,7 +152,14 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 async def _ask(args: argparse.Namespace) -> int:
-    from starters.ask import ask, image_fields, parse_filters, print_answer, result_json
+    from starters.ask import (
+        ask,
+        ask_task_queue,
+        image_fields,
+        parse_filters,
+        print_answer,
+        result_json,
+    )
     from workers.temporal_client import connect
     from workflows.contracts import AskInput
 
@@ -176,6 +183,7 @@ async def _ask(args: argparse.Namespace) -> int:
             max_answer_tokens=args.max_tokens,
             **image,
         ),
+        task_queue=await ask_task_queue(client, args.queue),
     )
     if args.json:
         print(result_json(result))
@@ -461,6 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-generate", action="store_true", help="retrieval only (extractive answer)")
     p.add_argument("--max-tokens", type=int, default=300)
     p.add_argument("--json", action="store_true", help="print the Ask result contract as JSON")
+    p.add_argument(
+        "--queue",
+        choices=["auto", "mmrag", "mmrag-query"],
+        default="auto",
+        help="task queue to start the Ask on; auto: mmrag-query when a query worker polls it",
+    )
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("reindex", help="re-embed from the registry; swap or roll back the index")

@@ -16,13 +16,22 @@ import pytest
 import pytest_asyncio
 from temporalio.client import Client
 
-from starters.ask import ask
+from starters.ask import ask, ask_task_queue
 from starters.ingest import start_ingest
 from starters.synthetic_corpus import render, write_corpus
 from tests.conftest import LLM_API_KEY, ServerStack, Workers
 from tests.helpers import audit_events, milvus_pks, temporal_execute, wait_searchable
 from tests.llm_server import LlmTestServer
-from workflows.contracts import AskFilters, AskInput, AskResult
+from workflows.contracts import (
+    ASK_WORKFLOW,
+    ENCODE_TASK_QUEUE,
+    GENERATE_TASK_QUEUE,
+    QUERY_TASK_QUEUE,
+    TASK_QUEUE,
+    AskFilters,
+    AskInput,
+    AskResult,
+)
 
 
 @dataclass
@@ -95,6 +104,100 @@ async def test_image_and_hybrid_queries(corpus: Corpus, client: Client, llm: Llm
     )
     assert names(hybrid)[0].startswith("blue-triangle-")
     assert hybrid.answer_kind == "extractive" and "Extractive answer" in hybrid.answer
+
+
+@dataclass
+class AskRun:
+    result: AskResult
+    workflow_id: str
+    activity_queues: list[str]  # task queue of every activity scheduled through the server
+    local_activities: int  # local activity markers in the history
+    patches: int  # patch markers (workflow.patched) in the history
+
+
+async def ask_on(client: Client, queue: str, inp: AskInput) -> AskRun:
+    handle = await client.start_workflow(
+        ASK_WORKFLOW,
+        inp,
+        id=f"ask/{inp.tenant}/{uuid.uuid4().hex}",
+        task_queue=queue,
+        result_type=AskResult,
+    )
+    result = await asyncio.wait_for(handle.result(), timeout=90)
+    events = (await handle.fetch_history()).events
+    markers = [e.marker_recorded_event_attributes.marker_name for e in events]
+    return AskRun(
+        result,
+        handle.id,
+        [
+            e.activity_task_scheduled_event_attributes.task_queue.name
+            for e in events
+            if e.HasField("activity_task_scheduled_event_attributes")
+        ],
+        markers.count("core_local_activity"),
+        markers.count("core_patch"),
+    )
+
+
+@pytest.mark.parametrize("generate", [False, True], ids=["retrieval-only", "generated"])
+async def test_query_queue_answers_like_the_main_queue_without_the_encode_hop(
+    corpus: Corpus, client: Client, llm: LlmTestServer, generate: bool
+) -> None:
+    """An Ask on mmrag-query (the query role, model in the worker) gives the same sources and
+    answer as one on mmrag for text, image and hybrid queries, and never schedules an
+    activity on the encode queue; a retrieval-only Ask answers in one local step after
+    encoding, on either queue."""
+    import random
+
+    llm.set_mode("ok")
+    buf = io.BytesIO()
+    render("green", "square", random.Random(778)).save(buf, "PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    queries = [{"text": "a purple triangle"}, {"image_base64": image}]
+    queries.append({"text": "a green square", "image_base64": image})
+    for query in queries:
+        inp = AskInput(tenant=corpus.tenant, generate=generate, **query)
+        main, fast = (
+            await ask_on(client, TASK_QUEUE, inp),
+            await ask_on(client, QUERY_TASK_QUEUE, inp),
+        )
+        assert fast.result.sources, query
+        assert [s.asset_id for s in fast.result.sources] == [
+            s.asset_id for s in main.result.sources
+        ], query
+        assert fast.result.answer_kind == main.result.answer_kind
+        assert fast.result.answer_kind == ("generated" if generate else "extractive")
+        assert fast.result.encoder_model == main.result.encoder_model == "mmrag-tiny"
+        generation = [GENERATE_TASK_QUEUE] if generate else []
+        assert main.activity_queues == [ENCODE_TASK_QUEUE, *generation]
+        assert fast.activity_queues == generation
+        # retrieval-only: retrieve_and_answer; generated: retrieve, finalize_answer
+        steps = 2 if generate else 1
+        assert (main.local_activities, fast.local_activities) == (steps, steps + 1)
+    names_first = names(fast.result)[0]
+    assert names_first.startswith("green-square-")
+
+
+async def test_retrieval_only_ask_in_one_step_is_audited_once(
+    corpus: Corpus, client: Client
+) -> None:
+    for queue in (TASK_QUEUE, QUERY_TASK_QUEUE):
+        run = await ask_on(
+            client, queue, AskInput(tenant=corpus.tenant, text="a red square", generate=False)
+        )
+        rows = [e for e in audit_events(corpus.tenant) if e.workflow_id == run.workflow_id]
+        assert len(rows) == 1 and rows[0].action == "query.ask"
+        details = rows[0].details
+        assert details["answer_kind"] == "extractive" and details["latency_ms"] > 0
+        assert details["sources"] == [s.asset_id for s in run.result.sources]
+        assert run.result.stage_ms["finalize"] > 0 and run.result.latency_ms >= 0
+
+
+async def test_cli_queue_auto_takes_the_query_queue_when_a_query_worker_polls(
+    worker: Workers, client: Client
+) -> None:
+    assert await ask_task_queue(client) == QUERY_TASK_QUEUE
+    assert await ask_task_queue(client, TASK_QUEUE) == TASK_QUEUE
 
 
 async def test_bad_query_image_fails_with_reason(corpus: Corpus, client: Client) -> None:

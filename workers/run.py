@@ -28,6 +28,7 @@ import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 
 from temporalio import activity
 from temporalio.client import Client
@@ -117,9 +118,23 @@ class _LivenessInbound(ActivityInboundInterceptor):
             beating.cancel()
 
 
+def compile_workflow_bytecode() -> None:
+    """Write the workflow modules' bytecode where it is missing. The sandbox imports a
+    workflow's module afresh for every run; with no ``.pyc`` (PYTHONDONTWRITEBYTECODE, a
+    fresh image) each run compiled the source first, ~1 ms of every Ask. A read-only tree
+    keeps the old behaviour."""
+    import compileall
+
+    import workflows
+
+    if not compileall.compile_dir(Path(workflows.__file__).parent, maxlevels=0, quiet=2):
+        log.info("workflow bytecode not written (read-only tree?): each run compiles them")
+
+
 def build_workers(role: str, client: Client, settings: Settings) -> list[Worker]:
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}: choose one of {', '.join(ROLES)}")
+    compile_workflow_bytecode()
     names = list(ROLE_BUILDERS) if role == "all" else [role]
     workers = []
     for name in names:

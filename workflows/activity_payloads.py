@@ -1,10 +1,10 @@
 """Activity names and payloads shared by workflows and activity implementations.
 
 Internal API (between mmrag's own workflows and workers), unlike ``contracts``. Standard
-library only, so workflows can import it inside the sandbox.
+library only, so workflows can import it inside the sandbox. No ``from __future__ import
+annotations`` here or in ``contracts``: the data converter resolves a dataclass's type
+hints on every payload it decodes, and string annotations made that ~3x slower.
 """
-
-from __future__ import annotations
 
 from dataclasses import dataclass, field
 

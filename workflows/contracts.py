@@ -6,10 +6,9 @@ added with defaults, never renamed or removed, so a caller written against an ol
 version keeps working. ``CONTRACT_VERSION`` moves when a field is added.
 
 This module must stay importable inside the Temporal workflow sandbox: standard library
-only.
+only. Annotations are evaluated at import (no ``from __future__ import annotations``), so
+decoding a payload does not evaluate them again each time.
 """
-
-from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field

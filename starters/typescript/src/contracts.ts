@@ -9,11 +9,13 @@
 
 export const CONTRACT_VERSION = 3;
 
-// Task queues. Starters only ever use TASK_QUEUE: the workflows route their own activities
-// to the GPU queues.
+// Task queues. Starters use TASK_QUEUE: the workflows route their own activities to the GPU
+// queues. An Ask may instead start on QUERY_TASK_QUEUE where a query worker is deployed
+// (`mmrag worker --role query`): same input and result, the query encoded on that worker.
 export const TASK_QUEUE = 'mmrag';
 export const ENCODE_TASK_QUEUE = 'mmrag-gpu-encode';
 export const GENERATE_TASK_QUEUE = 'mmrag-gpu-generate';
+export const QUERY_TASK_QUEUE = 'mmrag-query';
 
 // Workflow type names.
 export const INGEST_BATCH_WORKFLOW = 'IngestBatch';
