@@ -44,8 +44,13 @@ SECRETS = {
     "MILVUS_MINIO_ACCESS_KEY": "minio-user",
     "MILVUS_MINIO_SECRET_KEY": "minio-secret-key",
 }
-WORKERS = {"worker-cpu": "cpu", "worker-encode": "encode", "worker-generate": "generate"}
-GPU_WORKERS = {"worker-encode", "worker-generate"}
+WORKERS = {
+    "worker-cpu": "cpu",
+    "worker-encode": "encode",
+    "worker-generate": "generate",
+    "worker-query": "query",
+}
+GPU_WORKERS = {"worker-encode", "worker-generate", "worker-query"}
 # Services that keep state: each needs a health check and a named volume for its data.
 STATEFUL = {
     "temporal-db": "postgres",

@@ -123,6 +123,16 @@ def _ts_interfaces() -> tuple[dict[str, dict[str, tuple[bool, str]]], dict[str, 
     return interfaces, consts
 
 
+def _annotation(py_type: object) -> str:
+    """A dataclass field's type as written (``list[Source]``), whether it is a string or,
+    as in ``workflows.contracts``, the evaluated type."""
+    if isinstance(py_type, str):
+        return py_type
+    if isinstance(py_type, type) and not getattr(py_type, "__args__", None):
+        return py_type.__name__
+    return re.sub(r"\b[\w.]+\.(\w+)", r"\1", str(py_type))
+
+
 def _ts_type(py_type: str) -> str:
     py_type = py_type.replace(" ", "")
     if m := re.fullmatch(r"list\[(.+)\]", py_type):
@@ -157,7 +167,7 @@ def test_typescript_types_mirror_the_python_contracts() -> None:
             )
             # Inputs: what has a default may be left out. Outputs: the worker sends it all.
             assert optional == (is_input and has_default), f"{name}.{field_name} optionality"
-            assert ts_type == _ts_type(str(f.type)), f"{name}.{field_name}: {ts_type} vs {f.type}"
+            assert ts_type == _ts_type(_annotation(f.type)), f"{name}.{field_name}: {ts_type}"
     for const, value in vars(contracts).items():
         if const.endswith(("_WORKFLOW", "TASK_QUEUE")) or const == "CONTRACT_VERSION":
             assert consts.get(const) == str(value), f"contracts.ts {const}"
