@@ -82,6 +82,7 @@ from workflows.contracts import (  # noqa: E402
     ASK_WORKFLOW,
     ENCODE_TASK_QUEUE,
     GENERATE_TASK_QUEUE,
+    QUERY_TASK_QUEUE,
     TASK_QUEUE,
     AskInput,
     AskResult,
@@ -559,7 +560,7 @@ class InProcessWorkers:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
-ROLES_DEPLOYED = ("cpu", "encode", "generate")
+ROLES_DEPLOYED = ("cpu", "encode", "generate", "query")
 READY = "mmrag worker ready"
 
 
@@ -935,6 +936,8 @@ def print_group(figs: dict[str, Any], kind: str) -> None:
 
 
 AS_IS = "Ask eager (as is)"
+QUERY = "Ask eager, query queue (encode local)"
+QUERY_SEP = "Ask, worker processes, query queue"
 PT = "Ask eager, sandbox passthrough"
 
 
@@ -943,6 +946,7 @@ def main_variants(client: Any, inproc: InProcess, kind: str) -> dict[str, Varian
     variants = {
         f"{kind}/in-process": inprocess_runner(inproc, g),
         f"{kind}/{AS_IS}": temporal_runner(client, g, True),
+        f"{kind}/{QUERY}": temporal_runner(client, g, True, QUERY_TASK_QUEUE),
         f"{kind}/Ask, start without eager (as is)": temporal_runner(client, g, False),
         f"{kind}/Ask eager, passthrough data modules": temporal_runner(
             client, g, True, PT_DATA_QUEUE
@@ -1062,6 +1066,7 @@ async def phase_separate(
             g = kind == "full"
             variants[f"{kind}/in-process"] = inprocess_runner(inproc, g)
             variants[f"{kind}/Ask, worker processes (as is)"] = temporal_runner(client, g, False)
+            variants[f"{kind}/{QUERY_SEP}"] = temporal_runner(client, g, False, QUERY_TASK_QUEUE)
             variants[f"{kind}/Ask, worker processes, sandbox passthrough"] = temporal_runner(
                 client, g, False, PT_QUEUE
             )
@@ -1165,7 +1170,7 @@ async def run(
     print("\n    where the time goes (Temporal server event timestamps, last 20 asks):")
     figures["breakdown"] = {}
     for kind in ("retrieval", "full"):
-        for how in (AS_IS, PT, "Ask eager, unsandboxed"):
+        for how in (AS_IS, QUERY, PT, "Ask eager, unsandboxed"):
             b = await breakdown(client, main_series[f"{kind}/{how}"])
             figures["breakdown"][f"{kind}/{how}"] = b
             print_breakdown(f"{kind}/{how}", b)
@@ -1206,10 +1211,11 @@ async def run(
     figures["worker_processes"] = sep
     figures["breakdown_worker_processes"] = {}
     for kind in ("retrieval", "full"):
-        name = f"{kind}/Ask, worker processes (as is)"
-        b = await breakdown(client, sep_series[name])
-        figures["breakdown_worker_processes"][name] = b
-        print_breakdown(name, b)
+        for how in ("Ask, worker processes (as is)", QUERY_SEP):
+            name = f"{kind}/{how}"
+            b = await breakdown(client, sep_series[name])
+            figures["breakdown_worker_processes"][name] = b
+            print_breakdown(name, b)
 
     if not args.quick and not over_budget("[4] worker tuning"):
         n = max(5, args.asks // 4)
@@ -1252,6 +1258,8 @@ async def run(
 HEADLINE: dict[str, tuple[str, str | dict[str, str]]] = {
     # key: (figures table, variant name without the kind prefix, or one per kind)
     "eager_as_is": ("main", AS_IS),
+    "eager_query_queue": ("main", QUERY),
+    "worker_processes_query_queue": ("sep", QUERY_SEP),
     "eager_passthrough": ("main", PT),
     "worker_processes_as_is": ("sep", "Ask, worker processes (as is)"),
     "worker_processes_passthrough": ("sep", "Ask, worker processes, sandbox passthrough"),

@@ -131,9 +131,12 @@ def test_each_worker_role_has_a_provisioned_user() -> None:
 
 def test_a_worker_role_uses_its_own_token() -> None:
     s = Settings(
-        milvus_token=SecretStr("mmrag_query:q"), milvus_token_cpu=SecretStr("mmrag_ingest:i")
+        milvus_token=SecretStr("mmrag_query:q"),
+        milvus_token_cpu=SecretStr("mmrag_ingest:i"),
+        milvus_token_query=SecretStr("mmrag_query:r"),
     )
     assert s.for_milvus_role("cpu").milvus_token.get_secret_value() == "mmrag_ingest:i"
+    assert s.for_milvus_role("query").milvus_token.get_secret_value() == "mmrag_query:r"
     assert s.for_milvus_role("encode") is s  # no token of its own: the default
     assert s.for_milvus_role("generate") is s
     assert "mmrag_ingest:i" not in repr(s.for_milvus_role("cpu"))

@@ -10,7 +10,8 @@ user / role   used by                     may
 mmrag_ingest  cpu worker                  read; insert/delete; create/drop collections and
                                           indexes, load; create/drop aliases
 mmrag_encode  encode worker               read; insert/delete vectors in existing collections
-mmrag_query   read-only clients           read: search, query, describe collections/aliases
+mmrag_query   query worker, read-only     read: search, query, describe collections/aliases
+              clients
 ============  ==========================  ===================================================
 
 Privileges are granted on every collection (``*``): re-index creates a new collection per
@@ -111,7 +112,8 @@ USERS: tuple[MilvusUser, ...] = (
         "mmrag_query",
         "mmrag_query",
         "MMRAG_MILVUS_QUERY_PASSWORD",
-        "read-only clients: `mmrag search`, dashboards (MMRAG_MILVUS_TOKEN)",
+        "query worker: MMRAG_MILVUS_TOKEN_QUERY (Ask on mmrag-query: search, the alias's "
+        "model); read-only clients: MMRAG_MILVUS_TOKEN",
     ),
 )
 
