@@ -51,7 +51,7 @@ def run_demo(console: Console) -> int:
     for key, value in endpoints.items():
         console.print(f"  {key:18} {value}")
 
-    console.rule("2. workers (cpu + encode, tiny CLIP model)")
+    console.rule("2. workers (every role in one process, tiny CLIP model)")
     pid = start_background_worker(settings.state_dir, TINY_MODEL_ENV)
     console.print(f"  worker pid {pid}, log {settings.state_dir / 'logs' / 'worker.log'}")
 
@@ -89,7 +89,7 @@ def run_demo(console: Console) -> int:
 
 
 async def _ask_samples(query_image: Path, console: Console) -> None:
-    from starters.ask import ask, image_fields, print_answer
+    from starters.ask import ask, ask_task_queue, image_fields, print_answer
     from workers.temporal_client import connect
 
     client = await connect()
@@ -132,9 +132,11 @@ async def _ask_samples(query_image: Path, console: Console) -> None:
             AskInput(DEMO_TENANT, text="a purple shape", top_k=3, **image_fields(str(query_image))),
         ),
     ]
+    queue = await ask_task_queue(client)
+    console.print(f"  asks start on task queue {queue}")
     for label, inp in samples:
         console.print(f"\n[bold]Q ({label}):[/bold] {inp.text or '(image only)'}")
-        print_answer(await ask(client, inp), console)
+        print_answer(await ask(client, inp, queue), console)
 
 
 def wait_searchable(tenant: str, expected: int, timeout: float = 15.0) -> None:

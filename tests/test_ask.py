@@ -145,8 +145,9 @@ async def test_query_queue_answers_like_the_main_queue_without_the_encode_hop(
 ) -> None:
     """An Ask on mmrag-query (the query role, model in the worker) gives the same sources and
     answer as one on mmrag for text, image and hybrid queries, and never schedules an
-    activity on the encode queue; a retrieval-only Ask answers in one local step after
-    encoding, on either queue."""
+    activity on the encode queue: it encodes and retrieves in one local activity. A
+    retrieval-only Ask answers in that one step on mmrag-query, in one after encoding on
+    mmrag."""
     import random
 
     llm.set_mode("ok")
@@ -171,9 +172,10 @@ async def test_query_queue_answers_like_the_main_queue_without_the_encode_hop(
         generation = [GENERATE_TASK_QUEUE] if generate else []
         assert main.activity_queues == [ENCODE_TASK_QUEUE, *generation]
         assert fast.activity_queues == generation
-        # retrieval-only: retrieve_and_answer; generated: retrieve, finalize_answer
+        # mmrag: retrieve_and_answer, or retrieve + finalize_answer; mmrag-query:
+        # encode_and_retrieve (which answers when not generating) [+ finalize_answer]
         steps = 2 if generate else 1
-        assert (main.local_activities, fast.local_activities) == (steps, steps + 1)
+        assert (main.local_activities, fast.local_activities) == (steps, steps)
     names_first = names(fast.result)[0]
     assert names_first.startswith("green-square-")
 

@@ -32,6 +32,9 @@ from tests.test_cli import mmrag
 from workflows.activity_payloads import ENCODE_QUERY, FORGET_PAGE, GENERATE, RECORD_OUTCOMES
 from workflows.contracts import (
     ASK_WORKFLOW,
+    ENCODE_TASK_QUEUE,
+    GENERATE_TASK_QUEUE,
+    QUERY_TASK_QUEUE,
     TASK_QUEUE,
     AskInput,
     AskResult,
@@ -211,6 +214,51 @@ async def test_sigkill_generate_worker_mid_answer(
     assert (result.answer_kind, result.degraded) == ("generated", False), result.answer
     assert result.sources[0].uri.rsplit("/", 1)[-1].startswith("blue-square-")
     assert audit_counts(tenant)["query.ask"] == 1
+    assert worker.alive()
+
+
+async def test_sigkill_query_worker_mid_ask(
+    test_stack: ServerStack, worker: Workers, client: Client, llm: LlmTestServer, tmp_path: Path
+) -> None:
+    """The query worker, which holds an Ask on mmrag-query in its cache, dies while the LLM
+    answers: the replacement replays the history (query encoded locally, recorded by its
+    marker) without a nondeterminism error and finishes the Ask, audited once."""
+    tenant = f"kill-query-{uuid.uuid4().hex[:6]}"
+    write_corpus(tmp_path / "c", per_class=1, seed=38)
+    ingest = await start_ingest(client, tenant, [str(tmp_path / "c")])
+    await asyncio.wait_for(ingest.result(), timeout=120)
+    wait_searchable(tenant, 18)
+    before = llm.request_count
+    llm.set_mode("slow", delay=1.5)
+    try:
+        handle = await client.start_workflow(
+            ASK_WORKFLOW,
+            AskInput(tenant, text=caption_for("red", "triangle")),
+            id=f"kill-query-{uuid.uuid4().hex}",
+            task_queue=QUERY_TASK_QUEUE,
+            result_type=AskResult,
+        )
+        await wait_started(handle, GENERATE)
+        for _ in range(300):  # until the LLM has the request
+            if llm.request_count > before:
+                break
+            await asyncio.sleep(0.02)
+        await kill_and_replace(test_stack, worker, "query")
+    finally:
+        llm.set_mode("ok")
+    result = await asyncio.wait_for(handle.result(), timeout=120)
+    assert (result.answer_kind, result.degraded) == ("generated", False), result.answer
+    assert result.sources[0].uri.rsplit("/", 1)[-1].startswith("red-triangle-")
+    assert audit_counts(tenant)["query.ask"] == 1
+    events = (await handle.fetch_history()).events
+    kinds = [e.event_type for e in events]
+    assert EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED not in kinds
+    queues = [
+        e.activity_task_scheduled_event_attributes.task_queue.name
+        for e in events
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
+    assert ENCODE_TASK_QUEUE not in queues and queues.count(GENERATE_TASK_QUEUE) == 1
     assert worker.alive()
 
 

@@ -143,21 +143,18 @@ def query_role(settings: Settings) -> RoleContent:
     settings = settings.for_milvus_role("query")
     from activities.ask import AskActivities
     from activities.encode import EncodeActivities
+    from activities.query import QueryActivities
     from workflows.ask import Ask
 
     encode = EncodeActivities(settings)
     info = encode.describe_encoder()  # warm: load the model before taking any task
     log.info("query encoder ready: %s/%s on %s", info.model, info.pretrained, info.device)
     ask = AskActivities(settings)
+    query = QueryActivities(encode, ask)
     return RoleContent(
         QUERY_TASK_QUEUE,
         workflows=[Ask],
-        activities=[
-            encode.encode_query,
-            ask.retrieve,
-            ask.retrieve_and_answer,
-            ask.finalize_answer,
-        ],
+        activities=[query.encode_and_retrieve, ask.finalize_answer],
         max_concurrent_activities=settings.max_concurrent_activities,
     )
 

@@ -83,6 +83,7 @@ RETRIEVE = "retrieve"
 GENERATE = "generate"
 FINALIZE_ANSWER = "finalize_answer"
 RETRIEVE_AND_ANSWER = "retrieve_and_answer"
+ENCODE_AND_RETRIEVE = "encode_and_retrieve"
 
 
 @dataclass
@@ -217,6 +218,25 @@ class RetrievedAnswer:
     sources: list[Source]
     retrieve_ms: float
     final: FinalAnswer
+
+
+@dataclass
+class EncodeAndRetrieveInput:
+    """The query worker's first step of an Ask, in one local activity (the model is in its
+    process): encode, then search and fuse; with ``answer`` (an Ask that does not generate)
+    also the extractive answer and audit row, as ``retrieve_and_answer``."""
+
+    encode: EncodeQueryInput
+    retrieve: RetrieveInput  # vector, model, collection and version: filled from encoding
+    answer: bool
+    elapsed_ms: float  # the Ask's time before this step, for the audit row's latency
+
+
+@dataclass
+class EncodedRetrieval:
+    query: QueryVector  # without its vector: the workflow does not need it
+    retrieval: Retrieval | None = None  # answer=False
+    answered: RetrievedAnswer | None = None  # answer=True
 
 
 # -- Lifecycle ------------------------------------------------------------------------

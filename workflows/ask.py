@@ -3,12 +3,13 @@
 Two hops leave the workflow's queue, the ones the design needs: query encoding on
 ``mmrag-gpu-encode`` and generation on ``mmrag-gpu-generate``. Started on
 ``QUERY_TASK_QUEUE`` instead, the Ask runs on the query role's worker, which holds the CLIP
-model, and encodes the query as a local activity: one cross-queue hop fewer (bench/ask.py
-prices it); the choice is recorded in the history, so it replays. The short steps
-(search + re-rank + prompt fusion, and validation + citations + audit) are local
-activities. When the LLM is throttled past its retries, or its circuit breaker is open,
-the answer degrades to the sources with a clear message instead of failing or hanging.
-A vector-store outage is waited out for up to ``VECTOR_STORE_WAIT``, then fails clearly.
+model, and encodes and searches in one local activity: no cross-queue hop before generation
+(bench/ask.py prices it); the choice is recorded in the history, so it replays. The short
+steps (search + re-rank + prompt fusion, and validation + citations + audit) are local
+activities; an Ask that does not generate does them in one. When the LLM is throttled
+past its retries, or its circuit breaker is open, the answer degrades to the sources with
+a clear message instead of failing or hanging. A vector-store outage is waited out for up
+to ``VECTOR_STORE_WAIT``, then fails clearly.
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from workflows.activity_payloads import (
+        ENCODE_AND_RETRIEVE,
         ENCODE_QUERY,
         FINALIZE_ANSWER,
         GENERATE,
         RETRIEVE,
         RETRIEVE_AND_ANSWER,
+        EncodeAndRetrieveInput,
+        EncodedRetrieval,
         EncodeQueryInput,
         FinalAnswer,
         FinalizeInput,
@@ -52,6 +56,9 @@ UNAVAILABLE = "answer service temporarily unavailable"
 # Patch id: retrieval-only Asks answer in one local activity (retrieve_and_answer) since
 # 2026-11-27; histories from before replay through retrieve + finalize_answer.
 RETRIEVAL_ONLY_IN_ONE_STEP = "retrieval-only-in-one-step"
+# Stages whose times add up to the Ask's: workflow time does not advance while local
+# activities run inside one workflow task, so latency_ms is at least their sum.
+TIMED_STAGES = ("encode", "retrieve", "generate", "finalize")
 # Marker id: this Ask ran on QUERY_TASK_QUEUE and encoded its query locally.
 ENCODED_ON_QUERY_WORKER = "encoded-on-query-worker"
 
@@ -94,15 +101,22 @@ class Ask:
             inp.text, inp.image_uri, inp.image_base64, inp.hybrid_weight
         )
         if _encodes_locally():
-            query = await workflow.execute_local_activity(
-                ENCODE_QUERY,
-                encode_input,
+            step = await workflow.execute_local_activity(
+                ENCODE_AND_RETRIEVE,
+                EncodeAndRetrieveInput(
+                    encode_input, _retrieve_input(inp), not inp.generate, _ms_since(started)
+                ),
                 start_to_close_timeout=timedelta(seconds=30),
                 schedule_to_close_timeout=VECTOR_STORE_WAIT,
                 retry_policy=VECTOR_STORE_RETRY,
-                result_type=QueryVector,
-                summary="encode query (local)",
+                result_type=EncodedRetrieval,
+                summary="encode query + search + re-rank + prompt fusion (local)",
             )
+            query = step.query
+            if step.answered is not None:
+                return _answered(inp, started, query, step.answered)
+            assert step.retrieval is not None, "encode_and_retrieve returns one of the two"
+            retrieval = step.retrieval
         else:
             query = await workflow.execute_activity(
                 ENCODE_QUERY,
@@ -115,41 +129,26 @@ class Ask:
                 result_type=QueryVector,
                 summary="encode query",
             )
-        retrieve_input = RetrieveInput(
-            inp.tenant,
-            inp.text,
-            query.vector,
-            query.model,
-            inp.top_k,
-            inp.filters,
-            inp.rerank,
-            inp.max_answer_tokens,
-            query.collection,
-            query.index_version,
-        )
-        if not inp.generate and workflow.patched(RETRIEVAL_ONLY_IN_ONE_STEP):
-            done = await workflow.execute_local_activity(
-                RETRIEVE_AND_ANSWER,
-                RetrieveAndAnswerInput(retrieve_input, _ms_since(started)),
+            if not inp.generate and workflow.patched(RETRIEVAL_ONLY_IN_ONE_STEP):
+                done = await workflow.execute_local_activity(
+                    RETRIEVE_AND_ANSWER,
+                    RetrieveAndAnswerInput(_retrieve_input(inp, query), _ms_since(started)),
+                    start_to_close_timeout=timedelta(seconds=10),
+                    schedule_to_close_timeout=VECTOR_STORE_WAIT,
+                    retry_policy=VECTOR_STORE_RETRY,
+                    result_type=RetrievedAnswer,
+                    summary="search + re-rank + extractive answer + cite + audit",
+                )
+                return _answered(inp, started, query, done)
+            retrieval = await workflow.execute_local_activity(
+                RETRIEVE,
+                _retrieve_input(inp, query),
                 start_to_close_timeout=timedelta(seconds=10),
                 schedule_to_close_timeout=VECTOR_STORE_WAIT,
                 retry_policy=VECTOR_STORE_RETRY,
-                result_type=RetrievedAnswer,
-                summary="search + re-rank + extractive answer + cite + audit",
+                result_type=Retrieval,
+                summary="search + re-rank + prompt fusion",
             )
-            stage_ms = {"encode": query.ms, "retrieve": done.retrieve_ms}
-            return _result(
-                inp, started, query, done.index_version, done.sources, done.final, stage_ms, "", ""
-            )
-        retrieval = await workflow.execute_local_activity(
-            RETRIEVE,
-            retrieve_input,
-            start_to_close_timeout=timedelta(seconds=10),
-            schedule_to_close_timeout=VECTOR_STORE_WAIT,
-            retry_policy=VECTOR_STORE_RETRY,
-            result_type=Retrieval,
-            summary="search + re-rank + prompt fusion",
-        )
         stage_ms = {"encode": query.ms, "retrieve": retrieval.ms}
         answer, kind, llm_model = retrieval.extractive_answer, "extractive", ""
         degraded, reason, context = False, "", retrieval.context
@@ -232,6 +231,32 @@ def _encodes_locally() -> bool:
     return False
 
 
+def _retrieve_input(inp: AskInput, query: QueryVector | None = None) -> RetrieveInput:
+    """The search of this Ask; without ``query`` its vector is filled in where it is encoded."""
+    return RetrieveInput(
+        inp.tenant,
+        inp.text,
+        query.vector if query else [],
+        query.model if query else "",
+        inp.top_k,
+        inp.filters,
+        inp.rerank,
+        inp.max_answer_tokens,
+        query.collection if query else "",
+        query.index_version if query else 0,
+    )
+
+
+def _answered(
+    inp: AskInput, started: datetime, query: QueryVector, done: RetrievedAnswer
+) -> AskResult:
+    """The result of an Ask that did not generate (extractive answer or no match)."""
+    stage_ms = {"encode": query.ms, "retrieve": done.retrieve_ms}
+    return _result(
+        inp, started, query, done.index_version, done.sources, done.final, stage_ms, "", ""
+    )
+
+
 def _ms_since(started: datetime) -> float:
     return (workflow.now() - started).total_seconds() * 1000
 
@@ -260,7 +285,9 @@ def _result(
     return AskResult(
         answer=final.answer,
         sources=sources,
-        latency_ms=round(_ms_since(started), 1),
+        latency_ms=round(
+            max(_ms_since(started), sum(stage_ms[k] for k in TIMED_STAGES if k in stage_ms)), 1
+        ),
         stage_ms=stage_ms,
         degraded=degraded,
         degraded_reason=degraded_reason,

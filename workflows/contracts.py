@@ -227,6 +227,8 @@ class AskResult:
 
     answer: str
     sources: list[Source]
+    # The workflow's own time, start to result (at least the sum of its timed stages); the
+    # caller's wall clock adds the start and result round trips.
     latency_ms: float
     stage_ms: dict[str, float] = field(default_factory=dict)
     degraded: bool = False
