@@ -13,8 +13,10 @@ zero-latency OpenAI-compatible test server (``tests/llm_server.py``, mode ``ok``
   ``temporalio.testing.ActivityEnvironment`` with a fresh run id per ask: the same code and
   the same audit insert, plus a context variable set around the call);
 - ``Ask`` with the product's workers (``workers.run.build_workers``) in this process on the
-  same Client, with and without ``request_eager_start``;
-- ``Ask`` with one worker process per role (``mmrag worker --role cpu|encode|generate``);
+  same Client, with and without ``request_eager_start``, on ``mmrag`` and on ``mmrag-query``
+  (the query role: encoding in the workflow's worker);
+- ``Ask`` with one worker process per role (``mmrag worker --role cpu|encode|generate|query``),
+  on both queues;
 - the same ``Ask`` code on bench-only task queues whose cpu-role worker (built by
   ``build_workers``, only the task queue and workflow runner overridden) passes the workflow
   payload modules through the sandbox, or runs unsandboxed; and ``AskVariant``, a bench-only
