@@ -629,7 +629,7 @@ async def serve_queue(queue: str) -> None:
 
 
 def start_worker_processes(state: Path, env: dict[str, str], bench_queues: list[str]) -> list:
-    """One process per role, as deployed (``mmrag worker --role cpu|encode|generate``), plus
+    """One process per role, as deployed (``mmrag worker --role cpu|encode|generate|query``), plus
     one bench process per bench queue; started in parallel."""
     from concurrent.futures import ThreadPoolExecutor
 

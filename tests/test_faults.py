@@ -182,14 +182,22 @@ async def test_asks_in_flight_finish_after_a_server_restart(
     assert worker.alive()
 
 
-async def test_sigkill_generate_worker_mid_answer(
-    test_stack: ServerStack, worker: Workers, client: Client, llm: LlmTestServer, tmp_path: Path
-) -> None:
-    """The generate worker dies while the LLM is answering: the replacement answers the same
-    Ask, which is audited once."""
-    tenant = f"kill-generate-{uuid.uuid4().hex[:6]}"
-    write_corpus(tmp_path / "c", per_class=1, seed=37)
-    ingest = await start_ingest(client, tenant, [str(tmp_path / "c")])
+async def kill_mid_answer(
+    test_stack: ServerStack,
+    workers: Workers,
+    client: Client,
+    llm: LlmTestServer,
+    corpus: Path,
+    role: str,
+    queue: str,
+    colour: str,
+    shape: str,
+) -> WorkflowHandle:  # type: ignore[type-arg]
+    """Ingest a corpus, start an Ask on ``queue`` and SIGKILL the ``role`` worker (replaced at
+    once) while the slowed LLM has the request; checks the Ask answers right, audited once."""
+    tenant = f"kill-{role}-{uuid.uuid4().hex[:6]}"
+    write_corpus(corpus, per_class=1, seed=37)
+    ingest = await start_ingest(client, tenant, [str(corpus)])
     await asyncio.wait_for(ingest.result(), timeout=120)
     wait_searchable(tenant, 18)
     before = llm.request_count
@@ -197,9 +205,9 @@ async def test_sigkill_generate_worker_mid_answer(
     try:
         handle = await client.start_workflow(
             ASK_WORKFLOW,
-            AskInput(tenant, text=caption_for("blue", "square")),
-            id=f"kill-generate-{uuid.uuid4().hex}",
-            task_queue=TASK_QUEUE,
+            AskInput(tenant, text=caption_for(colour, shape)),
+            id=f"kill-{role}-{uuid.uuid4().hex}",
+            task_queue=queue,
             result_type=AskResult,
         )
         await wait_started(handle, GENERATE)
@@ -207,14 +215,25 @@ async def test_sigkill_generate_worker_mid_answer(
             if llm.request_count > before:
                 break
             await asyncio.sleep(0.02)
-        await kill_and_replace(test_stack, worker, "generate")
+        await kill_and_replace(test_stack, workers, role)
     finally:
         llm.set_mode("ok")
     result = await asyncio.wait_for(handle.result(), timeout=120)
     assert (result.answer_kind, result.degraded) == ("generated", False), result.answer
-    assert result.sources[0].uri.rsplit("/", 1)[-1].startswith("blue-square-")
+    assert result.sources[0].uri.rsplit("/", 1)[-1].startswith(f"{colour}-{shape}-")
     assert audit_counts(tenant)["query.ask"] == 1
-    assert worker.alive()
+    assert workers.alive()
+    return handle
+
+
+async def test_sigkill_generate_worker_mid_answer(
+    test_stack: ServerStack, worker: Workers, client: Client, llm: LlmTestServer, tmp_path: Path
+) -> None:
+    """The generate worker dies while the LLM is answering: the replacement answers the same
+    Ask, which is audited once."""
+    await kill_mid_answer(
+        test_stack, worker, client, llm, tmp_path / "c", "generate", TASK_QUEUE, "blue", "square"
+    )
 
 
 async def test_sigkill_query_worker_mid_ask(
@@ -223,43 +242,25 @@ async def test_sigkill_query_worker_mid_ask(
     """The query worker, which holds an Ask on mmrag-query in its cache, dies while the LLM
     answers: the replacement replays the history (query encoded locally, recorded by its
     marker) without a nondeterminism error and finishes the Ask, audited once."""
-    tenant = f"kill-query-{uuid.uuid4().hex[:6]}"
-    write_corpus(tmp_path / "c", per_class=1, seed=38)
-    ingest = await start_ingest(client, tenant, [str(tmp_path / "c")])
-    await asyncio.wait_for(ingest.result(), timeout=120)
-    wait_searchable(tenant, 18)
-    before = llm.request_count
-    llm.set_mode("slow", delay=1.5)
-    try:
-        handle = await client.start_workflow(
-            ASK_WORKFLOW,
-            AskInput(tenant, text=caption_for("red", "triangle")),
-            id=f"kill-query-{uuid.uuid4().hex}",
-            task_queue=QUERY_TASK_QUEUE,
-            result_type=AskResult,
-        )
-        await wait_started(handle, GENERATE)
-        for _ in range(300):  # until the LLM has the request
-            if llm.request_count > before:
-                break
-            await asyncio.sleep(0.02)
-        await kill_and_replace(test_stack, worker, "query")
-    finally:
-        llm.set_mode("ok")
-    result = await asyncio.wait_for(handle.result(), timeout=120)
-    assert (result.answer_kind, result.degraded) == ("generated", False), result.answer
-    assert result.sources[0].uri.rsplit("/", 1)[-1].startswith("red-triangle-")
-    assert audit_counts(tenant)["query.ask"] == 1
+    handle = await kill_mid_answer(
+        test_stack,
+        worker,
+        client,
+        llm,
+        tmp_path / "c",
+        "query",
+        QUERY_TASK_QUEUE,
+        "red",
+        "triangle",
+    )
     events = (await handle.fetch_history()).events
-    kinds = [e.event_type for e in events]
-    assert EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED not in kinds
+    assert EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED not in [e.event_type for e in events]
     queues = [
         e.activity_task_scheduled_event_attributes.task_queue.name
         for e in events
         if e.HasField("activity_task_scheduled_event_attributes")
     ]
     assert ENCODE_TASK_QUEUE not in queues and queues.count(GENERATE_TASK_QUEUE) == 1
-    assert worker.alive()
 
 
 async def test_sigkill_cpu_worker_mid_reindex(

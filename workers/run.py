@@ -2,7 +2,8 @@
 
 Roles (see DESIGN.md): ``cpu`` runs the workflows and the storage / Milvus / Postgres
 activities on ``mmrag``; ``encode`` runs CLIP on ``mmrag-gpu-encode`` with the model
-loaded before polling starts; ``generate`` runs LLM generation on ``mmrag-gpu-generate``.
+loaded before polling starts; ``generate`` runs LLM generation on ``mmrag-gpu-generate``;
+``query`` runs ``Ask`` on ``mmrag-query`` with its own warm model (optional fast path).
 SIGTERM and SIGINT shut down gracefully: running activities get
 ``MMRAG_GRACEFUL_SHUTDOWN_SECONDS`` to finish before they are handed back. A worker killed
 outright (SIGKILL, OOM, a lost node) hands back nothing: its activities are retried once
