@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,16 +139,29 @@ def llm(test_stack: ServerStack) -> Iterator[LlmTestServer]:
         yield server
 
 
+def shared_worker_env(llm: LlmTestServer) -> dict[str, dict[str, str]]:
+    """Each shared worker's own environment, by role (tests that restart one reuse it)."""
+    return {
+        # The cpu worker runs with the least-privilege role, proving it is enough.
+        "cpu": {"MMRAG_DATABASE_ROLE": "mmrag_ingest"},
+        "encode": {},
+        "generate": {"OPENAI_BASE_URL": llm.base_url, **LLM_ENV},
+        # Asks on the query queue, as the read-only query role.
+        "query": {"MMRAG_DATABASE_ROLE": "mmrag_query"},
+    }
+
+
+def start_shared_workers(test_stack: ServerStack, llm: LlmTestServer) -> Workers:
+    """The shared worker processes, one per role, started in parallel."""
+    env = shared_worker_env(llm)
+    with ThreadPoolExecutor(len(env)) as pool:
+        started = list(pool.map(lambda role: test_stack.start_worker(role, **env[role]), env))
+    return Workers(**dict(zip(env, started, strict=True)))
+
+
 @pytest.fixture(scope="session")
 def worker(test_stack: ServerStack, llm: LlmTestServer) -> Workers:
-    return Workers(
-        # The cpu worker runs with the least-privilege role, proving it is enough.
-        cpu=test_stack.start_worker("cpu", MMRAG_DATABASE_ROLE="mmrag_ingest"),
-        encode=test_stack.start_worker("encode"),
-        generate=test_stack.start_worker("generate", OPENAI_BASE_URL=llm.base_url, **LLM_ENV),
-        # Asks on the query queue, as the read-only query role.
-        query=test_stack.start_worker("query", MMRAG_DATABASE_ROLE="mmrag_query"),
-    )
+    return start_shared_workers(test_stack, llm)
 
 
 @pytest_asyncio.fixture(scope="session")

@@ -38,7 +38,13 @@ from starters.background import WorkerProcess
 from starters.codec_server import READY_LINE, CodecServerConfig, make_server
 from starters.ingest import start_ingest
 from starters.synthetic_corpus import write_corpus
-from tests.conftest import LLM_ENV, ServerStack, Workers
+from tests.conftest import (
+    LLM_ENV,
+    ServerStack,
+    Workers,
+    shared_worker_env,
+    start_shared_workers,
+)
 from tests.helpers import milvus_pks, wait_searchable
 from tests.llm_server import LlmTestServer
 from workers.codec import (
@@ -371,8 +377,9 @@ async def encrypted(
     test_stack: ServerStack, worker: Workers, llm: LlmTestServer, key_file: Path
 ) -> AsyncIterator[Encrypted]:
     """One encrypted worker process on the shared queues while the plaintext ones are stopped
-    (a plaintext worker cannot read encrypted tasks); they are restarted afterwards."""
-    shared = (worker.cpu, worker.encode, worker.generate)
+    (a plaintext worker cannot read encrypted tasks); they are restarted afterwards, each
+    with its own environment again."""
+    shared = (worker.cpu, worker.encode, worker.generate, worker.query)
     await asyncio.gather(*(asyncio.to_thread(w.stop) for w in shared))
     enc = None
     try:
@@ -390,13 +397,9 @@ async def encrypted(
     finally:
         if enc is not None:
             enc.stop()
-        worker.cpu, worker.encode, worker.generate = await asyncio.gather(
-            asyncio.to_thread(test_stack.start_worker, "cpu"),
-            asyncio.to_thread(test_stack.start_worker, "encode"),
-            asyncio.to_thread(
-                test_stack.start_worker, "generate", OPENAI_BASE_URL=llm.base_url, **LLM_ENV
-            ),
-        )
+        restarted = await asyncio.to_thread(start_shared_workers, test_stack, llm)
+        for role in shared_worker_env(llm):
+            setattr(worker, role, getattr(restarted, role))
 
 
 def payloads_in(message: Message) -> Iterator[Payload]:
