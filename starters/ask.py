@@ -74,8 +74,8 @@ def image_fields(image: str) -> ImageFields:
     return {"image_uri": normalize_uri(image)}
 
 
-async def query_worker_polling(client: Client) -> bool:
-    """Whether a query worker (``mmrag worker --role query``) polls ``QUERY_TASK_QUEUE`` now.
+async def query_worker_polling(client: Client, queue: str = QUERY_TASK_QUEUE) -> bool:
+    """Whether a query worker (``mmrag worker --role query``) polls ``queue`` now.
 
     Temporal lists a poller for a few minutes after its last poll; one seen within the long
     poll's minute counts. An Ask started on a queue nobody polls would wait, not fail."""
@@ -86,7 +86,7 @@ async def query_worker_polling(client: Client) -> bool:
     response = await client.workflow_service.describe_task_queue(
         DescribeTaskQueueRequest(
             namespace=client.namespace,
-            task_queue=TaskQueue(name=QUERY_TASK_QUEUE),
+            task_queue=TaskQueue(name=queue),
             task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
         )
     )
