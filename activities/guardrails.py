@@ -1,4 +1,5 @@
-"""Guardrails around generation: PII redaction, answer validation and citations.
+"""Guardrails around generation: PII redaction, prompt-injection defences, answer
+validation and citations.
 
 Why these live apart from :mod:`activities.generation`: they are pure functions of text,
 used on both sides of the LLM call (redaction before anything leaves the process,
@@ -6,39 +7,63 @@ validation and citation after the answer comes back) and by the extractive no-LL
 they must stay cheap, deterministic and free of I/O.
 
 **Redaction** (:func:`redact_pii`) replaces personal data with typed placeholders
-(``[EMAIL]``, ``[PHONE]``, ``[CARD]``, ``[IBAN]``, ``[ID]``). Each detector is a pattern
-plus, where the format has one, a checksum, because the opposite failure (mangling years,
-page numbers, prices, ISBNs, version numbers) makes answers wrong:
+(``[EMAIL]``, ``[PHONE]``, ``[CARD]``, ``[IBAN]``, ``[ID]``, ``[IP]``). Text is first
+normalised (:func:`normalize_text`: invisible format characters such as zero-width spaces
+removed, then Unicode NFKC, which folds fullwidth ``＠``/digits and odd spaces to ASCII), so
+that ``jane＠example.com`` or a card number split by zero-width spaces is seen for what it
+is. Each detector is a pattern plus, where the format has one, a real validator, because
+the opposite failure (mangling years, page numbers, prices, ISBNs, version numbers) makes
+answers wrong:
 
-- e-mail addresses;
-- IBANs: country code, check digits, 11–30 characters, optionally grouped by four, and the
-  ISO 13616 mod-97 checksum must hold;
+- e-mail addresses, internationalised ones included (``jürgen@bücher.de``);
+- IBANs in any case, contiguous or grouped by spaces or dashes, validated by
+  python-stdnum's ``iban`` (country, length, BBAN format, mod-97);
 - payment cards: 13–19 digits, contiguous or in the usual groups (4-4-4-4[-3], 4-6-5,
-  4-6-4) separated consistently by spaces or dashes, starting with a major network's first
-  digit (2–6: Mastercard, Amex, Diners, JCB, Visa, Mastercard, Discover, UnionPay, Maestro)
-  and passing the Luhn check; the first-digit rule keeps lists of years and ISBN-13s
-  (which start 978/979) out;
-- national IDs: US SSNs written ``123-45-6789`` (with the SSA's impossible areas, groups
-  and serials excluded), UK National Insurance numbers, and any value introduced by words
-  such as "SSN", "passport no.", "national ID", "ID number", "driver's licence", "tax ID";
-- phone numbers: international (``+`` country code, 8–15 digits per E.164), US formats
+  4-6-4) separated consistently by spaces, dashes or dots, starting with a major network's
+  first digit (2–6) and passing the Luhn check; the first-digit rule keeps lists of years
+  and ISBN-13s (which start 978/979) out, and a leading ``+`` makes it a phone number;
+- phone numbers: international ones (``+`` and a country code) found and checked by
+  ``phonenumbers`` (so ``+4915112345678`` is a German mobile number, not a card), US formats
   (``(555) 123-4567``, ``555-123-4567``, ``555.123.4567``, ``1-555-123-4567``), national
-  numbers with a trunk ``0`` in groups (``020 7946 0958``, ``07700 900123``), and any number
-  introduced by "tel", "phone", "mobile", "cell" or "fax".
+  numbers with a trunk ``0`` in groups (``020 7946 0958``), and any number introduced by
+  "tel", "phone", "mobile", "cell" or "fax";
+- national IDs: US SSNs, UK National Insurance numbers, passport machine-readable zones,
+  and any value introduced by words such as "SSN", "passport", "national ID", "ID number",
+  "driver's licence", "tax ID" (a few filler words allowed: "my SSN is 078051120",
+  "Reisepass Nr. C01X00T47"). **SSNs:** ``123-45-6789`` is redacted on its own; nine digits
+  without dashes (``078051120``, ``078 05 1120``) only after an SSN keyword ("SSN", "social
+  security", "SS#"; labelled, it is redacted as written); an unlabelled dashed one must
+  pass the SSA's rules (no area 000, 666 or 900–999, no group 00, no serial 0000). A bare
+  nine-digit number is never redacted: nothing tells it from an order or invoice number,
+  and redacting them all would mangle documents;
+- IP addresses, v4 and v6, validated by :mod:`ipaddress` (a dotted quad after "version",
+  "section", "figure" and the like is left alone).
 
 A bare run of digits with no format and no keyword (``5551234567``) is *not* redacted:
 nothing distinguishes it from an order number. The counts returned per kind go into logs
 and the audit row; the redacted values never do.
 
+**Prompt injection.** Retrieved text is data from documents anyone may have written, so
+:func:`neutralize_source_text` prepares it for the prompt, where
+:mod:`activities.generation` puts each source between ``<source id="S1">`` and
+``</source>``: markup characters are escaped (a ``</source>`` or chat-template token inside a
+document cannot close or open anything) and citation-like headers (``[S2]``) are turned into
+``(S2)``, so a document cannot forge another source. :func:`validate_answer` then refuses
+an answer that repeats instruction-like text (:func:`instruction_markers`: "ignore previous
+instructions", role tags, ...), or that brings a URL or a call to action ("sign in",
+"click here", "enter your password") that none of the sources it cites contains, or takes
+one from a source that itself carries instruction-like text.
+
 **Validation** (:func:`validate_answer`) decides whether an LLM answer may be shown. An
 answer fails when it is empty, when it cites an id that was not retrieved, when sources
-exist but it cites none, or when it is not grounded. Grounding is a deliberately simple,
-explainable lexical check: the fraction of the answer's *content words* (lower-cased
-letter/digit runs of three or more characters that are not stop words) that also occur in
-the context must reach ``min_grounding`` (default :data:`DEFAULT_MIN_GROUNDING`). It catches
-answers made up from the model's own knowledge; it does not prove each sentence is
-entailed by the source it cites, and paraphrase-heavy models may need a lower threshold.
-A failed answer is replaced by the caller with :data:`I_DONT_KNOW` plus the sources.
+exist but it cites none, when it trips the injection checks above, or when it is not
+grounded. Grounding is a deliberately simple, explainable lexical check: the fraction of the
+answer's *content words* (lower-cased letter/digit runs of three or more characters that
+are not stop words) that also occur in the context must reach ``min_grounding`` (default
+:data:`DEFAULT_MIN_GROUNDING`). It catches answers made up from the model's own knowledge;
+it does not prove each sentence is entailed by the source it cites, and paraphrase-heavy
+models may need a lower threshold. A failed answer is replaced by the caller with
+:data:`I_DONT_KNOW` plus the sources.
 
 **Citations** are written ``[S1]``, ``[S2]`` (source ids in rank order); ``[S1, S3]`` and
 ``[S1][S3]`` are understood too. :func:`insert_citations` appends one canonical
@@ -47,9 +72,14 @@ A failed answer is replaced by the caller with :data:`I_DONT_KNOW` plus the sour
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+import phonenumbers
+from stdnum import iban as stdnum_iban
 
 # What the user sees when the answer cannot be trusted (or the model abstained).
 I_DONT_KNOW = "I don't know based on the retrieved sources."
@@ -62,7 +92,8 @@ PHONE = "PHONE"
 CARD = "CARD"
 IBAN = "IBAN"
 ID = "ID"
-PII_KINDS: tuple[str, ...] = (EMAIL, PHONE, CARD, IBAN, ID)
+IP = "IP"
+PII_KINDS: tuple[str, ...] = (EMAIL, PHONE, CARD, IBAN, ID, IP)
 
 
 def placeholder(kind: str) -> str:
@@ -70,27 +101,65 @@ def placeholder(kind: str) -> str:
     return f"[{kind}]"
 
 
-# --- redaction --------------------------------------------------------------------------
+# --- normalisation ------------------------------------------------------------------------
 
-_EMAIL_RE = re.compile(
-    r"(?<![\w.%+-])[A-Za-z0-9](?:[A-Za-z0-9._%+-]{0,63})@"
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])"
+# Characters that render as nothing: zero-width spaces and joiners, the soft hyphen, bidi
+# controls, word joiners, variation selectors, Hangul fillers and the Unicode "tag"
+# characters (which can carry a whole hidden ASCII text). They split "4111<ZWSP>1111" or
+# "jane<ZWSP>@example.com" for a pattern while looking normal on screen.
+_INVISIBLE_RE = re.compile(
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb"
+    "\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
 )
 
-# Upper-case as printed on statements; groups of four optional. Candidates are checked by
-# mod-97 and trimmed from the right until one validates (so "... 00 1234" after an IBAN
-# does not hide it).
-_IBAN_RE = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{1,4}){3,8}(?![A-Za-z0-9])")
+
+def normalize_text(text: str) -> str:
+    """``text`` with invisible format characters removed, then in Unicode NFKC form.
+
+    What every detector and the prompt see: NFKC folds fullwidth letters, digits and ``＠``,
+    ligatures and the many Unicode spaces to their plain forms, so look-alike spellings of
+    an e-mail, a card number or ``[S2]`` are matched like the plain ones."""
+    return unicodedata.normalize("NFKC", _INVISIBLE_RE.sub("", text))
+
+
+# --- redaction --------------------------------------------------------------------------
+
+# Unicode-aware: \w covers every script's letters and digits (internationalised addresses,
+# RFC 6531); the domain's dots may be ideographic full stops (IDNA treats them as dots).
+_EMAIL_RE = re.compile(
+    r"(?<![\w.%+-])\w[\w.%+-]{0,63}@"
+    r"(?:[^\W_](?:[\w-]{0,61}[^\W_])?[.\u3002])+(?:[^\W\d_]{2,24}|xn--[a-z0-9-]{2,59})"
+    r"(?![\w-])"
+)
+
+# Any case; groups of up to four separated by nothing, spaces or dashes. Candidates are
+# validated by python-stdnum and trimmed group by group from the right until one is valid
+# (so "... 00 1234" or a word after an IBAN does not hide it).
+_IBAN_RE = re.compile(
+    r"(?<![A-Za-z0-9])[A-Za-z]{2}\d{2}(?:[ -]?[A-Za-z0-9]{1,4}){3,8}(?![A-Za-z0-9])"
+)
+_IBAN_SEP_RE = re.compile(r"[ -]")
 
 _CARD_RE = re.compile(
-    r"(?<![\w.,-])(?:"
+    r"(?<![\w.,+-])(?:"
     r"\d{13,19}"
-    r"|\d{4}(?P<s1>[ -])\d{4}(?P=s1)\d{4}(?P=s1)\d{1,4}(?:(?P=s1)\d{1,3})?"
-    r"|\d{4}(?P<s2>[ -])\d{6}(?P=s2)\d{4,5}"
+    r"|\d{4}(?P<s1>[ .-])\d{4}(?P=s1)\d{4}(?P=s1)\d{1,4}(?:(?P=s1)\d{1,3})?"
+    r"|\d{4}(?P<s2>[ .-])\d{6}(?P=s2)\d{4,5}"
     r")(?![\w-]|[.,]\d)"
 )
 
 _SSN_RE = re.compile(r"(?<![\w-])(\d{3})-(\d{2})-(\d{4})(?![\w-])")
+
+# Filler words allowed between an ID keyword and its value ("my SSN is ...", "passport
+# no.: ...", "Reisepass Nr. ...", "passeport n° ..."); they stay in the text.
+_FILLER = r"(?:\s*(?:[:#=]|[nN]°|\b(?i:is|was|number|num|no|nr)\b\.?))*\s*"
+# An SSN without dashes, only after an SSN keyword: nine digits, or 3-2-4 with one
+# consistent separator (space or dot). Labelled, it is redacted as written, valid or not.
+_SSN_KEYWORD_RE = re.compile(
+    r"(?P<kw>\b(?i:ssn|ss#|ss no|social security(?: card)?|soc\.? ?sec\.?)" + _FILLER + r")"
+    r"(?P<val>\d{3}(?P<sep>[ .]?)\d{2}(?P=sep)\d{4})(?![\w-]|[.,]\d)"
+)
 
 # UK National Insurance number, e.g. "QQ 12 34 56 C" or "AB123456C".
 _NINO_RE = re.compile(
@@ -98,12 +167,27 @@ _NINO_RE = re.compile(
     r" ?\d{2} ?\d{2} ?\d{2} ?[A-D](?![A-Za-z0-9])"
 )
 
+# A passport's machine-readable zone: lines of 30-44 of [A-Z0-9<] with "<<" fillers.
+_MRZ_RE = re.compile(r"(?<![A-Z0-9<])(?=[A-Z0-9<]*<<)[A-Z0-9<]{30,44}(?![A-Z0-9<])")
+
 # A value (with at least one digit) introduced by an ID keyword: the keyword stays.
 _KEYWORD_ID_RE = re.compile(
-    r"(?P<kw>\b(?i:ssn|social security (?:number|no\.?|#)|passport(?: (?:number|no\.?|#))?"
-    r"|national id(?: (?:number|no\.?|#))?|id (?:number|no\.?|#)|identity card(?: number)?"
-    r"|driver'?s licen[cs]e(?: (?:number|no\.?|#))?|tax id(?: number)?)\s*[:#]?\s*)"
+    r"(?P<kw>\b(?i:ssn|social security(?: number| card)?|passport(?: number| card)?"
+    r"|reisepass(?:nummer)?|passeport|pasaporte|passaporto|national id(?: number)?"
+    r"|id number|id card|identity card(?: number)?|driver'?s licen[cs]e(?: number)?"
+    r"|tax id(?: number)?)" + _FILLER + r")"
     r"(?P<val>(?=[A-Za-z0-9-]*\d)[A-Za-z0-9][A-Za-z0-9-]{3,24}[A-Za-z0-9])(?![\w-])"
+)
+
+_IPV4_RE = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)")
+# Words after which a dotted quad is a section or version number, not an address.
+_NOT_AN_IP_BEFORE = re.compile(
+    r"(?i:\b(?:version|ver|v|release|rev|section|sec|chapter|ch|figure|fig|table|tab|"
+    r"clause|art|article|item|step|page|pp?|no|§)\.?\s*)$"
+)
+_IPV6_RE = re.compile(
+    r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9A-Fa-f]{1,4})?"
+    r"(?:%[\w.]+)?(?![\w:]|\.\w)"
 )
 
 _PHONE_INTL_RE = re.compile(
@@ -143,14 +227,10 @@ def luhn_ok(digits: str) -> bool:
 
 
 def iban_ok(candidate: str) -> bool:
-    """ISO 13616 check: move the first four characters to the end, letters to numbers,
-    and the result mod 97 must be 1."""
-    s = candidate.replace(" ", "").upper()
-    if not 15 <= len(s) <= 34 or not s.isalnum():
-        return False
-    rearranged = s[4:] + s[:4]
-    numeric = "".join(str(int(ch, 36)) for ch in rearranged)
-    return int(numeric) % 97 == 1
+    """Whether ``candidate`` is a valid IBAN (any case; spaces or dashes between groups):
+    python-stdnum checks the country, its length and BBAN format, and the ISO 13616
+    mod-97 check digits."""
+    return bool(stdnum_iban.is_valid(candidate))
 
 
 def _ssn_ok(area: str, group: str, serial: str) -> bool:
@@ -163,17 +243,35 @@ def _card_ok(text: str) -> bool:
     return 13 <= len(digits) <= 19 and digits[0] in "23456" and luhn_ok(digits)
 
 
+def _ipv4_ok(m: re.Match[str]) -> bool:
+    try:
+        ipaddress.IPv4Address(m.group(0))
+    except ValueError:
+        return False
+    return not _NOT_AN_IP_BEFORE.search(m.string[max(0, m.start() - 12) : m.start()])
+
+
+def _ipv6_ok(m: re.Match[str]) -> bool:
+    text = m.group(0)
+    groups = [g for g in text.split("%")[0].split(":") if g]
+    if len(groups) < 2 or not any(ch.isdigit() for ch in text):
+        return False  # "::1", "a::b", "10:30": too little to be anybody's address
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _replace_iban(m: re.Match[str], counts: dict[str, int]) -> str:
     text = m.group(0)
-    parts = text.split(" ")
-    # Grouped: drop trailing groups until a prefix validates (an upper-case word or a
-    # number after the IBAN may have been swallowed by the pattern). Ungrouped: all or
-    # nothing.
-    for k in range(len(parts), 0, -1):
-        cand = " ".join(parts[:k])
-        if iban_ok(cand):
+    # Drop trailing groups until a prefix validates (a word or a number after the IBAN
+    # may have been swallowed by the pattern). Ungrouped: all or nothing.
+    cuts = [g.start() for g in _IBAN_SEP_RE.finditer(text)]
+    for end in [len(text), *reversed(cuts)]:
+        if iban_ok(text[:end]):
             counts[IBAN] += 1
-            return placeholder(IBAN) + text[len(cand) :]
+            return placeholder(IBAN) + text[end:]
     return text
 
 
@@ -191,6 +289,23 @@ def _replace_phone_intl(m: re.Match[str], counts: dict[str, int]) -> str:
         return text
     counts[PHONE] += 1
     return placeholder(PHONE) + text[cut:]
+
+
+def _redact_intl_phones(text: str, counts: dict[str, int]) -> str:
+    """Numbers written with ``+`` and a country code, found and checked by
+    ``phonenumbers`` (the country code says how many digits may follow)."""
+    if "+" not in text:
+        return text
+    spans = [
+        (m.start, m.end)
+        for m in phonenumbers.PhoneNumberMatcher(
+            text, None, leniency=phonenumbers.Leniency.POSSIBLE
+        )
+    ]
+    for start, end in reversed(spans):
+        text = text[:start] + placeholder(PHONE) + text[end:]
+    counts[PHONE] += len(spans)
+    return text
 
 
 def _sub(
@@ -212,22 +327,31 @@ def _sub(
 
 
 def redact_pii(text: str) -> tuple[str, dict[str, int]]:
-    """Replace emails, phone numbers, card numbers, IBANs and national IDs with placeholders.
+    """Replace e-mails, phone numbers, card numbers, IBANs, national IDs and IP addresses
+    with placeholders.
 
-    Returns the redacted text and how many values of each kind (``EMAIL``, ``PHONE``,
-    ``CARD``, ``IBAN``, ``ID``; all keys always present) were replaced. Ordinary numbers
-    (years, page numbers, prices, dates, ISBNs, versions) are left alone; see the module
-    docstring for the exact rules. Idempotent: redacting twice changes nothing more.
+    Returns the redacted text and how many values of each kind (:data:`PII_KINDS`, all keys
+    always present) were replaced. Detection runs on :func:`normalize_text`'s form of the
+    text; when something is redacted that normalised form is returned, otherwise ``text``
+    itself, unchanged. Ordinary numbers (years, page numbers, prices, dates, ISBNs,
+    versions) are left alone; see the module docstring for the exact rules. Idempotent:
+    redacting twice changes nothing more.
     """
     counts = dict.fromkeys(PII_KINDS, 0)
-    has_at = "@" in text
-    if not has_at and not any(ch.isdigit() for ch in text):
+    if not any(ch.isdigit() or ch in "@\uff20\ufe6b" for ch in text):
         return text, counts  # every detector needs an "@" or a digit
-    out = _sub(_EMAIL_RE, text, EMAIL, counts) if has_at else text
+    norm = normalize_text(text)
+    out = _sub(_EMAIL_RE, norm, EMAIL, counts) if "@" in norm else norm
     out = _IBAN_RE.sub(lambda m: _replace_iban(m, counts), out)
+    out = _sub(_IPV4_RE, out, IP, counts, _ipv4_ok)
+    if ":" in out:
+        out = _sub(_IPV6_RE, out, IP, counts, _ipv6_ok)
+    out = _redact_intl_phones(out, counts)
     out = _sub(_CARD_RE, out, CARD, counts, lambda m: _card_ok(m.group(0)))
     out = _sub(_SSN_RE, out, ID, counts, lambda m: _ssn_ok(*m.groups()))
+    out = _sub(_SSN_KEYWORD_RE, out, ID, counts)
     out = _sub(_NINO_RE, out, ID, counts)
+    out = _sub(_MRZ_RE, out, ID, counts)
     out = _sub(_KEYWORD_ID_RE, out, ID, counts)
     out = _PHONE_INTL_RE.sub(lambda m: _replace_phone_intl(m, counts), out)
     out = _sub(_PHONE_US_RE, out, PHONE, counts)
@@ -237,7 +361,7 @@ def redact_pii(text: str) -> tuple[str, dict[str, int]]:
     out = _sub(
         _PHONE_KEYWORD_RE, out, PHONE, counts, lambda m: 7 <= len(_digits(m.group("val"))) <= 15
     )
-    return out, counts
+    return (out if any(counts.values()) else text), counts
 
 
 def merge_counts(*many: dict[str, int]) -> dict[str, int]:

@@ -134,7 +134,7 @@ def test_redact_pii_finds(text: str, kind: str, value: str) -> None:
         "In 2019 and 2020 the price rose from $1,299.99 to $1,499.00 (page 123, pp. 45-67).",
         "Order 12345 shipped 2024-01-15 10:30, due 01-12-2024 10:30.",
         "ISBN 978-3-16-148410-0 and ISBN 9783161484100.",
-        "version 3.11.7 at 192.168.1.10; -40 to 85 C; 48.8566, 2.3522.",
+        "version 3.11.7 at build 4.2; -40 to 85 C; 48.8566, 2.3522.",
         "years 2019 2020 2021 2022 and the timestamp 1700000000000.",
         "1,000,000 users; 1 299 000 units; score 98.6%; room 101; Fig. 3.2.1.",
         "an invalid card 4111 1111 1111 1112 and an impossible 000-12-3456.",
@@ -150,7 +150,7 @@ def test_redact_pii_leaves_ordinary_numbers(text: str) -> None:
 
 def test_redact_pii_counts_several() -> None:
     redacted, counts = redact_pii(PII_QUESTION)
-    assert counts == {"EMAIL": 1, "PHONE": 2, "CARD": 1, "IBAN": 1, "ID": 1}
+    assert counts == {"EMAIL": 1, "PHONE": 2, "CARD": 1, "IBAN": 1, "ID": 1, "IP": 0}
     for value in PII_VALUES:
         assert value not in redacted
     assert redacted.endswith("What colour is the square?")
@@ -227,7 +227,7 @@ def test_fuse_prompt_redacts_question_and_sources() -> None:
     blob = prompt.system + prompt.user + prompt.context
     for value in [*PII_VALUES, "bob@example.org", "555-123-4567", "5555 5555 5555 4444"]:
         assert value not in blob
-    assert prompt.redactions == {"EMAIL": 2, "PHONE": 3, "CARD": 2, "IBAN": 1, "ID": 1}
+    assert prompt.redactions == {"EMAIL": 2, "PHONE": 3, "CARD": 2, "IBAN": 1, "ID": 1, "IP": 0}
     assert prompt.used == ["S1", "S2"]
     assert "[S1]" in prompt.user and "[S2]" in prompt.user
     assert prompt.user.index("[S1]") < prompt.user.index("[S2]")
