@@ -275,36 +275,26 @@ def _replace_iban(m: re.Match[str], counts: dict[str, int]) -> str:
     return text
 
 
+def _phone_ok(number: str) -> bool:
+    """Whether ``number`` (written with ``+``) is a possible phone number for its country
+    code, by ``phonenumbers``' length rules."""
+    try:
+        parsed = phonenumbers.parse(number, None)
+    except phonenumbers.NumberParseException:
+        return False
+    return bool(phonenumbers.is_possible_number(parsed))
+
+
 def _replace_phone_intl(m: re.Match[str], counts: dict[str, int]) -> str:
+    """A ``+`` number is a phone when ``phonenumbers`` says its country code allows that
+    many digits; trailing groups are dropped until it does (a year or a count after a phone
+    number must not make it unrecognisable)."""
     text = m.group(0)
-    # Drop trailing groups until the number has at most 15 digits (E.164): a year or a
-    # count after a phone number must not make it unrecognisable.
-    cut = len(text)
-    while len(_digits(text[:cut])) > 15:
-        sep = max(text.rfind(" ", 0, cut), text.rfind("-", 0, cut), text.rfind(".", 0, cut))
-        if sep <= 0:
-            return text
-        cut = sep
-    if len(_digits(text[:cut])) < 8:
-        return text
-    counts[PHONE] += 1
-    return placeholder(PHONE) + text[cut:]
-
-
-def _redact_intl_phones(text: str, counts: dict[str, int]) -> str:
-    """Numbers written with ``+`` and a country code, found and checked by
-    ``phonenumbers`` (the country code says how many digits may follow)."""
-    if "+" not in text:
-        return text
-    spans = [
-        (m.start, m.end)
-        for m in phonenumbers.PhoneNumberMatcher(
-            text, None, leniency=phonenumbers.Leniency.POSSIBLE
-        )
-    ]
-    for start, end in reversed(spans):
-        text = text[:start] + placeholder(PHONE) + text[end:]
-    counts[PHONE] += len(spans)
+    cuts = [len(text)] + [i for i in range(len(text) - 1, 0, -1) if text[i] in " .-"]
+    for cut in cuts:
+        if _phone_ok(text[:cut]):
+            counts[PHONE] += 1
+            return placeholder(PHONE) + text[cut:]
     return text
 
 
@@ -346,14 +336,13 @@ def redact_pii(text: str) -> tuple[str, dict[str, int]]:
     out = _sub(_IPV4_RE, out, IP, counts, _ipv4_ok)
     if ":" in out:
         out = _sub(_IPV6_RE, out, IP, counts, _ipv6_ok)
-    out = _redact_intl_phones(out, counts)
+    out = _PHONE_INTL_RE.sub(lambda m: _replace_phone_intl(m, counts), out)
     out = _sub(_CARD_RE, out, CARD, counts, lambda m: _card_ok(m.group(0)))
     out = _sub(_SSN_RE, out, ID, counts, lambda m: _ssn_ok(*m.groups()))
     out = _sub(_SSN_KEYWORD_RE, out, ID, counts)
     out = _sub(_NINO_RE, out, ID, counts)
     out = _sub(_MRZ_RE, out, ID, counts)
     out = _sub(_KEYWORD_ID_RE, out, ID, counts)
-    out = _PHONE_INTL_RE.sub(lambda m: _replace_phone_intl(m, counts), out)
     out = _sub(_PHONE_US_RE, out, PHONE, counts)
     out = _sub(
         _PHONE_NATIONAL_RE, out, PHONE, counts, lambda m: 9 <= len(_digits(m.group(0))) <= 12
