@@ -31,13 +31,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import numpy as np
+from PIL import Image
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -51,13 +52,19 @@ from activities.media import (
     MediaChunk,
     MediaLimits,
     Step,
-    decode_image,
     sniff,
     truncate_utf8,
     type_note,
 )
 from activities.sandbox import DecoderSandbox, SandboxPool
-from activities.storage import ObjectMissingError, UnsupportedUriError, normalize_uri, store_for
+from activities.storage import ObjectMissingError, UnsupportedUriError, store_for, worker_uri
+from activities.storage_roots import (
+    NotARegularFileError,
+    OutsideRootsError,
+    StorageRoots,
+    TenantRoots,
+    open_regular_file,
+)
 from activities.vectors import MAX_SNIPPET, ChunkRow, VectorStore, get_store
 from workers.settings import Settings
 from workflows.activity_payloads import (
@@ -168,6 +175,7 @@ class EncodeActivities:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.limits = MediaLimits.from_settings(settings)
+        self.roots = StorageRoots.from_settings(settings.storage_roots, settings.state_dir)
         self._decode_pool = ThreadPoolExecutor(
             max_workers=max(1, settings.decode_threads), thread_name_prefix="decode"
         )
@@ -176,7 +184,8 @@ class EncodeActivities:
             max_workers=max(2, settings.max_concurrent_encode_activities),
             thread_name_prefix="stream",
         )
-        self._sandboxes = SandboxPool(settings.decode_memory_mb)
+        # Decoder children for every file: images (one per decode thread), PDFs and videos.
+        self._sandboxes = SandboxPool.from_settings(settings)
         # One forward pass at a time: concurrent activities overlap their decoding and
         # Milvus writes with each other's model time instead of fighting over the device.
         self._model_lock = threading.Lock()
@@ -251,11 +260,12 @@ class EncodeActivities:
         """
         targets = [inp.index, *inp.extra_targets]
         encoders = [self.encoder_for(t) for t in targets]
-        self._classify(inp.objects)
+        roots = self.roots.for_tenant(inp.tenant)
+        self._classify(inp.objects, roots)
         images = [o for o in inp.objects if o.media_type not in STREAMED_TYPES]
         if images and not progress.images_done:
             outcomes = self._encode_images(
-                targets, encoders, inp, images, lambda: beat(progress.details())
+                targets, encoders, inp, images, roots, lambda: beat(progress.details())
             )
             for outcome in outcomes:
                 progress.done[outcome.asset_id] = outcome
@@ -263,20 +273,22 @@ class EncodeActivities:
             beat(progress.details())
         for ref in inp.objects:
             if ref.media_type in STREAMED_TYPES and ref.asset_id not in progress.done:
-                outcome = self._encode_streamed(targets, encoders, inp, ref, progress, beat)
+                outcome = self._encode_streamed(targets, encoders, inp, ref, roots, progress, beat)
                 progress.done[ref.asset_id] = outcome
                 progress.current = None
                 beat(progress.details())
         return [progress.done[o.asset_id] for o in inp.objects]
 
-    def _classify(self, objects: Sequence[ObjectRef]) -> None:
+    def _classify(self, objects: Sequence[ObjectRef], roots: TenantRoots) -> None:
         """Sniff objects the scan did not (direct callers): the phase depends on the type."""
         for ref in objects:
             if ref.media_type:
                 continue
             # Unreadable now: the image phase reports it precisely.
-            with contextlib.suppress(ObjectMissingError, UnsupportedUriError, OSError):
-                ref.media_type = sniff(store_for(ref.uri).read_head(ref.uri, HEAD_BYTES))
+            with contextlib.suppress(
+                ObjectMissingError, UnsupportedUriError, OutsideRootsError, OSError
+            ):
+                ref.media_type = sniff(store_for(ref.uri, roots).read_head(ref.uri, HEAD_BYTES))
 
     def _failed(self, ref: ObjectRef, reason: str) -> AssetOutcome:
         note = type_note(ref.uri, ref.content_type, ref.media_type)
@@ -317,13 +329,16 @@ class EncodeActivities:
         encoders: list[ClipEncoder],
         inp: EncodeBatchInput,
         objects: list[ObjectRef],
+        roots: TenantRoots,
         beat: Callable[[], None],
     ) -> list[AssetOutcome]:
         outcomes: dict[str, AssetOutcome] = {}
         rows: list[ChunkRow] = []
         vectors: list[list[np.ndarray]] = [[] for _ in targets]
         micro = max(1, self.settings.batch_size)
-        for refs, pixels in self._decoded_micro_batches(objects, micro, outcomes, encoders):
+        for refs, pixels in self._decoded_micro_batches(
+            objects, micro, outcomes, encoders, roots, beat
+        ):
             if refs:
                 for i, enc in enumerate(encoders):
                     with self._model_lock:
@@ -352,11 +367,15 @@ class EncodeActivities:
         micro: int,
         failures: dict[str, AssetOutcome],
         encoders: list[ClipEncoder],
+        roots: TenantRoots,
+        beat: Callable[[], None],
     ) -> Iterator[tuple[list[ObjectRef], list[list[Any]]]]:
         """Yield (refs, per-object pixel tensors for each encoder) per micro-batch;
-        decoding runs ahead in the pool."""
+        decoding runs ahead in the pool. Heartbeats while it waits: a micro-batch of images
+        that each take up to MMRAG_IMAGE_DECODE_TIME_LIMIT_S must not look like a dead
+        worker (the batch would be retried, and time out again, for ever)."""
         futures: list[Future[list[Any]]] = [
-            self._decode_pool.submit(self._load, ref, encoders) for ref in objects
+            self._decode_pool.submit(self._load, ref, encoders, roots) for ref in objects
         ]
         for start in range(0, len(objects), micro):
             refs, pixels = [], []
@@ -364,15 +383,25 @@ class EncodeActivities:
                 objects[start : start + micro], futures[start : start + micro], strict=True
             ):
                 try:
-                    pixels.append(future.result())
+                    while True:
+                        try:
+                            pixels.append(future.result(timeout=IDLE_HEARTBEAT_S))
+                            break
+                        except FutureTimeout:
+                            beat()
                     refs.append(ref)
-                except (BadMediaError, ObjectMissingError, UnsupportedUriError) as e:
+                except (
+                    BadMediaError,
+                    ObjectMissingError,
+                    UnsupportedUriError,
+                    OutsideRootsError,
+                ) as e:
                     failures[ref.asset_id] = self._failed(ref, str(e))
             yield refs, pixels
 
-    def _load(self, ref: ObjectRef, encoders: list[ClipEncoder]) -> list[Any]:
+    def _load(self, ref: ObjectRef, encoders: list[ClipEncoder], roots: TenantRoots) -> list[Any]:
         s = self.settings
-        data = store_for(ref.uri).read(ref.uri, s.max_object_bytes, ref.generation)
+        data = store_for(ref.uri, roots).read(ref.uri, s.max_object_bytes, ref.generation)
         mime = sniff(data[:HEAD_BYTES])
         if data and mime not in IMAGE_TYPES:
             raise BadMediaError(
@@ -381,10 +410,16 @@ class EncodeActivities:
                 if ref.media_type in IMAGE_TYPES
                 else f"not an image: the bytes are {mime or 'unrecognised'}"
             )
-        image = decode_image(
-            data, s.max_object_bytes, s.max_image_pixels, mime, self.limits.render_max_side
-        )
+        image = self._decode_image(data, mime)
         return [enc.preprocess(image) for enc in encoders]
+
+    def _decode_image(self, data: bytes, mime: str = "") -> Image.Image:
+        """An ingested or query image, decoded in a sandboxed child under
+        MMRAG_IMAGE_DECODE_TIME_LIMIT_S (and shrunk to MMRAG_RENDER_MAX_SIDE, so a query
+        image is encoded exactly as the same image was when it was ingested)."""
+        return self._sandboxes.decode_image(
+            data, mime, self.limits, self.settings.image_decode_time_limit_s
+        )
 
     # -- phase 2: PDFs and videos, one at a time, resumable ---------------------------------
     def _encode_streamed(
@@ -393,6 +428,7 @@ class EncodeActivities:
         encoders: list[ClipEncoder],
         inp: EncodeBatchInput,
         ref: ObjectRef,
+        roots: TenantRoots,
         progress: BatchProgress,
         beat: Heartbeat,
     ) -> AssetOutcome:
@@ -409,7 +445,7 @@ class EncodeActivities:
             # closing(): an error while writing stops the decoder thread before the sandbox
             # goes back to the pool (a suspended generator would otherwise keep it busy).
             with (
-                self._local_copy(ref) as path,
+                self._local_copy(ref, roots) as path,
                 self._sandboxes.lease() as sandbox,
                 contextlib.closing(
                     self._flush_groups(
@@ -445,7 +481,7 @@ class EncodeActivities:
                     beat(progress.details())
             if not written:
                 raise BadMediaError(f"nothing to index: the {ref.media_type} yielded no pages")
-        except (BadMediaError, ObjectMissingError, UnsupportedUriError) as e:
+        except (BadMediaError, ObjectMissingError, UnsupportedUriError, OutsideRootsError) as e:
             for target in targets:
                 store.delete_assets(target.collection, inp.tenant, [ref.asset_id])
             return self._failed(ref, str(e))
@@ -510,7 +546,7 @@ class EncodeActivities:
         return out
 
     @contextmanager
-    def _local_copy(self, ref: ObjectRef) -> Iterator[Path]:
+    def _local_copy(self, ref: ObjectRef, roots: TenantRoots) -> Iterator[Path]:
         """A file the decoder child can open: the file itself, or a spooled copy of an object.
 
         Sizes are checked again here: the object may have grown since it was listed.
@@ -521,16 +557,20 @@ class EncodeActivities:
             "shrink or split it, or raise the limit"
         )
         if ref.uri.startswith("file://"):
-            path = Path(unquote(urlparse(ref.uri).path))
+            path = roots.confine_path(ref.uri)  # resolved: the child opens what was checked
             try:
-                size = path.stat().st_size
-            except FileNotFoundError as e:
+                fd = open_regular_file(path)
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
                 raise ObjectMissingError(f"{ref.uri}: no such file") from e
+            except OSError as e:
+                raise NotARegularFileError(f"{ref.uri}: not a regular file") from e
+            with os.fdopen(fd, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
             if size > limit:
                 raise too_large
             yield path
             return
-        data = store_for(ref.uri).read(ref.uri, limit, ref.generation)
+        data = store_for(ref.uri, roots).read(ref.uri, limit, ref.generation)
         if len(data) > limit:
             raise too_large
         prefix = f"mmrag-media-{ref.asset_id[:16]}-"
@@ -550,6 +590,13 @@ class EncodeActivities:
         started = time.perf_counter()
         collection, version, spec = self._alias_target()
         enc = self.encoder_for(spec) if spec else self.encoder
+        if inp.image_uri:  # before the cache: a cached vector must not reveal another's file
+            try:
+                self.roots.for_tenant(inp.tenant).confine(worker_uri(inp.image_uri))
+            except (OutsideRootsError, UnsupportedUriError) as e:
+                raise ApplicationError(
+                    f"query image: {e}", type="OutsideStorageRoots", non_retryable=True
+                ) from e
         key = (collection, inp.text, inp.image_uri, inp.image_base64, inp.hybrid_weight)
         cached = self._query_cache.get(key)
         if cached is not None:
@@ -568,7 +615,13 @@ class EncodeActivities:
         if inp.image_uri or inp.image_base64:
             try:
                 pixels = self._query_image(inp)
-            except (BadMediaError, ObjectMissingError, UnsupportedUriError, ValueError) as e:
+            except (
+                BadMediaError,
+                ObjectMissingError,
+                UnsupportedUriError,
+                OutsideRootsError,
+                ValueError,
+            ) as e:
                 raise ApplicationError(
                     f"query image: {e}", type="BadQuery", non_retryable=True
                 ) from e
@@ -625,9 +678,9 @@ class EncodeActivities:
                     f"{MAX_INLINE_IMAGE_BYTES} bytes as image_uri"
                 )
         else:
-            uri = normalize_uri(inp.image_uri)
-            raw = store_for(uri).read(uri, s.max_object_bytes)
-        return self.encoder.preprocess(decode_image(raw, s.max_object_bytes, s.max_image_pixels))
+            uri = worker_uri(inp.image_uri)
+            raw = store_for(uri, self.roots.for_tenant(inp.tenant)).read(uri, s.max_object_bytes)
+        return self.encoder.preprocess(self._decode_image(raw))
 
 
 def _heartbeat(details: dict[str, Any]) -> None:

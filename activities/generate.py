@@ -8,7 +8,9 @@ says so and the workflow keeps its extractive answer.
 Sources cut to the per-chunk cap arrive with their redacted text (``GenerateInput.fusion``)
 and are summarised here by the LLM before the answer is asked for: the LLM is only reachable
 from this queue, and doing it in this activity adds no hop to the ``Ask`` path. A summary
-that fails only costs that chunk its LLM summary (it keeps the extractive one).
+that fails only costs that chunk its LLM summary (it keeps the extractive one). The
+answer is PII-redacted before it is returned, so the model's raw text never reaches the
+workflow's history.
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ from activities.generation import (
     fuse_with_llm_summaries,
     get_generator,
 )
+from activities.guardrails import redact_pii
+from activities.limits import clamp_answer_tokens
 from activities.media import BadMediaError, decode_image
 from activities.storage import ObjectMissingError, UnsupportedUriError, store_for
+from activities.storage_roots import OutsideRootsError, StorageRoots
 from workers.settings import Settings, get_settings
 from workflows.activity_payloads import GENERATE, Fusion, GenerateInput, Generation
 
@@ -47,8 +52,11 @@ class GenerateActivities:
         self.config = config or LlmConfig.from_env()
         self.settings = settings or get_settings()
         self.generator = get_generator(self.config) if self.config.enabled else None
+        self.roots = StorageRoots.from_settings(
+            self.settings.storage_roots, self.settings.state_dir
+        )
 
-    def image_data_urls(self, uris: list[str]) -> list[str]:
+    def image_data_urls(self, uris: list[str], tenant: str) -> list[str]:
         """The top image sources as small JPEG data URLs, for a vision model (when enabled).
 
         Pixels are read here, next to the model, never carried in a payload; a source that
@@ -57,11 +65,12 @@ class GenerateActivities:
         if not s.llm_vision:
             return []
         urls = []
+        roots = self.roots.for_tenant(tenant)
         for uri in uris[: max(0, s.llm_vision_images)]:
             try:
-                data = store_for(uri).read(uri, s.max_object_bytes)
+                data = store_for(uri, roots).read(uri, s.max_object_bytes)
                 image = decode_image(data, s.max_object_bytes, s.max_image_pixels)
-            except (BadMediaError, ObjectMissingError, UnsupportedUriError) as e:
+            except (BadMediaError, ObjectMissingError, UnsupportedUriError, OutsideRootsError) as e:
                 log.warning("vision: leaving out %s: %s", uri, e)
                 continue
             image.thumbnail((s.llm_vision_max_side, s.llm_vision_max_side))
@@ -114,8 +123,8 @@ class GenerateActivities:
             result = self.generator.generate(
                 prompt,
                 self.config.model,
-                inp.max_tokens,
-                self.image_data_urls(inp.image_uris) or None,
+                clamp_answer_tokens(inp.max_tokens, self.settings),  # MMRAG_MAX_ANSWER_TOKENS
+                self.image_data_urls(inp.image_uris, inp.tenant) or None,
             )
         except LlmUnavailableError as e:
             raise ApplicationError(str(e), type="LlmUnavailable", non_retryable=True) from e
@@ -130,7 +139,9 @@ class GenerateActivities:
         if not result.cached:
             metrics.observe("llm_seconds", time.perf_counter() - started)
         return Generation(
-            text=result.text,
+            # Redacted before it is recorded in the Ask's history (finalize_answer redacts
+            # again, with whatever else it shows).
+            text=redact_pii(result.text)[0],
             kind="generated",
             model=result.model,
             ms=round((time.perf_counter() - started) * 1000, 2),

@@ -9,15 +9,17 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities import index_versions, registry
+from activities.limits import DEFAULT_PAGE_SIZE, clamp
 from activities.media import HEAD_BYTES, BadMediaError, check_object
 from activities.run_context import workflow_ids
 from activities.storage import (
     ObjectMissingError,
     Page,
     UnsupportedUriError,
-    normalize_uri,
     store_for,
+    worker_uri,
 )
+from activities.storage_roots import OutsideRootsError, StorageRoots, TenantRoots
 from activities.vectors import get_store, model_of
 from workers.settings import Settings
 from workflows.activity_payloads import (
@@ -48,10 +50,11 @@ class IngestActivities:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._head_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sniff")
+        self.roots = StorageRoots.from_settings(settings.storage_roots, settings.state_dir)
 
     @property
     def engine(self):  # type: ignore[no-untyped-def]
-        return registry.get_engine(self.settings.database_endpoint(), self.settings.database_role)
+        return registry.get_engine(self.settings.database_endpoint())
 
     @activity.defn(name=RESOLVE_INDEX)
     def resolve_index(self) -> IndexTarget | None:
@@ -81,23 +84,34 @@ class IngestActivities:
     @activity.defn(name=SCAN_PAGE)
     def scan_page(self, inp: ScanPageInput) -> ScanPageResult:
         """List one page of a source and sort it into encode / unchanged / rejected."""
+        roots = self.roots.for_tenant(inp.tenant)
         try:
-            source = normalize_uri(inp.source)
-            store = store_for(source)
+            source = worker_uri(inp.source)
+            store = store_for(source, roots)
             if inp.single_object:
                 page = Page([store.stat(source)], "")
             else:
-                page = store.list_page(source, inp.page_token, inp.page_size)
+                # At most MMRAG_MAX_PAGE_SIZE, whatever the caller asked (activities/limits.py).
+                size = clamp(inp.page_size, DEFAULT_PAGE_SIZE, self.settings.max_page_size)
+                page = store.list_page(source, inp.page_token, size)
+        except OutsideRootsError as e:
+            # The caller named something it may not read: refuse the run, record nothing.
+            raise ApplicationError(str(e), type="OutsideStorageRoots", non_retryable=True) from e
         except (ObjectMissingError, UnsupportedUriError) as e:
             return ScanPageResult(
                 rejected=[AssetOutcome(uri=inp.source, asset_id="", status=FAILED, reason=str(e))]
             )
+
         for ref in page.objects:
             ref.asset_id = asset_id_for(inp.tenant, ref.uri)
         known = registry.known_generations(
             self.engine, inp.tenant, [r.asset_id for r in page.objects]
         )
         result = ScanPageResult(next_token=page.next_token)
+        result.rejected = [  # a symlink out of the roots, a FIFO: reported, never read
+            AssetOutcome(uri, asset_id_for(inp.tenant, uri), FAILED, reason=reason)
+            for uri, reason in page.refused
+        ]
         result.extra_targets = [
             t for t in index_versions.writable(self.engine) if t.version != inp.index_version
         ]
@@ -133,7 +147,7 @@ class IngestActivities:
                 candidates.append(ref)
         if reingest:
             registry.allow_reingest(self.engine, inp.tenant, reingest)
-        checks = self._head_pool.map(self._cheap_check, candidates)
+        checks = self._head_pool.map(lambda ref: self._cheap_check(ref, roots), candidates)
         for ref, reason in zip(candidates, checks, strict=True):
             if reason:
                 result.rejected.append(
@@ -145,10 +159,10 @@ class IngestActivities:
                 result.to_encode.append(ref)
         return result
 
-    def _cheap_check(self, ref: ObjectRef) -> str:
+    def _cheap_check(self, ref: ObjectRef, roots: TenantRoots) -> str:
         """Sniff the first bytes; fill in the media type; return a failure reason or ""."""
         try:
-            head = store_for(ref.uri).read_head(ref.uri, HEAD_BYTES) if ref.size else b""
+            head = store_for(ref.uri, roots).read_head(ref.uri, HEAD_BYTES) if ref.size else b""
             ref.media_type = check_object(
                 head,
                 ref.size,
@@ -156,7 +170,7 @@ class IngestActivities:
                 uri=ref.uri,
                 content_type=ref.content_type,
             )
-        except (BadMediaError, ObjectMissingError) as e:
+        except (BadMediaError, ObjectMissingError, OutsideRootsError) as e:
             return str(e)
         return ""
 

@@ -14,6 +14,7 @@ from activities import index_versions, registry
 from activities.guardrails import redact_pii
 from activities.run_context import workflow_ids
 from activities.storage import ObjectMissingError, store_for
+from activities.storage_roots import OutsideRootsError, StorageRoots, TenantRoots
 from activities.vectors import VectorStore, get_store, model_of
 from workers.settings import Settings
 from workflows.activity_payloads import (
@@ -42,10 +43,11 @@ class LifecycleActivities:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._stat_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="stat")
+        self.roots = StorageRoots.from_settings(settings.storage_roots, settings.state_dir)
 
     @property
     def engine(self):  # type: ignore[no-untyped-def]
-        return registry.get_engine(self.settings.database_endpoint(), self.settings.database_role)
+        return registry.get_engine(self.settings.database_endpoint())
 
     @property
     def store(self) -> VectorStore:
@@ -127,7 +129,8 @@ class LifecycleActivities:
             t for t in index_versions.writable(self.engine) if t.version != inp.target.version
         ]
         known = registry.statuses_by_key(self.engine, [(a.tenant, a.ref.asset_id) for a in assets])
-        for asset, current in zip(assets, self._stat_pool.map(_stat, assets), strict=True):
+        stats = self._stat_pool.map(lambda a: _stat(a, self.roots.for_tenant(a.tenant)), assets)
+        for asset, current in zip(assets, stats, strict=True):
             key = (asset.tenant, asset.ref.asset_id)
             status, version = known[key]
             if isinstance(current, str):
@@ -200,19 +203,22 @@ class LifecycleActivities:
         candidates = registry.forget_candidates(
             self.engine, inp.tenant, inp.asset_id, inp.uri_prefix, inp.tags, inp.after, inp.limit
         )
-        next_after = candidates[-1][0] if len(candidates) == inp.limit else ""
+        next_after = candidates[-1].asset_id if len(candidates) == inp.limit else ""
         if inp.if_generation:  # an object-delete event: only the version that was deleted
-            candidates = [c for c in candidates if c[2] == inp.if_generation]
-        ids = [c[0] for c in candidates]
+            candidates = [c for c in candidates if c.generation == inp.if_generation]
+        ids = [c.asset_id for c in candidates]
         versions = index_versions.all_live(self.engine)
         for target in versions:
             if ids:
                 self.store.delete_assets(target.collection, inp.tenant, ids, strong=True)
-        deleted = 0
+        deleted = kept = 0
         if inp.delete_object:
-            for _asset_id, uri, _gen in candidates:
-                if uri:
-                    deleted += store_for(uri).delete(uri)
+            roots = self.roots.for_tenant(inp.tenant)
+            for candidate in candidates:
+                if _delete_object(candidate, roots):
+                    deleted += 1
+                else:
+                    kept += 1
         registry.mark_forgotten(
             self.engine,
             inp.tenant,
@@ -221,21 +227,35 @@ class LifecycleActivities:
             inp.allow_reingest,
             [t.version for t in versions],
             workflow_id,
-            {c[0]: c[2] for c in candidates},
+            {c.asset_id: c.generation for c in candidates},
         )
         return ForgetPageResult(
             forgotten=len(ids),
             objects_deleted=deleted,
+            objects_kept=kept,
             versions=[t.version for t in versions],
             next_after=next_after,
         )
 
 
-def _stat(asset: registry.LiveAsset):  # type: ignore[no-untyped-def]
+def _delete_object(candidate: registry.ForgetCandidate, roots: TenantRoots) -> bool:
+    """Delete the object of a forgotten asset, only if it was ingested successfully, lies in
+    the tenant's roots and is still the generation that was ingested. A failed ingest's URI
+    is whatever a caller named (``file:///srv/app/.env``): never ours to delete."""
+    if candidate.status != registry.INGESTED or not candidate.uri or not candidate.generation:
+        return False
+    try:
+        return store_for(candidate.uri, roots).delete(candidate.uri, candidate.generation)
+    except OutsideRootsError as e:
+        activity.logger.warning("Forget keeps %s: %s", candidate.asset_id, e)
+        return False
+
+
+def _stat(asset: registry.LiveAsset, roots: TenantRoots):  # type: ignore[no-untyped-def]
     """The object's current metadata, or why it cannot be read."""
     try:
-        return store_for(asset.ref.uri).stat(asset.ref.uri)
-    except ObjectMissingError as e:
+        return store_for(asset.ref.uri, roots).stat(asset.ref.uri)
+    except (ObjectMissingError, OutsideRootsError) as e:
         return str(e)
     except Exception as e:  # storage outage: let the activity retry
         raise ApplicationError(f"cannot stat {asset.ref.uri}: {e}") from e

@@ -12,9 +12,9 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, create_engine, event, func, literal, select, tuple_, update
+from sqlalchemy import Engine, create_engine, func, literal, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -26,23 +26,13 @@ FORGOTTEN = "forgotten"
 
 
 @lru_cache(maxsize=4)
-def get_engine(url: str, role: str = "") -> Engine:
-    """One pooled engine per process; ``pool_pre_ping`` survives a Postgres restart.
+def get_engine(url: str) -> Engine:
+    """One pooled engine per process and URL; ``pool_pre_ping`` survives a Postgres restart.
 
-    ``role`` (MMRAG_DATABASE_ROLE, e.g. ``mmrag_ingest``) is assumed on every new
-    connection, so the worker holds only that role's privileges (migrations/0003)."""
-    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
-    if role:
-        if not role.replace("_", "").isalnum():
-            raise ValueError(f"MMRAG_DATABASE_ROLE={role!r} is not a role name")
-
-        @event.listens_for(engine, "connect")
-        def _set_role(dbapi_connection, _record):  # type: ignore[no-untyped-def]
-            with dbapi_connection.cursor() as cursor:
-                cursor.execute(f"SET ROLE {role}")
-            dbapi_connection.commit()
-
-    return engine
+    Workers pass their role's own login (``Settings.for_database_role``), so a worker holds
+    only that login's privileges (migrations/0003, 0004), with nothing to ``RESET ROLE``
+    back to."""
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
 @dataclass
@@ -244,6 +234,13 @@ def items_by_key(engine: Engine, keys: Sequence[tuple[str, str]]) -> list[Reinde
     ]
 
 
+class ForgetCandidate(NamedTuple):
+    asset_id: str
+    uri: str
+    generation: str
+    status: str
+
+
 def forget_candidates(
     engine: Engine,
     tenant: str,
@@ -252,9 +249,12 @@ def forget_candidates(
     tags: dict[str, str],
     after: str,
     limit: int,
-) -> list[tuple[str, str, str]]:
-    """(asset_id, uri, generation) of this tenant's assets that match, in asset_id order."""
-    query = select(Asset.asset_id, Asset.uri, Asset.generation).where(Asset.tenant == tenant)
+) -> list[ForgetCandidate]:
+    """This tenant's assets that match, in asset_id order, with their status: only an
+    object that was ingested successfully may have its object deleted."""
+    query = select(Asset.asset_id, Asset.uri, Asset.generation, Asset.status).where(
+        Asset.tenant == tenant
+    )
     if asset_id:
         query = query.where(Asset.asset_id == asset_id)
     if uri_prefix:
@@ -266,7 +266,7 @@ def forget_candidates(
         query = query.where(Asset.asset_id > after)
     with Session(engine) as session:
         rows = session.execute(query.order_by(Asset.asset_id).limit(limit))
-        return [(r.asset_id, r.uri, r.generation) for r in rows]
+        return [ForgetCandidate(r.asset_id, r.uri, r.generation, r.status) for r in rows]
 
 
 def mark_forgotten(

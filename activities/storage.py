@@ -8,12 +8,18 @@ byte ranges so cheap checks never download a whole object.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import unquote, urlparse
 
+from activities.storage_roots import (
+    NotARegularFileError,
+    OutsideRootsError,
+    TenantRoots,
+    open_regular_file,
+)
 from workflows.contracts import ObjectRef
 
 
@@ -29,6 +35,9 @@ class UnsupportedUriError(ValueError):
 class Page:
     objects: list[ObjectRef]
     next_token: str  # "" when this was the last page
+    # Entries of a listing that are not objects mmrag may read: (uri, why). A symlink that
+    # leaves the storage roots, a FIFO, a socket. Reported, never read.
+    refused: list[tuple[str, str]] = field(default_factory=list)
 
 
 class ObjectStore(Protocol):
@@ -40,11 +49,14 @@ class ObjectStore(Protocol):
 
     def read_head(self, uri: str, n: int) -> bytes: ...
 
-    def delete(self, uri: str) -> bool: ...
+    def delete(self, uri: str, generation: str) -> bool: ...
 
 
 def normalize_uri(path_or_uri: str) -> str:
-    """Turn a local path (relative or absolute) into a ``file://`` URI; keep other URIs."""
+    """Turn a local path (relative, absolute or ``~``) into a ``file://`` URI; keep other URIs.
+
+    For starters, on the user's own machine. Workers use :func:`worker_uri`, which never
+    expands ``~`` or resolves against the worker's working directory."""
     if "://" in path_or_uri:
         scheme = path_or_uri.split("://", 1)[0]
         if scheme not in ("file", "gs"):
@@ -56,23 +68,43 @@ def normalize_uri(path_or_uri: str) -> str:
     return Path(path_or_uri).expanduser().resolve().as_uri()
 
 
-def store_for(uri: str) -> ObjectStore:
+def worker_uri(uri: str) -> str:
+    """A URI from a workflow input: ``file://``, ``gs://`` or an absolute path, nothing else."""
+    if "://" not in uri and uri.startswith("/"):
+        return Path(uri).as_uri()
+    if uri.startswith(("file://", "gs://")):
+        return uri
+    raise UnsupportedUriError(
+        f"unsupported source {uri!r}: give an absolute file:// URI or gs://bucket/prefix "
+        "(relative and ~ paths mean nothing on a worker)"
+    )
+
+
+def store_for(uri: str, roots: TenantRoots) -> ObjectStore:
+    """The store for ``uri``, confined to ``roots``: every call checks its URI against them."""
     if uri.startswith("gs://"):
-        return _gcs_store()
+        return GcsStore(roots)
     if uri.startswith("file://"):
-        return LocalStore()
+        return LocalStore(roots)
     raise UnsupportedUriError(f"unsupported URI {uri!r}: use file:// or gs://bucket/prefix")
 
 
+def _components(path: Path, root: Path) -> tuple[str, ...]:
+    return path.relative_to(root).parts
+
+
 class LocalStore:
-    """A directory tree as an object store; pages are slices of a sorted recursive walk."""
+    """A directory tree as an object store, confined to the tenant's roots.
 
-    @staticmethod
-    def _path(uri: str) -> Path:
-        return Path(unquote(urlparse(uri).path))
+    Listing is a depth-first walk in name order that resumes after the page token (the last
+    path returned) without visiting the subtrees before it: a page costs the directories on
+    the way to it, not the whole tree, so listing a large tree stays linear."""
 
-    def _ref(self, path: Path) -> ObjectRef:
-        st = path.stat()
+    def __init__(self, roots: TenantRoots) -> None:
+        self.roots = roots
+
+    def _ref(self, path: Path, st: os.stat_result | None = None) -> ObjectRef:
+        st = st or path.stat()
         return ObjectRef(
             uri=path.as_uri(),
             generation=f"{st.st_mtime_ns}-{st.st_size}",
@@ -81,80 +113,119 @@ class LocalStore:
         )
 
     def list_page(self, uri: str, page_token: str, page_size: int) -> Page:
-        root = self._path(uri)
+        root = self.roots.confine_path(uri)
         if root.is_file():
-            return Page([self._ref(root)], "") if not page_token else Page([], "")
+            return Page([self.stat(uri)], "") if not page_token else Page([], "")
         if not root.is_dir():
             raise ObjectMissingError(f"{uri}: no such file or directory")
-        # A sorted walk makes the page token (the last path returned) a stable cursor.
-        paths = sorted(
-            str(Path(dirpath) / name)
-            for dirpath, _dirs, files in os.walk(root)
-            for name in files
-            if not name.startswith(".")
-        )
-        start = 0
-        if page_token:
-            import bisect
+        try:
+            after = _components(Path(page_token), root) if page_token else ()
+        except ValueError as e:
+            raise ObjectMissingError(f"{uri}: page token {page_token!r} is not below it") from e
+        page = Page([], "")
+        last: Path | None = None
+        for path, entry in self._walk(root, root, after):
+            if last is not None and len(page.objects) + len(page.refused) >= page_size:
+                page.next_token = str(last)
+                break
+            last = path
+            self._list_entry(path, entry, page)
+        return page
 
-            start = bisect.bisect_right(paths, page_token)
-        chunk = paths[start : start + page_size]
-        refs = []
-        for p in chunk:
-            try:
-                refs.append(self._ref(Path(p)))
-            except FileNotFoundError:
-                continue  # deleted between walk and stat
-        more = start + page_size < len(paths)
-        return Page(refs, chunk[-1] if more and chunk else "")
+    def _walk(self, root: Path, folder: Path, after: tuple[str, ...]):  # type: ignore[no-untyped-def]
+        """(path, DirEntry) of every non-hidden file below ``folder`` after ``after``, in
+        component order; symlinked folders are listed as entries, never descended."""
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(
+                    (e for e in it if not e.name.startswith(".")), key=lambda e: e.name
+                )
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            return
+        depth = len(_components(folder, root))
+        for entry in entries:
+            path = Path(entry.path)
+            parts = _components(path, root)
+            if after and parts < after[: depth + 1]:
+                continue  # the whole entry (and its subtree) comes before the cursor
+            if entry.is_dir(follow_symlinks=False):
+                inner = after if after and parts == after[: depth + 1] else ()
+                yield from self._walk(root, path, inner)
+            elif not after or parts > after:
+                yield path, entry
+
+    def _list_entry(self, path: Path, entry: os.DirEntry[str], page: Page) -> None:
+        uri = path.as_uri()
+        try:
+            if entry.is_symlink():
+                real = self.roots.confine_path(uri)
+                st = real.stat()
+            else:
+                st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                raise NotARegularFileError(f"{uri}: not a regular file (a FIFO, socket or device)")
+        except OutsideRootsError as e:
+            page.refused.append((uri, str(e)))
+            return
+        except FileNotFoundError:
+            return  # deleted between listing and stat, or a dangling symlink
+        page.objects.append(self._ref(path, st))
 
     def stat(self, uri: str) -> ObjectRef:
-        path = self._path(uri)
-        if not path.is_file():
-            raise ObjectMissingError(f"{uri}: no such file")
-        return self._ref(path)
+        path = self.roots.confine_path(uri)
+        try:
+            st = path.stat()
+        except (FileNotFoundError, NotADirectoryError) as e:
+            raise ObjectMissingError(f"{uri}: no such file") from e
+        if not stat.S_ISREG(st.st_mode):
+            raise NotARegularFileError(f"{uri}: not a regular file")
+        ref = self._ref(path, st)
+        ref.uri = uri
+        return ref
 
     def read(self, uri: str, max_bytes: int, generation: str = "") -> bytes:
-        path = self._path(uri)
+        path = self.roots.confine_path(uri)
         try:
-            with path.open("rb") as f:
-                data = f.read(max_bytes + 1)
-        except (FileNotFoundError, IsADirectoryError) as e:
+            fd = open_regular_file(path)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
             raise ObjectMissingError(f"{uri}: no such file") from e
-        return data
+        except OSError as e:  # ELOOP: the last component became a symlink after the check
+            raise NotARegularFileError(f"{uri}: not a regular file ({e.strerror})") from e
+        with os.fdopen(fd, "rb") as f:
+            return f.read(max_bytes + 1)
 
     def read_head(self, uri: str, n: int) -> bytes:
         return self.read(uri, n - 1)[:n]
 
-    def delete(self, uri: str) -> bool:
-        """Remove the file; False when it was already gone (deletes are retried)."""
+    def delete(self, uri: str, generation: str) -> bool:
+        """Remove the file if it is still the recorded generation; False when it is gone or
+        was replaced since (deletes are retried, and a newer file is not ours to delete)."""
+        path = self.roots.confine_path(uri)
         try:
-            self._path(uri).unlink()
+            st = path.lstat()
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            raise NotARegularFileError(f"{uri}: not a regular file")
+        if f"{st.st_mtime_ns}-{st.st_size}" != generation:
+            return False
+        try:
+            path.unlink()
         except FileNotFoundError:
             return False
         return True
 
 
 class GcsStore:
-    """Google Cloud Storage (or its emulator when ``STORAGE_EMULATOR_HOST`` is set)."""
+    """Google Cloud Storage (or its emulator when ``STORAGE_EMULATOR_HOST`` is set), confined
+    to the tenant's roots (bucket and prefix)."""
 
-    def __init__(self) -> None:
-        from google.cloud import storage
+    def __init__(self, roots: TenantRoots) -> None:
+        self.roots = roots
+        self._client = _gcs_client()
 
-        if os.environ.get("STORAGE_EMULATOR_HOST"):
-            from google.auth.credentials import AnonymousCredentials
-
-            self._client = storage.Client(
-                project=os.environ.get("MMRAG_GCS_PROJECT") or "mmrag-emulator",
-                credentials=AnonymousCredentials(),
-            )
-        else:
-            self._client = storage.Client(project=os.environ.get("MMRAG_GCS_PROJECT") or None)
-
-    @staticmethod
-    def _split(uri: str) -> tuple[str, str]:
-        parsed = urlparse(uri)
-        return parsed.netloc, parsed.path.lstrip("/")
+    def _split(self, uri: str) -> tuple[str, str]:
+        return self.roots.confine_gcs(uri)
 
     @staticmethod
     def _ref(bucket: str, blob: object) -> ObjectRef:
@@ -204,17 +275,29 @@ class GcsStore:
     def read_head(self, uri: str, n: int) -> bytes:
         return self.read(uri, n - 1)[:n]
 
-    def delete(self, uri: str) -> bool:
-        from google.api_core.exceptions import NotFound
+    def delete(self, uri: str, generation: str) -> bool:
+        """Delete exactly the recorded generation; False when it is gone or was overwritten."""
+        from google.api_core.exceptions import NotFound, PreconditionFailed
 
         bucket, name = self._split(uri)
+        if not generation.isdigit():
+            return False
         try:
-            self._client.bucket(bucket).blob(name).delete()
-        except NotFound:
+            self._client.bucket(bucket).blob(name).delete(if_generation_match=int(generation))
+        except (NotFound, PreconditionFailed):
             return False
         return True
 
 
 @lru_cache(maxsize=1)
-def _gcs_store() -> GcsStore:
-    return GcsStore()
+def _gcs_client():  # type: ignore[no-untyped-def]
+    from google.cloud import storage
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(
+            project=os.environ.get("MMRAG_GCS_PROJECT") or "mmrag-emulator",
+            credentials=AnonymousCredentials(),
+        )
+    return storage.Client(project=os.environ.get("MMRAG_GCS_PROJECT") or None)

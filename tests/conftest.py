@@ -5,6 +5,7 @@ Everything started here is stopped here, by pid, even when tests fail.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -17,16 +18,17 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from sqlalchemy.engine import make_url
 from temporalio.client import Client
 
 from stack.ports import LOOPBACK, _pick_range, port_bindable
+from stack.servers import postgres_password
 from stack.services import Stack, StackPorts
 from starters.background import WorkerProcess
 from tests.llm_server import LlmTestServer
 from workers.settings import TINY_MODEL_DIR
 
 TEST_MAX_OBJECT_BYTES = 2_000_000
-DB_PASSWORD = "pg-canary-5b4a3c2d1e0f9a8b"  # must never appear in logs, payloads or errors
 TEST_MAX_IMAGE_PIXELS = 4_000_000
 
 
@@ -35,13 +37,19 @@ class ServerStack:
     stack: Stack
     state_dir: Path
     endpoints: dict[str, str]
-    env: dict[str, str]
+    env: dict[str, str] = field(repr=False)  # holds the database passwords
     workers: list[WorkerProcess] = field(default_factory=list)
     metrics_ports: dict[int, int] = field(default_factory=dict)  # worker pid -> /metrics port
+    # Each Postgres login's password (random, made by the stack); tests/test_secrets.py
+    # proves none appears in a log, history, audit row or error.
+    db_passwords: dict[str, str] = field(default_factory=dict, repr=False)
 
     def start_worker(self, role: str = "all", **extra_env: str) -> WorkerProcess:
-        """A worker process; each serves Prometheus /metrics on its own loopback port."""
-        env = {**self.env, **extra_env}
+        """A worker process; each serves Prometheus /metrics on its own loopback port.
+
+        Workers get their roles' own Postgres logins (MMRAG_DATABASE_URL_CPU / _QUERY),
+        never the owner's URL, as in docker-compose.yml."""
+        env = {k: v for k, v in {**self.env, **extra_env}.items() if k != "MMRAG_DATABASE_URL"}
         if "MMRAG_METRICS_PORT" not in extra_env:
             env["MMRAG_METRICS_PORT"] = str(free_port())
             env["MMRAG_METRICS_HOST"] = "127.0.0.1"
@@ -63,14 +71,33 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {low}-{high}")
 
 
+def db_logins(endpoints: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """endpoint key (database_url, database_url_cpu, ...) -> (its URL, its login)."""
+    return {
+        key: (url, str(make_url(url).username))
+        for key, url in endpoints.items()
+        if key.startswith("database_url")
+    }
+
+
+def url_with_password(url: str, password: str) -> str:
+    """A stack endpoint URL with the password inline instead of its pgpass file."""
+    parsed = make_url(url)
+    query = {k: v for k, v in parsed.query.items() if k != "passfile"}
+    return parsed.set(password=password, query=query).render_as_string(hide_password=False)
+
+
 @pytest.fixture(scope="session")
-def test_stack() -> Iterator[ServerStack]:
+def test_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerStack]:
     # Not under pytest's tmp dir: pytest resets it to 0700 at each session start, which
     # locks the (non-root) embedded Postgres out of its data directory.
     state_dir = Path(tempfile.mkdtemp(prefix="mmrag-test-"))
     stack = Stack(state_dir, StackPorts.free(), services=("temporal", "milvus", "postgres", "gcs"))
     try:
         endpoints = stack.up()
+        db_passwords = {
+            login: postgres_password(state_dir, login) for _, login in db_logins(endpoints).values()
+        }
         env = {
             **os.environ,
             "MMRAG_STATE_DIR": str(state_dir),
@@ -85,11 +112,16 @@ def test_stack() -> Iterator[ServerStack]:
             "TEMPORAL_ADDRESS": endpoints["temporal_address"],
             "TEMPORAL_NAMESPACE": "default",
             "STORAGE_EMULATOR_HOST": endpoints["gcs_emulator"],
-            # A canary password (the embedded server trusts loopback and never asks for it):
-            # tests/test_secrets.py proves it appears in no log, history or audit row.
-            "MMRAG_DATABASE_URL": endpoints["database_url"].replace(
-                "://postgres@", f"://postgres:{DB_PASSWORD}@", 1
-            ),
+            # Every test's media lives under pytest's base temp dir: the storage root of every
+            # tenant. The state dir (and /etc, ~) stay outside it, for the attack tests.
+            "MMRAG_STORAGE_ROOTS": json.dumps({"*": [tmp_path_factory.getbasetemp().as_uri()]}),
+            # Each login with its password in the URL, as compose passes them (the stack's
+            # own endpoints name 0600 pgpass files instead): the owner's for this process
+            # (migrations, direct reads), a worker role's own login for its workers.
+            **{
+                f"MMRAG_{key.upper()}": url_with_password(url, db_passwords[login])
+                for key, (url, login) in db_logins(endpoints).items()
+            },
         }
         for inherited in ("TEMPORAL_PROFILE", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
             env.pop(inherited, None)
@@ -100,7 +132,7 @@ def test_stack() -> Iterator[ServerStack]:
         from workers.settings import get_settings
 
         get_settings.cache_clear()
-        ts = ServerStack(stack, state_dir, endpoints, env)
+        ts = ServerStack(stack, state_dir, endpoints, env, db_passwords=db_passwords)
         yield ts
     finally:
         for worker in getattr(locals().get("ts"), "workers", []):
@@ -142,12 +174,13 @@ def llm(test_stack: ServerStack) -> Iterator[LlmTestServer]:
 def shared_worker_env(llm: LlmTestServer) -> dict[str, dict[str, str]]:
     """Each shared worker's own environment, by role (tests that restart one reuse it)."""
     return {
-        # The cpu worker runs with the least-privilege role, proving it is enough.
-        "cpu": {"MMRAG_DATABASE_ROLE": "mmrag_ingest"},
+        # Every worker logs in to Postgres as its role's own least-privilege login
+        # (ServerStack.start_worker): the cpu worker as mmrag_ingest, the query worker (Asks
+        # on the query queue) as the read-only mmrag_query, proving each is enough.
+        "cpu": {},
         "encode": {},
         "generate": {"OPENAI_BASE_URL": llm.base_url, **LLM_ENV},
-        # Asks on the query queue, as the read-only query role.
-        "query": {"MMRAG_DATABASE_ROLE": "mmrag_query"},
+        "query": {},
     }
 
 
@@ -166,7 +199,16 @@ def worker(test_stack: ServerStack, llm: LlmTestServer) -> Workers:
 
 @pytest_asyncio.fixture(scope="session")
 async def client(test_stack: ServerStack) -> Client:
-    return await Client.connect(test_stack.endpoints["temporal_address"], namespace="default")
+    """A plain client that attaches an operator credential (``mmrag_auth``) minted from the
+    test stack's signing key (``state_dir/auth``, created by ``Stack.up``) to every start."""
+    from workers.settings import get_settings
+    from workers.temporal_client import credential_interceptors
+
+    return await Client.connect(
+        test_stack.endpoints["temporal_address"],
+        namespace="default",
+        interceptors=credential_interceptors(get_settings()),
+    )
 
 
 @pytest.fixture

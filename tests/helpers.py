@@ -217,13 +217,23 @@ def close_colour(a: tuple[int, int, int], b: tuple[int, int, int], tolerance: in
     return all(abs(x - y) <= tolerance for x, y in zip(a, b, strict=True))
 
 
-def temporal_execute(address: str, workflow_type: str, payload: dict, workflow_id: str) -> dict:  # type: ignore[type-arg]
+def temporal_execute(
+    address: str,
+    workflow_type: str,
+    payload: dict,  # type: ignore[type-arg]
+    workflow_id: str,
+    token: str | None = None,
+) -> dict:  # type: ignore[type-arg]
     """Run a workflow by name with JSON input through the `temporal` CLI, as another
-    backend would, and return its JSON result."""
+    backend would, and return its JSON result. It carries ``token`` in the ``mmrag_auth``
+    header (default: an operator credential of the test stack's signing key)."""
     import json
     import subprocess
 
     from workers.settings import REPO_ROOT
+
+    if token is None:
+        token = operator_token()
 
     out = subprocess.run(
         [
@@ -240,6 +250,8 @@ def temporal_execute(address: str, workflow_type: str, payload: dict, workflow_i
             workflow_id,
             "--input",
             json.dumps(payload),
+            "--headers",
+            f"mmrag_auth={json.dumps(token)}",
             "--output",
             "json",
         ],
@@ -251,6 +263,21 @@ def temporal_execute(address: str, workflow_type: str, payload: dict, workflow_i
     return dict(json.loads(out.stdout)["result"])
 
 
+def operator_token(ttl_s: float = 900) -> str:
+    """An operator credential signed with the test stack's key (state_dir/auth)."""
+    return issued_token(["*"], "operator", ttl_s)
+
+
+def issued_token(tenants: list[str], role: str, ttl_s: float = 900, subject: str = "") -> str:
+    """A credential signed with the test stack's key, as `mmrag token issue` prints it."""
+    from workers.auth import issue_token, signing_key_from_settings
+    from workers.settings import get_settings
+
+    key = signing_key_from_settings(get_settings())
+    assert key is not None, "the test stack has no signing key (Stack.up creates it)"
+    return issue_token(key[0], key[1], tenants, role, ttl_s, subject=subject)
+
+
 # -- faults (issue 8) -------------------------------------------------------------------------
 @contextmanager
 def assets_locked(tenant: str) -> Iterator[None]:
@@ -259,3 +286,11 @@ def assets_locked(tenant: str) -> Iterator[None]:
     with Session(engine()) as session, session.begin():
         session.execute(select(Asset.asset_id).where(Asset.tenant == tenant).with_for_update())
         yield
+
+
+def grant_root(state_dir: Path, tenant: str, uri: str) -> None:
+    """Make ``uri`` (a bucket, prefix or folder) a storage root of ``tenant`` on the test
+    stack, the way `mmrag ingest` does on the stack's machine (workers re-read the file)."""
+    from activities.storage_roots import register_local_root
+
+    register_local_root(state_dir, tenant, uri)

@@ -20,6 +20,7 @@ from tests.helpers import (
     audit_counts,
     audit_events,
     engine,
+    grant_root,
     milvus_pks,
     registry_rows,
     store,
@@ -114,6 +115,7 @@ async def test_gcs_prefix_ingest(
 ) -> None:
     gcs = storage.Client(project="test", credentials=AnonymousCredentials())
     bucket = gcs.create_bucket(f"media-{tenant.lower()[-6:]}")
+    grant_root(test_stack.state_dir, tenant, f"gs://{bucket.name}/")
     files = write_corpus(tmp_path / "gcs", per_class=1, seed=3)
     for path, _ in files[:10]:
         bucket.blob(f"photos/{path.name}").upload_from_filename(str(path))

@@ -33,8 +33,16 @@ from starters.lifecycle import (
     start_watch,
 )
 from starters.synthetic_corpus import CLASSES, caption_for, render, write_corpus
-from tests.conftest import Workers
-from tests.helpers import audit_events, engine, milvus_pks, registry_rows, store, wait_searchable
+from tests.conftest import ServerStack, Workers
+from tests.helpers import (
+    audit_events,
+    engine,
+    grant_root,
+    milvus_pks,
+    registry_rows,
+    store,
+    wait_searchable,
+)
 from workflows.contracts import (
     AskFilters,
     AskInput,
@@ -316,11 +324,12 @@ def push(url: str, kind: str, bucket: str, name: str, generation: str, token: st
 
 
 async def test_gcs_notifications_ingest_and_delete_idempotently(
-    worker: Workers, client: Client, tmp_path: Path
+    worker: Workers, client: Client, tmp_path: Path, test_stack: ServerStack
 ) -> None:
     tenant = f"events-{uuid.uuid4().hex[:6]}"
     gcs = storage.Client(project="test", credentials=AnonymousCredentials())
     bucket = gcs.create_bucket(f"ev-{uuid.uuid4().hex[:8]}")
+    grant_root(test_stack.state_dir, tenant, f"gs://{bucket.name}/")
     files = write_corpus(tmp_path / "e", per_class=1, seed=81)
     blob = bucket.blob("inbox/photo.png")
     blob.upload_from_filename(str(files[0][0]))
@@ -404,11 +413,12 @@ async def test_gcs_notifications_ingest_and_delete_idempotently(
 
 
 async def test_watch_prefix_ingests_only_new_objects(
-    worker: Workers, client: Client, tmp_path: Path
+    worker: Workers, client: Client, tmp_path: Path, test_stack: ServerStack
 ) -> None:
     tenant = f"watch-{uuid.uuid4().hex[:6]}"
     gcs = storage.Client(project="test", credentials=AnonymousCredentials())
     bucket = gcs.create_bucket(f"wp-{uuid.uuid4().hex[:8]}")
+    grant_root(test_stack.state_dir, tenant, f"gs://{bucket.name}/")
     files = write_corpus(tmp_path / "w", per_class=1, seed=91)
     for path, _ in files[:3]:
         bucket.blob(f"cam/{path.name}").upload_from_filename(str(path))

@@ -57,7 +57,7 @@ from tests.fixtures.hostile.make_corpus import (
     page_bomb_pdf,
     write_hostile_corpus,
 )
-from tests.helpers import close_colour, decoded_colour, png_bytes, write_image_forms
+from tests.helpers import close_colour, decoded_colour, png_bomb, png_bytes, write_image_forms
 
 LIMITS = MediaLimits(max_object_bytes=2_000_000, max_image_pixels=4_000_000)
 
@@ -315,7 +315,7 @@ def test_sandbox_streams_pages_and_frames_and_is_reused(
 
 def test_sandbox_bounds_time_memory_and_crashes(sandbox: DecoderSandbox, tmp_path: Path) -> None:
     clip = write_video(tmp_path / "c.mp4")
-    with pytest.raises(BadMediaError, match="longer than 0 s .MMRAG_DECODE_TIME_LIMIT_S"):
+    with pytest.raises(BadMediaError, match="longer than 0.0001 s .MMRAG_DECODE_TIME_LIMIT_S"):
         list(sandbox.stream(str(clip), MP4, LIMITS, None, 0.0001))
     bomb = tmp_path / "bomb.pdf"
     bomb.write_bytes(deflate_bomb_pdf(1024))
@@ -338,10 +338,33 @@ def test_sandbox_bounds_time_memory_and_crashes(sandbox: DecoderSandbox, tmp_pat
     assert len(list(sandbox.stream(str(clip), MP4, LIMITS, None, 30))) == 2
 
 
+def test_images_decode_in_the_sandbox_as_they_do_in_process(
+    sandbox: DecoderSandbox, tmp_path: Path
+) -> None:
+    """The worker decodes every image in a child: same pixels, same shrink, same refusals."""
+    forms = write_image_forms(tmp_path)
+    for name in forms:
+        data = (tmp_path / name).read_bytes()
+        here = decode_image(
+            data, LIMITS.max_object_bytes, LIMITS.max_image_pixels, "", LIMITS.render_max_side
+        )
+        there = sandbox.decode_image(data, "", LIMITS, 20)
+        assert (there.mode, there.size, there.tobytes()) == ("RGB", here.size, here.tobytes())
+    buf = io.BytesIO()
+    Image.new("RGB", (2400, 1200), (10, 200, 10)).save(buf, "JPEG")
+    assert sandbox.decode_image(buf.getvalue(), "", LIMITS, 20).size == (512, 256)
+    pid = sandbox.pid
+    with pytest.raises(BadMediaError, match="not an image: the bytes are application/pdf"):
+        sandbox.decode_image(pdf_bytes(REPORT_PAGES), "", LIMITS, 20)
+    with pytest.raises(BadMediaError, match="MMRAG_MAX_IMAGE_PIXELS"):
+        sandbox.decode_image(png_bomb(), "", LIMITS, 20)
+    assert sandbox.pid == pid, "refusals leave the child in service"
+
+
 def test_every_hostile_file_fails_precisely_and_fast(
     sandbox: DecoderSandbox, tmp_path: Path
 ) -> None:
-    """The cheap check or the decoder (in the sandbox for PDFs and videos) refuses each."""
+    """The cheap check or the decoder, in the sandbox as in the worker, refuses each."""
     expected = write_hostile_corpus(tmp_path, LIMITS.max_object_bytes)
     for name, words in expected.items():
         path = tmp_path / name
@@ -352,7 +375,7 @@ def test_every_hostile_file_fails_precisely_and_fast(
             if mime in (PDF, MP4, QUICKTIME, WEBM, MATROSKA, AVI):
                 list(sandbox.stream(str(path), mime, LIMITS, None, 20))
             else:
-                decode_all(data, mime, LIMITS)
+                sandbox.decode_image(data, mime, LIMITS, 20)
         assert words in str(refused.value), f"{name}: {refused.value}"
         assert time.monotonic() - started < 10, f"{name} took too long"
 
@@ -454,9 +477,11 @@ def _direct_encoder(**overrides: Any) -> Any:
 
 def _ref(tenant: str, path: Path, mime: str) -> Any:
     from activities.storage import LocalStore
+    from activities.storage_roots import TenantRoots, canonical_root
     from workflows.contracts import asset_id_for
 
-    ref = LocalStore().stat(path.resolve().as_uri())
+    root = canonical_root(str(path.resolve().parent))
+    ref = LocalStore(TenantRoots(tenant, (root,))).stat(path.resolve().as_uri())
     ref.asset_id, ref.media_type = asset_id_for(tenant, ref.uri), mime
     return ref
 
@@ -617,16 +642,17 @@ async def test_a_restarted_worker_resumes_a_long_video_instead_of_starting_over(
 
 
 async def test_pdf_and_video_from_gcs(
-    worker: Any, client: Any, tenant: str, tmp_path: Path
+    worker: Any, client: Any, tenant: str, tmp_path: Path, test_stack: Any
 ) -> None:
     """Objects that are not local files are spooled to a temporary file for the decoder."""
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
-    from tests.helpers import milvus_pks
+    from tests.helpers import grant_root, milvus_pks
 
     gcs = storage.Client(project="test", credentials=AnonymousCredentials())
     bucket = gcs.create_bucket(f"media-{tenant.lower()[-6:]}")
+    grant_root(test_stack.state_dir, tenant, f"gs://{bucket.name}/")
     bucket.blob("docs/report.pdf").upload_from_filename(str(write_pdf(tmp_path / "r.pdf")))
     bucket.blob("docs/clip.mp4").upload_from_filename(str(write_video(tmp_path / "c.mp4")))
     result = await _ingest(client, tenant, [f"gs://{bucket.name}/docs/"])

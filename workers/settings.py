@@ -14,10 +14,12 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, PrivateAttr, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Worker role -> its Postgres login (workers/db_logins.py, which also sets their passwords).
+WORKER_LOGINS: dict[str, str] = {"cpu": "mmrag_ingest", "query": "mmrag_query"}
 TINY_MODEL_DIR = REPO_ROOT / "tests" / "fixtures" / "tiny_clip"
 
 
@@ -25,6 +27,9 @@ class Settings(BaseSettings):
     """mmrag configuration. Every field maps to ``MMRAG_<FIELD>`` (case-insensitive)."""
 
     model_config = SettingsConfigDict(env_prefix="MMRAG_", env_file=".env", extra="ignore")
+    # The worker role whose Postgres login database_endpoint() returns (for_database_role);
+    # None: the owner's URL.
+    _database_role: str | None = PrivateAttr(default=None)
 
     # Where the embedded stack keeps its state (pid files, data dirs, logs).
     state_dir: Path = Field(default=REPO_ROOT / ".mmrag")
@@ -44,11 +49,25 @@ class Settings(BaseSettings):
     milvus_token_query: SecretStr = SecretStr("")
     collection_prefix: str = "mmrag"  # collections are <prefix>_v<N>; the alias is <prefix>
 
-    # Postgres: asset registry, index versions and the audit trail.
-    database_url: SecretStr = SecretStr("")  # empty: the embedded stack's URL from state_dir
-    # A least-privilege role assumed on every connection (migrations/0003): mmrag_ingest
-    # for cpu workers, mmrag_query for query workers. Empty: the login user's own privileges.
-    database_role: str = ""
+    # Postgres: asset registry, index versions and the audit trail. The owner's URL runs
+    # migrations and admin tools (`mmrag db upgrade`, `mmrag search`) and never a worker:
+    # each worker role logs in as its own least-privilege login (workers/db_logins.py) with
+    # its own secret, via Settings.for_database_role. Empty: the embedded stack's URLs
+    # (state_dir/endpoints.json; passwords in 0600 pgpass files the stack created).
+    database_url: SecretStr = SecretStr("")  # the owner (migrations)
+    database_url_cpu: SecretStr = SecretStr("")  # mmrag_ingest:<password>@...: cpu workers
+    database_url_query: SecretStr = SecretStr("")  # mmrag_query:<password>@...: query workers
+
+    # Storage roots (activities/storage_roots.py): JSON {"tenant": ["file:///dir", "gs://b/p"],
+    # "*": [...]}. Workers read, list and delete objects only inside the run's tenant's roots
+    # (plus "*"), and the stack's <state_dir>/storage_roots.json, which `mmrag ingest PATH`
+    # appends to on the stack's own machine.
+    storage_roots: str = ""
+    # Models a Reindex may build (operators only): "model" or "model/pretrained" entries,
+    # comma-separated; the configured clip_model and the shipped tiny model are always allowed.
+    # Checkpoint files must lie inside reindex_checkpoint_dir (empty: checkpoint paths refused).
+    reindex_models: str = ""
+    reindex_checkpoint_dir: str = ""
 
     # Media.
     gcs_project: str = ""  # for google-cloud-storage; credentials come from ADC
@@ -57,9 +76,10 @@ class Settings(BaseSettings):
 
     # Media breadth and hostile-input bounds (activities/media.py, pdf.py, video.py,
     # sandbox.py). Every bound below fails the asset alone, non-retryably, with a reason
-    # that names the setting. PDFs and videos are decoded in a child process with hard
-    # limits (decode_time_limit_s, decode_memory_mb): a hostile file costs at most that
-    # much and can never take the worker down; images are decoded in-process, bounded by
+    # that names the setting. Every file (images and Ask's query images too) is decoded in
+    # a child process with hard limits (decode_time_limit_s or image_decode_time_limit_s,
+    # decode_memory_mb; see the decoder sandbox block below): a hostile file costs at most
+    # that much and can never take the worker down; images are also bounded by
     # max_image_pixels (checked from the header, before any pixel is allocated).
     render_max_side: int = 512  # px, longer side of a rendered PDF page / kept video frame
     pdf_max_pages: int = 500  # more pages than this: refused as a page bomb, nothing rendered
@@ -71,6 +91,14 @@ class Settings(BaseSettings):
     decode_time_limit_s: float = 600.0  # per PDF/video per attempt: time spent waiting on
     # its decoder (not on the encoder); an hour of 1080p H.264 decodes in ~3-9 min on CPUs
     decode_memory_mb: int = 2048  # address-space limit (RLIMIT_AS) of a decoder child; 0: none
+    # -- Decoder sandbox (activities/sandbox.py; README "Decoder sandbox") --------------------
+    # The child gets no secret environment, RLIMIT_CPU/NOFILE/FSIZE/CORE as well as
+    # decode_memory_mb, and new user + network namespaces where the kernel allows them.
+    image_decode_time_limit_s: float = 20.0  # per image, ingest and Ask's query image: time
+    # waiting on its decoder; slower images fail alone (a query image: BadQuery). A 40 Mpx
+    # JPEG or PNG decodes in ~0.1-1 s; Ask's encode step has 30 s in all
+    decode_require_isolation: bool = False  # true: where the child cannot get its own network
+    # namespace, refuse to decode (a loud, retryable error) instead of decoding with the network
 
     # CLIP encoder.
     clip_model: str = "ViT-B-32"
@@ -112,9 +140,9 @@ class Settings(BaseSettings):
     # `mmrag codec-server`: /encode and /decode for the Web UI and `temporal --codec-endpoint`.
     codec_server_host: str = "127.0.0.1"
     codec_server_port: int = 8234
-    codec_server_token: SecretStr = SecretStr("")  # required as "Authorization: Bearer …"
+    codec_server_token: SecretStr = SecretStr("")  # required: "Authorization: Bearer …"
     codec_server_origins: str = "http://localhost:8233,http://127.0.0.1:8233"  # CORS, commas
-    codec_server_namespaces: str = ""  # commas; empty: any X-Namespace is served
+    codec_server_namespaces: str = "default"  # commas: the X-Namespaces served (required)
     # Prometheus /metrics of the Temporal SDK runtime plus mmrag_* series, one per worker
     # process (workers/telemetry.py). 0: off.
     metrics_port: int = 0
@@ -125,6 +153,66 @@ class Settings(BaseSettings):
     tracing_endpoint: str = ""
     tracing_service_name: str = "mmrag"
     # -- end of operability settings ------------------------------------------------------
+
+    # -- Codec server and events endpoint at the trust boundary (issue 13) -----------------
+    # starters/codec_server.py: MMRAG_CODEC_SERVER_TOKEN is required; this waives it, and is
+    # honoured on a loopback host only (the local Web UI has no login to send a token with).
+    codec_server_insecure_no_token: bool = False
+    # Strict: /decode answers a payload the codec did not encrypt with a "refused" marker
+    # instead of its content: anyone who can write to Temporal without the key can plant one.
+    codec_server_strict: bool = True
+    codec_server_read_timeout_s: float = 10.0  # for one whole request: line, headers, body
+    # starters/events.py (`mmrag events serve`, Pub/Sub push). events_auth "oidc" (default)
+    # verifies Pub/Sub's signed push token (RS256 JWT in "Authorization: Bearer"): aud ==
+    # events_audience, email in events_service_accounts (commas), iss accounts.google.com,
+    # expiry; signed by a key in events_certs_file (Google's JWKS, its {kid: PEM certificate}
+    # JSON, or PEM certificates / public keys). "token": a static MMRAG_EVENTS_TOKEN in the
+    # Authorization header, for push senders that cannot sign (the Pub/Sub emulator, relays).
+    events_auth: str = "oidc"
+    events_audience: str = ""
+    events_service_accounts: str = ""
+    events_certs_file: str = ""
+    events_token: SecretStr = SecretStr("")
+    # Buckets whose notifications are acted on, commas; "bucket/prefix/" narrows to a prefix.
+    # Required: a notification for anything else is refused (403) and starts nothing.
+    events_buckets: str = ""
+    events_read_timeout_s: float = 10.0  # for one whole request: line, headers, body
+    # -- end of codec server and events settings -------------------------------------------
+
+    # -- Tenant credentials (workers/auth.py; README "Credentials") ---------------------------
+    # Every workflow run carries a signed credential (Ed25519 JWT) in the Temporal header
+    # `mmrag_auth`: tenants, role (reader | writer | operator), expiry, key id. Workers check it
+    # against these public keys, a JSON file {key id: public key PEM} that holds several keys
+    # while they rotate. Empty: the local stack's state_dir/auth/verify_keys.json.
+    auth_verify_keys_file: str = ""
+    # false: runs without a credential are let through (a credential that is present is still
+    # checked). Only for a migration window.
+    auth_required: bool = True
+    # Token issuers only (CLI, demo, an HTTP front end; never workers): the private key, as a
+    # PEM file or inline PEM text. Empty: the local stack's state_dir/auth/signing_key.pem
+    # when it exists (`mmrag stack up` creates it).
+    auth_signing_key_file: str = ""
+    auth_signing_key: SecretStr = SecretStr("")
+    # A ready token a client attaches to what it starts (`mmrag token issue` prints one);
+    # it wins over minting from the signing key.
+    auth_token: SecretStr = SecretStr("")
+    # Lifetime of operator tokens a client mints from the signing key for its starts, and of
+    # the one a schedule keeps in its action (it starts runs long after it was created).
+    auth_client_token_ttl_s: float = 900.0
+    auth_schedule_token_ttl_days: float = 365.0
+    # -- end of tenant credential settings ----------------------------------------------------
+
+    # -- Caller limits (workflows/limits.py, activities/limits.py) -------------------------
+    # The most one workflow input may ask of the workers. Larger (or non-positive) values
+    # are clamped on the worker side, never refused: they only pace or size the same work.
+    max_page_size: int = 512  # IngestBatchInput.page_size: objects listed per scan_page
+    max_batch_size: int = 256  # IngestBatch / Reindex batch_size: objects per encode activity
+    max_concurrent_batches: int = 8  # IngestBatch / Reindex max_concurrent_batches
+    max_heartbeat_timeout_s: int = 600  # IngestBatchInput.encode_heartbeat_timeout_s
+    min_watch_interval_s: int = 60  # WatchPrefixInput.interval_s, when not 0 (one pass)
+    max_top_k: int = 100  # AskInput.top_k
+    max_answer_tokens: int = 2048  # AskInput.max_answer_tokens (the LLM's max_tokens)
+    # -- end of caller limits -------------------------------------------------------------
 
     def stack_endpoint(self, key: str) -> str:
         """An endpoint the embedded stack recorded in ``state_dir/endpoints.json``."""
@@ -157,7 +245,39 @@ class Settings(BaseSettings):
         return self.model_copy(update={"milvus_token": token})
 
     def database_endpoint(self) -> str:
-        return self.database_url.get_secret_value() or self.stack_endpoint("database_url")
+        """The URL to connect with: the owner's, or in settings made by
+        ``for_database_role`` the worker role's own login (never the owner's)."""
+        role = self._database_role
+        if role is None:
+            return self.database_url.get_secret_value() or self.stack_endpoint("database_url")
+        if role not in WORKER_LOGINS:
+            raise RuntimeError(f"the {role} worker role has no Postgres access")
+        own = self._role_database_url(role)
+        return own or self.stack_endpoint(f"database_url_{role}")
+
+    def _role_database_url(self, role: str) -> str:
+        url = {"cpu": self.database_url_cpu, "query": self.database_url_query}[role]
+        return url.get_secret_value()
+
+    def for_database_role(self, role: str) -> Settings:
+        """These settings for a worker role's activities: ``database_endpoint()`` is the
+        role's own Postgres login (MMRAG_DATABASE_URL_CPU / _QUERY, else the embedded
+        stack's), never the owner's; a role without a login (encode, generate) gets none.
+
+        Raises at worker start when an external server is configured (MMRAG_DATABASE_URL)
+        without the role's own URL: falling back to the owner would hand a worker the
+        rights to rewrite the audit trail."""
+        login = WORKER_LOGINS.get(role)
+        if login and not self._role_database_url(role) and self.database_url.get_secret_value():
+            raise RuntimeError(
+                f"the {role} worker needs its own Postgres login: set "
+                f"MMRAG_DATABASE_URL_{role.upper()} (user {login}; its password is set by "
+                "`mmrag db upgrade` from MMRAG_DB_" + login.removeprefix("mmrag_").upper()
+                + "_PASSWORD). MMRAG_DATABASE_URL is the owner's, for migrations only"
+            )
+        copy = self.model_copy()
+        copy._database_role = role
+        return copy
 
     def resolved_checkpoint(self) -> Path | None:
         if not self.clip_checkpoint:

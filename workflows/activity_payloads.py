@@ -92,6 +92,7 @@ class EncodeQueryInput:
     image_uri: str = ""
     image_base64: str = ""
     hybrid_weight: float = 0.5
+    tenant: str = ""  # whose storage roots an image_uri must lie in
 
 
 @dataclass
@@ -163,6 +164,7 @@ class GenerateInput:
     source_ids: list[str]
     image_uris: list[str] = field(default_factory=list)  # top image sources, for vision models
     fusion: Fusion | None = None  # summarise the shortened sources with the LLM first
+    tenant: str = ""  # whose storage roots the image sources must lie in
 
 
 @dataclass
@@ -344,3 +346,4 @@ class ForgetPageResult:
     objects_deleted: int = 0
     versions: list[int] = field(default_factory=list)
     next_after: str = ""
+    objects_kept: int = 0  # asked to delete, but not ingested, outside the roots, or changed

@@ -51,6 +51,7 @@ with workflow.unsafe.imports_passed_through():
         AskResult,
         Source,
     )
+    from workflows.limits import BAD_QUERY, filters_problem, refuse_if
 
 UNAVAILABLE = "answer service temporarily unavailable"
 # Patch id: retrieval-only Asks answer in one local activity (retrieve_and_answer) since
@@ -96,9 +97,14 @@ class Ask:
                 type="BadQuery",
                 non_retryable=True,
             )
+        refuse_if(filters_problem(inp.filters), BAD_QUERY)  # fail now, not after 90 s of retries
         started = workflow.now()
         encode_input = EncodeQueryInput(
-            inp.text, inp.image_uri, inp.image_base64, inp.hybrid_weight
+            text=inp.text,
+            image_uri=inp.image_uri,
+            image_base64=inp.image_base64,
+            hybrid_weight=inp.hybrid_weight,
+            tenant=inp.tenant,
         )
         if _encodes_locally():
             step = await workflow.execute_local_activity(
@@ -159,12 +165,15 @@ class Ask:
                 generation = await workflow.execute_activity(
                     GENERATE,
                     GenerateInput(
-                        retrieval.system_prompt,
-                        retrieval.user_prompt,
-                        inp.max_answer_tokens,
-                        [s.id for s in retrieval.sources],
-                        [s.uri for s in retrieval.sources if s.media_type.startswith("image/")],
-                        retrieval.fusion,
+                        system_prompt=retrieval.system_prompt,
+                        user_prompt=retrieval.user_prompt,
+                        max_tokens=inp.max_answer_tokens,
+                        source_ids=[s.id for s in retrieval.sources],
+                        image_uris=[
+                            s.uri for s in retrieval.sources if s.media_type.startswith("image/")
+                        ],
+                        fusion=retrieval.fusion,
+                        tenant=inp.tenant,
                     ),
                     task_queue=GENERATE_TASK_QUEUE,
                     start_to_close_timeout=timedelta(seconds=30),

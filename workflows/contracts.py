@@ -325,6 +325,9 @@ class ForgetResult:
     forgotten: int
     objects_deleted: int
     index_versions: list[int] = field(default_factory=list)
+    # delete_object was asked, but the object was left: it was never ingested successfully,
+    # lies outside the tenant's storage roots, or changed since it was ingested.
+    objects_kept: int = 0
 
 
 @dataclass

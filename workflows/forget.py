@@ -64,6 +64,7 @@ class Forget:
             )
             result.forgotten += page.forgotten
             result.objects_deleted += page.objects_deleted
+            result.objects_kept += page.objects_kept
             result.index_versions = sorted(set(result.index_versions) | set(page.versions))
             after = page.next_after
             if not after:
