@@ -12,9 +12,10 @@ Two entry points:
   into *steps*: one image, one PDF page (its rendering and, when the page has text, a text
   chunk) or one video keyframe, each with a JSON *cursor* from which decoding can resume.
   Only ``BadMediaError`` ever comes out of it (``tests/test_decoder_fuzz.py`` checks this
-  with generated hostile inputs). In the worker, PDFs and videos are decoded by this same
-  function inside a sandboxed child process (``activities/sandbox.py``) that has hard time
-  and memory limits; images are decoded in-process, bounded by ``max_image_pixels``.
+  with generated hostile inputs). In the worker, every file (images, Ask's query images,
+  PDFs and videos) is decoded by this same function inside a sandboxed child process
+  (``activities/sandbox.py``) with hard time, CPU, memory and file limits, no secrets and,
+  where the kernel allows, no network.
 """
 
 from __future__ import annotations
@@ -366,16 +367,10 @@ def type_note(uri: str, content_type: str, sniffed: str) -> str:
 
 
 # -- images --------------------------------------------------------------------------------
-def decode_image(
-    data: bytes, max_bytes: int, max_pixels: int, mime: str = "", max_side: int = 0
-) -> Image.Image:
-    """Decode and fully load an image as RGB, refusing bombs before allocating pixels.
-
-    ``mime`` (sniffed when empty) picks the only Pillow plugin allowed to parse the bytes.
-    ``max_side`` > 0 shrinks large images right after decoding (JPEGs already while
-    decoding, via DCT scaling): CLIP sees 224 px, and resizing a 40 Mpx photo with the
-    preprocessor's bicubic filter costs more than the model does.
-    """
+def image_type(data: bytes, max_bytes: int, mime: str = "") -> str:
+    """The image type of ``data`` (sniffed when ``mime`` is empty), or ``BadMediaError``:
+    the checks that need no decoder, so a worker refuses such bytes before it hands them
+    to one."""
     if len(data) == 0:
         raise BadMediaError("empty file (0 bytes): the upload or copy did not complete")
     if len(data) > max_bytes:
@@ -388,6 +383,20 @@ def decode_image(
         raise BadMediaError(
             f"not an image: the bytes are {mime or 'unrecognised'}; mmrag decodes {SUPPORTED_WORDS}"
         )
+    return mime
+
+
+def decode_image(
+    data: bytes, max_bytes: int, max_pixels: int, mime: str = "", max_side: int = 0
+) -> Image.Image:
+    """Decode and fully load an image as RGB, refusing bombs before allocating pixels.
+
+    ``mime`` (sniffed when empty) picks the only Pillow plugin allowed to parse the bytes.
+    ``max_side`` > 0 shrinks large images right after decoding (JPEGs already while
+    decoding, via DCT scaling): CLIP sees 224 px, and resizing a 40 Mpx photo with the
+    preprocessor's bicubic filter costs more than the model does.
+    """
+    mime = image_type(data, max_bytes, mime)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -1,13 +1,14 @@
 """Fuzz the decoder entry point: whatever the bytes, only ``BadMediaError`` (or chunks) come out.
 
 ``activities.media.iter_steps`` turns bytes + a sniffed type into chunks; it is what the
-encode worker runs on every file (in-process for images, inside the sandbox for PDFs and
-videos). Hypothesis feeds it mutated valid files of every supported type (truncations,
-overwritten bytes, spliced garbage, headers on random bodies) plus the bytes claimed as
-another type, in this very process: an uncaught exception fails the test, and a crash of
+encode worker runs on every file, inside the sandbox's child process. Hypothesis feeds
+it mutated valid files of every supported type (truncations, overwritten bytes, spliced
+garbage, headers on random bodies) plus the bytes claimed as another type, in this very
+process: an uncaught exception fails the test, and a crash of
 a decoder library would take the test process down, so passing means no generated input
-crashes a worker. A smaller run goes through the sandbox to check that whatever its child
-does (including dying) also surfaces as ``BadMediaError``.
+crashes a worker. A smaller run goes through the sandbox (images as bytes, PDFs and videos
+as files, as the worker sends them) to check that whatever its child does (including dying)
+also surfaces as ``BadMediaError``.
 
 Bounds are small so that every example decodes in milliseconds; ``database=None`` keeps
 Hypothesis from writing a ``.hypothesis`` directory into the checkout.
@@ -146,11 +147,15 @@ def test_sandboxed_decoding_only_fails_with_reasons(
     data: bytes, sandbox: DecoderSandbox, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     mime = sniff(data)
-    if mime not in VIDEO_TYPES and mime != PDF:
-        mime = PDF if mime in IMAGE_TYPES or not mime else mime
-    path = Path(tmp_path_factory.mktemp("fuzz")) / "input"
-    path.write_bytes(data)
     try:
+        if mime in IMAGE_TYPES:
+            image = sandbox.decode_image(data, mime, LIMITS, 10)
+            assert image.mode == "RGB" and max(image.size) <= LIMITS.render_max_side
+            return
+        if mime not in VIDEO_TYPES:
+            mime = PDF
+        path = Path(tmp_path_factory.mktemp("fuzz")) / "input"
+        path.write_bytes(data)
         for _ in sandbox.stream(str(path), mime, LIMITS, None, 10):
             pass
     except BadMediaError as e:
