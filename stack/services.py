@@ -8,6 +8,8 @@ state lives under ``state_dir``::
     ports.json            the ports of the last up(), reused when no ports are given
     run/<name>.pid        the server's own pid (not a wrapper's)
     logs/<name>.log       the server's stdout and stderr, appended across restarts
+    secrets/postgres/     <login>.pgpass (0600): each Postgres login's random password
+    auth/                 signing_key.pem (0600) and verify_keys.json: the local credentials
     temporal/ milvus/ postgres/ gcs/   each server's data directory and cwd
 
 Servers are started together and waited for together, so ``up()`` takes as long as the

@@ -363,8 +363,12 @@ async def _watch(args: argparse.Namespace) -> int:
 def cmd_db(args: argparse.Namespace) -> int:
     from workers.migrate import upgrade
 
-    upgrade(get_settings().database_endpoint())
-    console.print("database schema is up to date")
+    owner = get_settings().database_endpoint()
+    upgrade(owner)
+    passwords = passwords_from_env()
+    set_passwords(owner, passwords)
+    logins = f"; logins with a password set: {', '.join(sorted(passwords))}" if passwords else ""
+    console.print("database schema is up to date" + logins)
     return 0
 
 
@@ -402,6 +406,9 @@ def cmd_temporal(args: argparse.Namespace) -> int:
     from starters.temporal_setup import main as setup
 
     return setup(args)
+    """Migrations as the owner, then each worker login's password from the environment
+    (MMRAG_DB_INGEST_PASSWORD / MMRAG_DB_QUERY_PASSWORD; compose's migrate job sets them)."""
+    from workers.db_logins import passwords_from_env, set_passwords
 
 
 # -- demo -----------------------------------------------------------------------------

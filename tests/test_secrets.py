@@ -1,7 +1,8 @@
-"""Secrets never leak: a canary API key is planted in the generate worker and a canary
-database password in every worker's MMRAG_DATABASE_URL (tests/conftest.py), then worker logs,
-workflow histories, the audit table and error messages are scanned for both. The codec key
-is scanned for in tests/test_codec.py, where the encrypted worker runs."""
+"""Secrets never leak: a canary API key is planted in the generate worker, and every
+Postgres login's password (random, made by the stack) is in the URL its users connect with
+(tests/conftest.py: the owner's for this process, a role's own login for its workers); then
+worker logs, workflow histories, the audit table and error messages are scanned for all.
+The codec key is scanned for in tests/test_codec.py, where the encrypted worker runs."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from temporalio.client import Client
 from starters.ask import ask
 from starters.ingest import start_ingest
 from starters.synthetic_corpus import write_corpus
-from tests.conftest import DB_PASSWORD, LLM_API_KEY, ServerStack, Workers
+from tests.conftest import LLM_API_KEY, ServerStack, Workers
 from tests.helpers import engine, wait_searchable
 from tests.llm_server import LlmTestServer
 from workflows.contracts import AskInput
@@ -44,24 +45,30 @@ async def test_canary_secret_appears_nowhere(
     assert any(
         LLM_API_KEY in h.get("authorization", h.get("Authorization", "")) for h in llm.headers
     )
-    # The database password is in the URL every worker connected with (so it was there to
+    # Each database password is in the URL its users connected with (so it was there to
     # leak), and a CLI whose database is down must not echo it either.
-    assert DB_PASSWORD in test_stack.env["MMRAG_DATABASE_URL"]
+    passwords = test_stack.db_passwords
+    assert set(passwords) == {"postgres", "mmrag_ingest", "mmrag_query"}
+    assert passwords["postgres"] in test_stack.env["MMRAG_DATABASE_URL"]
+    assert passwords["mmrag_ingest"] in test_stack.env["MMRAG_DATABASE_URL_CPU"]
+    assert passwords["mmrag_query"] in test_stack.env["MMRAG_DATABASE_URL_QUERY"]
+    owner_password = passwords["postgres"]
     down = subprocess.run(
         [sys.executable, "-m", "starters.cli", "db", "upgrade"],
         env={
             **test_stack.env,
-            "MMRAG_DATABASE_URL": f"postgresql+psycopg://postgres:{DB_PASSWORD}@127.0.0.1:1/x",
+            "MMRAG_DATABASE_URL": f"postgresql+psycopg://postgres:{owner_password}@127.0.0.1:1/x",
         },
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert down.returncode != 0 and "Postgres is unreachable" in down.stderr, down.stderr
-    assert DB_PASSWORD not in down.stdout + down.stderr
+    assert owner_password not in down.stdout + down.stderr
 
     # ... and nowhere else: worker logs, every workflow history, the audit table.
-    secrets = {"LLM key": LLM_API_KEY, "database password": DB_PASSWORD}
+    secrets = {"LLM key": LLM_API_KEY}
+    secrets |= {f"{login}'s database password": p for login, p in passwords.items()}
     logs = list((test_stack.state_dir / "logs").glob("*.log"))
     assert len(logs) >= 3
     for log in logs:

@@ -31,7 +31,7 @@ from temporalio.client import Client
 
 from stack.ports import StackPorts, port_bindable
 from stack.procs import read_pid_file, write_pid_file
-from stack.servers import Gcs, venv_executable
+from stack.servers import Gcs, postgres_passfile, venv_executable
 from stack.services import Stack, StackError, read_endpoints
 from workflows.contracts import SEARCH_ATTRIBUTES
 
@@ -112,12 +112,19 @@ def test_up_starts_every_service(running: Running) -> None:
     assert len(set(running.pids().values())) == len(ALL)
     assert read_endpoints(running.stack.state_dir) == running.endpoints
     ports = running.stack.ports
+
+    def db(login: str) -> str:  # each login's own URL; its password in a 0600 pgpass file
+        passfile = postgres_passfile(running.stack.state_dir, login)
+        return f"postgresql+psycopg://{login}@127.0.0.1:{ports.postgres}/mmrag?passfile={passfile}"
+
     assert running.endpoints == {
         "temporal_address": f"127.0.0.1:{ports.temporal}",
         "temporal_ui_url": f"http://127.0.0.1:{ports.temporal_ui}",
         "temporal_namespace": "default",
         "milvus_uri": f"http://127.0.0.1:{ports.milvus}",
-        "database_url": f"postgresql+psycopg://postgres@127.0.0.1:{ports.postgres}/mmrag",
+        "database_url": db("postgres"),
+        "database_url_cpu": db("mmrag_ingest"),
+        "database_url_query": db("mmrag_query"),
         "gcs_emulator": f"http://127.0.0.1:{ports.gcs}",
     }
     for name in ALL:

@@ -4,9 +4,9 @@
 registry and index versions and appends audit rows; ``mmrag_query`` (a query-only
 deployment, reporting) reads the registry and appends audit rows. Neither may UPDATE,
 DELETE or TRUNCATE the audit log, nor DELETE registry rows (forgetting wipes a row to a
-tombstone instead). The owner that runs migrations keeps DDL. The roles are NOLOGIN
-groups: grant them to login users (``GRANT mmrag_ingest TO worker_cpu``), or set
-``MMRAG_DATABASE_ROLE`` so a worker switches to its role on every connection.
+tombstone instead). The owner that runs migrations keeps DDL. The roles are created
+NOLOGIN; since 0004 each worker logs in as its role itself (workers/db_logins.py gives it
+LOGIN and a password), never as the owner.
 
 Revision ID: 0003
 Revises: 0002
