@@ -12,12 +12,14 @@ from urllib.parse import unquote
 
 from sqlalchemy.orm import Session
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from activities import metrics, registry
 from activities.generation import SourceChunk, extractive_answer, fuse_prompt, redacted_chunk
 from activities.guardrails import I_DONT_KNOW, insert_citations, redact_pii, validate_answer
+from activities.limits import clamp_top_k
 from activities.run_context import workflow_ids
-from activities.vectors import compile_filters, get_store
+from activities.vectors import BadFilter, compile_filters, get_store
 from workers.settings import Settings
 from workflows.activity_payloads import (
     FINALIZE_ANSWER,
@@ -104,10 +106,13 @@ class AskActivities:
         if not inp.collection:
             return Retrieval(0, [], "", "", 0, "Nothing has been ingested yet.", _ms(started))
         f = inp.filters
-        expr = compile_filters(
-            f.media_types, f.created_after, f.created_before, f.tags, f.asset_ids
-        )
-        top_k = max(1, min(inp.top_k, 100))
+        try:
+            expr = compile_filters(
+                f.media_types, f.created_after, f.created_before, f.tags, f.asset_ids
+            )
+        except BadFilter as e:  # the Ask workflow refuses these first; direct callers here
+            raise ApplicationError(str(e), type="BadQuery", non_retryable=True) from None
+        top_k = clamp_top_k(inp.top_k, self.settings)  # at most MMRAG_MAX_TOP_K
         store = get_store(
             self.settings.milvus_endpoint(), self.settings.milvus_token.get_secret_value()
         )

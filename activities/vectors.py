@@ -23,7 +23,8 @@ import numpy as np
 from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
-from workflows.contracts import IndexTarget
+from workflows.contracts import AskFilters, IndexTarget
+from workflows.limits import MAX_TAG_BYTES, MAX_TAGS, filters_problem, tags_problem
 
 MAX_URI = 2048
 MAX_SNIPPET = 2048
@@ -65,7 +66,18 @@ def in_list(field_name: str, values: Iterable[str | int]) -> str:
 
 
 def tag_value(key: str, value: str) -> str:
+    """A tag as stored: ``key=value``. Keys never contain ``=`` (``tags_problem``), so no
+    two tags share a stored string."""
     return f"{key}={value}"
+
+
+def stored_tags(tags: dict[str, str]) -> list[str]:
+    """Tags as a chunk stores them; ValueError (never a silent cut) for tags the schema
+    cannot hold exactly (workflows refuse them first: workflows/limits.py)."""
+    problem = tags_problem(tags)
+    if problem:
+        raise ValueError(problem)
+    return [tag_value(k, v) for k, v in sorted(tags.items())]
 
 
 class VectorStoreError(RuntimeError):
@@ -232,8 +244,8 @@ class VectorStore:
                 "tags",
                 DataType.ARRAY,
                 element_type=DataType.VARCHAR,
-                max_capacity=64,
-                max_length=256,
+                max_capacity=MAX_TAGS,
+                max_length=MAX_TAG_BYTES,
             )
             schema.add_field("snippet", DataType.VARCHAR, max_length=MAX_SNIPPET)
             schema.add_field("generation", DataType.VARCHAR, max_length=128)
@@ -288,7 +300,7 @@ class VectorStore:
                 "media_type": r.media_type,
                 "chunk": r.chunk,
                 "created_at": int(r.created_at),
-                "tags": [tag_value(k, v) for k, v in sorted(r.tags.items())][:64],
+                "tags": stored_tags(r.tags),
                 "snippet": r.snippet[:MAX_SNIPPET],
                 "generation": r.generation[:128],
                 "vector": vec,
@@ -461,6 +473,10 @@ def get_store(uri: str, token: str = "") -> VectorStore:
     return VectorStore(uri, token)
 
 
+class BadFilter(ValueError):
+    """Filter values Milvus could not run as given; the message says what to fix."""
+
+
 def compile_filters(
     media_types: Sequence[str] = (),
     created_after: int = 0,
@@ -468,7 +484,18 @@ def compile_filters(
     tags: dict[str, str] | None = None,
     asset_ids: Sequence[str] = (),
 ) -> str:
-    """Structured filter values -> one Milvus expression; values can only ever be literals."""
+    """Structured filter values -> one Milvus expression; values can only ever be literals.
+
+    Raises BadFilter for values that would not compile to exactly the filter asked for (a
+    tag key with ``=``, more than 64 tags, a time outside INT64, ...): a caller's mistake
+    to report at once, never to retry."""
+    problem = filters_problem(
+        AskFilters(
+            list(media_types), created_after, created_before, dict(tags or {}), list(asset_ids)
+        )
+    )
+    if problem:
+        raise BadFilter(problem)
     clauses: list[str] = []
     if media_types:
         clauses.append(in_list("media_type", media_types))

@@ -8,6 +8,12 @@ role's activities connect with ``Settings.for_milvus_role(role)``, i.e. the role
 (``MMRAG_MILVUS_TOKEN_CPU`` / ``_ENCODE``) when set, else ``MMRAG_MILVUS_TOKEN``. Change an
 activity's Milvus calls and this table, the RBAC roles and tests/test_milvus_rbac.py change
 with it.
+
+Postgres access per role is its own login (``workers/db_logins.py``): each role's
+activities connect with ``Settings.for_database_role(role)``, the cpu role as
+``mmrag_ingest`` (MMRAG_DATABASE_URL_CPU), the query role as ``mmrag_query``
+(MMRAG_DATABASE_URL_QUERY); encode and generate have no database. No role ever connects as
+the owner (MMRAG_DATABASE_URL), which only runs migrations.
 """
 
 from __future__ import annotations
@@ -65,10 +71,11 @@ MILVUS_ACCESS: dict[str, MilvusAccess] = {
 
 
 def cpu_role(settings: Settings) -> RoleContent:
-    settings = settings.for_milvus_role("cpu")
+    settings = settings.for_milvus_role("cpu").for_database_role("cpu")
     from activities.ask import AskActivities
     from activities.ingest import IngestActivities
     from activities.lifecycle import LifecycleActivities
+    from activities.limits import LimitActivities
     from workflows.ask import Ask
     from workflows.forget import Forget
     from workflows.ingest import IngestAsset, IngestBatch
@@ -78,6 +85,7 @@ def cpu_role(settings: Settings) -> RoleContent:
     ingest = IngestActivities(settings)
     ask = AskActivities(settings)
     lifecycle = LifecycleActivities(settings)
+    limits = LimitActivities(settings)
     return RoleContent(
         TASK_QUEUE,
         workflows=[IngestBatch, IngestAsset, Ask, Reindex, Forget, WatchPrefix],
@@ -95,13 +103,14 @@ def cpu_role(settings: Settings) -> RoleContent:
             lifecycle.swap_index,
             lifecycle.finish_reindex,
             lifecycle.forget_page,
+            limits.bound_knobs,  # local: the workflows' load knobs, clamped to MMRAG_MAX_*
         ],
         max_concurrent_activities=settings.max_concurrent_activities,
     )
 
 
 def encode_role(settings: Settings) -> RoleContent:
-    settings = settings.for_milvus_role("encode")
+    settings = settings.for_milvus_role("encode").for_database_role("encode")
     from activities.encode import EncodeActivities
 
     encode = EncodeActivities(settings)
@@ -124,6 +133,7 @@ def encode_role(settings: Settings) -> RoleContent:
 def generate_role(settings: Settings) -> RoleContent:
     from activities.generate import GenerateActivities
 
+    settings = settings.for_database_role("generate")  # no database
     generate = GenerateActivities(settings=settings)
     llm = generate.config.model if generate.generator else "none (extractive answers)"
     log.info("LLM: %s", llm)
@@ -138,9 +148,9 @@ def query_role(settings: Settings) -> RoleContent:
     """``Ask`` on ``mmrag-query`` with everything but generation in this process: the CLIP
     model warm here (on a GPU pod, or a CPU pod with a small model), so the query is encoded
     by a local activity instead of a hop to the encode queue; searches and audit rows as the
-    read-only query users (``mmrag_query`` in Milvus and, via MMRAG_DATABASE_ROLE, Postgres).
+    read-only query users (``mmrag_query`` in Milvus and Postgres, each its own login).
     Ingest and re-index never queue behind queries here."""
-    settings = settings.for_milvus_role("query")
+    settings = settings.for_milvus_role("query").for_database_role("query")
     from activities.ask import AskActivities
     from activities.encode import EncodeActivities
     from activities.query import QueryActivities

@@ -55,6 +55,7 @@ with workflow.unsafe.imports_passed_through():
         IngestTotals,
         ObjectRef,
     )
+    from workflows.limits import BAD_INPUT, Knobs, bounded_knobs, refuse_if, tags_problem
 
 # Pages processed per run before continuing as new: keeps histories far below the
 # suggested limit even for very large buckets.
@@ -205,6 +206,15 @@ class IngestBatch:
     async def run(self, inp: IngestBatchInput) -> IngestResult:
         self._input = inp
         self._totals = inp.totals
+        refuse_if(tags_problem(inp.tags), BAD_INPUT)
+        knobs = await bounded_knobs(
+            Knobs(
+                page_size=inp.page_size,
+                batch_size=inp.batch_size,
+                max_concurrent_batches=inp.max_concurrent_batches,
+                heartbeat_timeout_s=inp.encode_heartbeat_timeout_s,
+            )
+        )
         index = await resolve_index()
         workflow.upsert_search_attributes(
             [
@@ -214,9 +224,10 @@ class IngestBatch:
                 OUTCOME_KEY.value_set("running"),
             ]
         )
-        batch_size = inp.batch_size or 32
-        heartbeat = timedelta(seconds=inp.encode_heartbeat_timeout_s)
-        slots = asyncio.Semaphore(max(1, inp.max_concurrent_batches))
+        # Bounded by the worker (>= 1); older histories replay with the caller's values.
+        batch_size = knobs.batch_size or 32
+        heartbeat = timedelta(seconds=knobs.heartbeat_timeout_s)
+        slots = asyncio.Semaphore(max(1, knobs.max_concurrent_batches))
 
         async def batch(objects: list[ObjectRef], extra: list[IndexTarget]) -> None:
             async with slots:
@@ -238,7 +249,7 @@ class IngestBatch:
                     inp.tenant,
                     source,
                     token,
-                    inp.page_size,
+                    knobs.page_size,
                     index,
                     inp.force,
                     allow_forgotten=inp.allow_forgotten,
@@ -290,6 +301,7 @@ class IngestAsset:
 
     @workflow.run
     async def run(self, inp: IngestAssetInput) -> IngestResult:
+        refuse_if(tags_problem(inp.tags), BAD_INPUT)
         index = await resolve_index()
         workflow.upsert_search_attributes(
             [

@@ -68,6 +68,7 @@ with workflow.unsafe.imports_passed_through():
         ReindexProgress,
         ReindexResult,
     )
+    from workflows.limits import Knobs, bounded_knobs
 
 ROLLBACK = "rollback"
 PAGE_SIZE = 256
@@ -79,6 +80,7 @@ MAX_RECONCILE_ROUNDS = 5
 class Reindex:
     def __init__(self) -> None:
         self._inp = ReindexInput()
+        self._knobs = Knobs()
         self._started: datetime | None = None
         self._done_this_run = 0
 
@@ -92,6 +94,9 @@ class Reindex:
                 type="BadReindex",
                 non_retryable=True,
             )
+        self._knobs = await bounded_knobs(
+            Knobs(batch_size=inp.batch_size, max_concurrent_batches=inp.max_concurrent_batches)
+        )
         workflow.upsert_search_attributes(
             [
                 TENANT_KEY.value_set(inp.tenant or "*"),
@@ -187,15 +192,16 @@ class Reindex:
     ) -> None:
         """Encode items grouped by (tenant, tags), a bounded number of batches at once."""
         inp = self._inp
+        size = self._knobs.batch_size  # bounded by the worker; older histories: the caller's
         groups: dict[tuple[str, str], list[ReindexItem]] = {}
         for item in items:
             groups.setdefault((item.tenant, json.dumps(item.tags, sort_keys=True)), []).append(item)
         batches = [
-            group[i : i + inp.batch_size]
+            group[i : i + size]
             for group in groups.values()
-            for i in range(0, len(group), max(1, inp.batch_size))
+            for i in range(0, len(group), max(1, size))
         ]
-        slots = asyncio.Semaphore(max(1, inp.max_concurrent_batches))
+        slots = asyncio.Semaphore(max(1, self._knobs.max_concurrent_batches))
 
         async def one(batch: list[ReindexItem]) -> None:
             async with slots:

@@ -24,12 +24,16 @@ with workflow.unsafe.imports_passed_through():
         IngestResult,
         WatchPrefixInput,
     )
+    from workflows.limits import BAD_INPUT, Knobs, bounded_knobs, refuse_if, tags_problem
 
 
 @workflow.defn(name=WATCH_PREFIX_WORKFLOW)
 class WatchPrefix:
     @workflow.run
     async def run(self, inp: WatchPrefixInput) -> IngestResult:
+        refuse_if(tags_problem(inp.tags), BAD_INPUT)
+        # At least MMRAG_MIN_WATCH_INTERVAL_S between passes (0 stays one pass).
+        interval_s = (await bounded_knobs(Knobs(interval_s=inp.interval_s))).interval_s
         workflow.upsert_search_attributes(
             [
                 TENANT_KEY.value_set(inp.tenant),
@@ -43,7 +47,7 @@ class WatchPrefix:
             result_type=IngestResult,
             static_summary=f"pass {inp.passes} over {inp.prefix}",
         )
-        if inp.interval_s <= 0:
+        if interval_s <= 0:
             return result
-        await workflow.sleep(timedelta(seconds=inp.interval_s))
+        await workflow.sleep(timedelta(seconds=interval_s))
         workflow.continue_as_new(replace(inp, passes=inp.passes + 1))
