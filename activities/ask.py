@@ -209,9 +209,14 @@ class AskActivities:
 
     @activity.defn(name=FINALIZE_ANSWER)
     def finalize_answer(self, inp: FinalizeInput) -> FinalAnswer:
-        """Validate a generated answer, insert citations, write the audit row (no raw PII)."""
+        """Validate a generated answer, insert citations, write the audit row (no raw PII).
+
+        Every answer is PII-redacted here, whatever produced it: the LLM may reproduce
+        personal data (from its own memory, or a source the retriever redacted differently),
+        and what leaves this step is what the user sees. Redacted before validation, so the
+        answer is checked in the form it is shown, against sources redacted the same way."""
         started = time.perf_counter()
-        answer, kind = inp.answer, inp.answer_kind
+        answer, kind = redact_pii(inp.answer)[0], inp.answer_kind
         source_ids = [s.id for s in inp.sources]
         if kind == "generated":
             check = validate_answer(answer, source_ids, inp.context)

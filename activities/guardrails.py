@@ -391,6 +391,139 @@ def insert_citations(answer: str, cited: Iterable[str]) -> str:
     return f"{body}\n\n{line}" if body else line
 
 
+# --- prompt injection ---------------------------------------------------------------------
+
+# "[S2]", "[ s2 ]", "[S1, S3]": what a citation, or a source header, looks like (any case).
+_FORGED_CITATION_RE = re.compile(r"\[\s*(S\d+(?:\s*[,;]\s*S\d+)*)\s*\]", re.IGNORECASE)
+
+_INSTRUCTION_RE = re.compile(
+    r"\b(?:ignore|disregard|forget|override|bypass)\s+(?:\w+\s+){0,2}?"
+    r"(?:previous|prior|above|earlier|preceding|foregoing|original|system|any|all)\s+"
+    r"(?:\w+\s+){0,2}?(?:instructions?|prompts?|rules|guidelines|directions|directives|"
+    r"commands|messages)\b"
+    r"|\b(?:new|updated|real|actual|hidden|secret|additional)\s+instructions?\s*:"
+    r"|\bsystem\s+(?:prompt|message|instructions?)\b"
+    r"|\byou\s+are\s+now\b|\bfrom\s+now\s+on,?\s+you\b"
+    r"|\b(?:developer|jailbreak|god)\s+mode\b"
+    r"|<\|\s*[a-z_]+\s*\|>|\[/?inst\]|<</?sys>>"
+    r"|^\s*(?:system|assistant)\s*:"
+    r"|\bdo\s+not\s+(?:tell|inform|warn)\s+the\s+user\b",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+# Links: with a scheme, "www.", or a domain followed by a path ("evil.example/login").
+_URL_RE = re.compile(
+    r"\b(?:https?|ftp)://[^\s<>\"'()\[\]{}]+"
+    r"|\bwww\.[^\s<>\"'()\[\]{}]+"
+    r"|\b[a-z0-9][a-z0-9-]*(?:\.[a-z0-9-]+)*\.[a-z]{2,24}/[^\s<>\"'()\[\]{}]*",
+    re.IGNORECASE,
+)
+
+# What phishing asks a reader to do: hand over credentials or money, follow a link, run
+# something.
+_CALL_TO_ACTION_RE = re.compile(
+    r"\b(?:sign|log)\s?(?:in|on)\b"
+    r"|\b(?:enter|confirm|verify|update|provide|send|share|type|reset)\s+(?:your|the)\s+"
+    r"(?:password|passcode|pin|credentials?|login|account|card|bank|details|otp|code)\b"
+    r"|\bclick\s+(?:here|this|below|the\s+link|on\s+the\s+link|the\s+button\s+below)\b"
+    r"|\b(?:download|install|open|run)\s+(?:the|this)\s+(?:attachment|file|app|program|update)\b"
+    r"|\b(?:wire|transfer|send)\s+(?:money|funds|a\s+payment|bitcoin|crypto)\b"
+    r"|\bscan\s+(?:the|this)\s+qr\b",
+    re.IGNORECASE,
+)
+
+# A source in the prompt's context (activities.generation.fuse_prompt): its id and its
+# escaped text.
+_SOURCE_BLOCK_RE = re.compile(r'<source id="(S\d+)"[^>]*>\n(.*?)\n</source>', re.DOTALL)
+
+
+def _unescape(text: str) -> str:
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _plain(text: str) -> str:
+    """What the checks compare: normalised, unescaped, lower-case, spaces collapsed."""
+    return " ".join(_unescape(normalize_text(text)).lower().split())
+
+
+def neutralize_source_text(text: str, *, escape_markup: bool = True) -> str:
+    """Retrieved text made inert for a prompt: :func:`normalize_text`, then (with
+    ``escape_markup``) ``&``, ``<`` and ``>`` escaped, so nothing inside can close the
+    ``<source>`` delimiters or open a chat-template token, and every citation-like bracket
+    (``[S2]``, ``[s1, S3]``) turned into ``(S2)``, so a document cannot forge another
+    source's header or citation. Idempotent (escaped text is unescaped first), so fusing a
+    prompt twice gives the same prompt. Without ``escape_markup`` (the extractive answer,
+    which is shown, not prompted) only the brackets are neutralised."""
+    text = normalize_text(text)
+    if escape_markup:
+        text = _escape(_unescape(text))
+
+    def paren(m: re.Match[str]) -> str:
+        ids = re.split(r"\s*[,;]\s*", m.group(1).upper())
+        return "(" + ", ".join(ids) + ")"
+
+    return _FORGED_CITATION_RE.sub(paren, text)
+
+
+def instruction_markers(text: str) -> list[str]:
+    """Instruction-like phrases in ``text`` (what prompt injections are made of: "ignore
+    previous instructions", "system prompt", "you are now", chat-template tokens, role
+    lines), normalised and lower-cased, first occurrence first. Seen through invisible
+    characters, fullwidth letters and escaping."""
+    plain = _unescape(normalize_text(text))
+    found = (" ".join(m.group(0).lower().split()) for m in _INSTRUCTION_RE.finditer(plain))
+    return list(dict.fromkeys(found))
+
+
+def source_texts(context: str) -> dict[str, str]:
+    """Source id -> text, from a context made of ``<source id="S1">`` blocks
+    (:func:`activities.generation.fuse_prompt`); ``{"*": context}`` for an older context
+    without delimiters (then checks treat the context as one source)."""
+    blocks = {m.group(1): m.group(2) for m in _SOURCE_BLOCK_RE.finditer(context)}
+    return blocks or ({"*": context} if context.strip() else {})
+
+
+def _url_core(url: str) -> str:
+    core = url.rstrip(".,;:!?*_'\"").lower()
+    core = re.sub(r"^(?:https?|ftp)://", "", core)
+    return core.removeprefix("www.").rstrip("/")
+
+
+def injection_problem(answer: str, cited: list[str], context: str) -> str:
+    """Why ``answer`` looks like the work of a prompt injection, or ``""``.
+
+    Refused: an answer with instruction-like text (:func:`instruction_markers`) whatever
+    the sources say; an answer with a URL, or a call to action (sign in, enter your
+    password, click here, send money, ...), that none of the sources it ``cited`` contains
+    in an honest form, that is: in a source that does not itself carry instruction-like
+    text. Each source's text comes from ``context`` (:func:`source_texts`)."""
+    markers = instruction_markers(answer)
+    if markers:
+        return f"repeats instruction-like text ({markers[0]!r}): a source may carry an injection"
+    texts = source_texts(context)
+    if "*" in texts:
+        cited = ["*"]
+    honest = [
+        _plain(texts[sid]) for sid in cited if sid in texts and not instruction_markers(texts[sid])
+    ]
+    tainted = [sid for sid in cited if sid in texts and instruction_markers(texts[sid])]
+    plain_answer = _unescape(normalize_text(answer))
+    for m in _URL_RE.finditer(plain_answer):
+        core = _url_core(m.group(0))
+        if core and not any(core in text for text in honest):
+            where = f"; {', '.join(tainted)} carries instruction-like text" if tainted else ""
+            return f"brings a URL that no honest cited source contains: {core[:80]}{where}"
+    for m in _CALL_TO_ACTION_RE.finditer(plain_answer):
+        phrase = " ".join(m.group(0).lower().split())
+        if not any(phrase in text for text in honest):
+            return f"brings a call to action that no honest cited source contains: {phrase!r}"
+    return ""
+
+
 # --- validation ---------------------------------------------------------------------------
 
 _WORD_RE = re.compile(r"[^\W_]+", re.UNICODE)
@@ -466,9 +599,11 @@ def validate_answer(
 
     Fails (``ok=False``) when the answer is empty; when it says it does not know; when it
     cites an id not in ``source_ids``; when ``source_ids`` is non-empty and it cites none;
-    or when fewer than ``min_grounding`` of its content words occur in ``context`` (the
-    text of the sources as sent to the model). The caller then shows :data:`I_DONT_KNOW`
-    with the sources instead.
+    when it looks like the work of a prompt injection (:func:`injection_problem`:
+    instruction-like text, or a URL or call to action its honest cited sources do not
+    hold); or when fewer than ``min_grounding`` of its content words occur in ``context``
+    (the text of the sources as sent to the model, ``<source>`` blocks). The caller then
+    shows :data:`I_DONT_KNOW` with the sources instead.
     """
     text = (answer or "").strip()
     cited = extract_citations(text)
@@ -488,6 +623,9 @@ def validate_answer(
         )
     if source_ids and not cited:
         return ValidationResult(False, "cites none of the retrieved sources", cited)
+    problem = injection_problem(body, cited, context)
+    if problem:
+        return ValidationResult(False, problem, cited, grounding_score(body, context))
     score = grounding_score(body, context)
     if score < min_grounding:
         return ValidationResult(

@@ -18,7 +18,9 @@ Behaviour is switched at run time with :meth:`LlmTestServer.set_mode`:
 - ``"down"``: the connection is closed without a response;
 - ``"hallucinate"``: a fluent answer citing ``[S9]``, grounded in nothing;
 - ``"status"``: HTTP ``status`` (e.g. 400, 404) with an OpenAI-style error body;
-- ``"empty"``: HTTP 200 with empty content.
+- ``"empty"``: HTTP 200 with empty content;
+- ``"reply"``: exactly ``text`` (a scripted answer: what a model that obeyed an injected
+  instruction would say, say).
 
 Chunk summarisation requests (:func:`is_summary_request`: the generator's summary system
 prompt) are answered in ``ok`` mode with :func:`summary_answer` (the passage's own
@@ -49,13 +51,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
-MODES = ("ok", "slow", "throttle", "fail", "down", "hallucinate", "status", "empty")
+MODES = ("ok", "slow", "throttle", "fail", "down", "hallucinate", "status", "empty", "reply")
 HALLUCINATION = "The Eiffel Tower was painted purple in 1850 by Napoleon's engineers [S9]."
 # How activities.generation's summary system prompt starts (kept literal: a test server
 # that imported the code under test would agree with it by construction).
 SUMMARY_PROMPT_START = "You condense one source passage"
 
-_SOURCE_RE = re.compile(r"^\[S1\][^\n]*\n(?P<body>.*?)(?=\n\n\[S\d+\]|\n\nAnswer |\Z)", re.S | re.M)
+# Source S1's text: between <source id="S1" ...> and </source> (the prompt's delimiters),
+# or after an "[S1] ..." header line (prompts from before the delimiters).
+_SOURCE_RE = re.compile(
+    r'^<source id="S1"[^>]*>\n(?P<body>.*?)\n</source>'
+    r"|^\[S1\][^\n]*\n(?P<old>.*?)(?=\n\n\[S\d+\]|\n\nAnswer |\Z)",
+    re.S | re.M,
+)
 
 
 def user_text(body: dict[str, Any]) -> str:
@@ -105,7 +113,7 @@ def grounded_answer(user: str) -> str:
     m = _SOURCE_RE.search(user)
     if not m:
         return "I don't know based on the retrieved sources."
-    lines = [ln for ln in m.group("body").splitlines() if ln.strip()]
+    lines = [ln for ln in (m.group("body") or m.group("old")).splitlines() if ln.strip()]
     text = lines[0] if lines else ""
     text = re.sub(r"^(?:Caption|Text):\s*", "", text)
     sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0].strip()
@@ -176,6 +184,8 @@ class _Handler(BaseHTTPRequestHandler):
             text = ""
         elif mode == "hallucinate":
             text = HALLUCINATION
+        elif mode == "reply":
+            text = str(params.get("text", ""))
         elif is_summary_request(body):
             text = summary_answer(body)
         else:
@@ -252,7 +262,7 @@ class LlmTestServer:
     def set_mode(self, mode: str, **params: Any) -> None:
         """Switch behaviour: ``"ok"``, ``"slow"`` (``delay`` s), ``"throttle"`` (``count``
         requests get 429, ``retry_after`` s), ``"fail"``, ``"down"``, ``"hallucinate"``,
-        ``"status"`` (``status`` code)."""
+        ``"status"`` (``status`` code), ``"reply"`` (exactly ``text``)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; one of {MODES}")
         with self._lock:

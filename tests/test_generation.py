@@ -42,6 +42,7 @@ from activities.guardrails import (
     insert_citations,
     luhn_ok,
     redact_pii,
+    source_texts,
     validate_answer,
 )
 from tests.llm_server import LlmTestServer
@@ -229,8 +230,9 @@ def test_fuse_prompt_redacts_question_and_sources() -> None:
         assert value not in blob
     assert prompt.redactions == {"EMAIL": 2, "PHONE": 3, "CARD": 2, "IBAN": 1, "ID": 1, "IP": 0}
     assert prompt.used == ["S1", "S2"]
-    assert "[S1]" in prompt.user and "[S2]" in prompt.user
-    assert prompt.user.index("[S1]") < prompt.user.index("[S2]")
+    assert '<source id="S1"' in prompt.user and '<source id="S2"' in prompt.user
+    assert prompt.user.index('<source id="S1"') < prompt.user.index('<source id="S2"')
+    assert list(source_texts(prompt.context)) == ["S1", "S2"]
     assert "answer only" in prompt.system.lower() or "ONLY" in prompt.system
     assert I_DONT_KNOW in prompt.system
 
@@ -239,8 +241,7 @@ def test_fuse_prompt_respects_budget_and_drops_lowest_ranked() -> None:
     sources = _sources(8, words=60)
     roomy = fuse_prompt("What colour is the square?", sources, 100_000, per_chunk_tokens=40)
     assert roomy.used == [s.id for s in sources]
-    for block in roomy.user.split("\n\n[S")[1:]:
-        body = block.split("\n", 1)[1].split("\n\nAnswer")[0]
+    for body in source_texts(roomy.user).values():
         assert count_tokens(body) <= 40 + 1  # caption and text lines, joined by "\n"
 
     budget = roomy.tokens // 2
@@ -250,7 +251,7 @@ def test_fuse_prompt_respects_budget_and_drops_lowest_ranked() -> None:
     assert 0 < len(tight.used) < len(sources)
     assert tight.used == [s.id for s in sources[: len(tight.used)]]  # a prefix: rank kept
     dropped = sources[len(tight.used)].id
-    assert f"[{dropped}]" not in tight.user
+    assert f'<source id="{dropped}"' not in tight.user
 
 
 def test_fuse_prompt_budget_too_small() -> None:
@@ -609,11 +610,8 @@ def _summarised(
 
 
 def _bodies(prompt: FusedPrompt) -> dict[str, str]:
-    out = {}
-    for block in prompt.user.split("\n\n[")[1:]:
-        sid, rest = block.split("]", 1)
-        out[sid] = rest.split("\n", 1)[1].split("\n\nAnswer the question")[0]
-    return out
+    """Source id -> its text between the prompt's <source> delimiters."""
+    return source_texts(prompt.user)
 
 
 def test_fuse_prompt_reports_cut_sources_and_fuses_again_identically() -> None:
