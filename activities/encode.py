@@ -56,6 +56,7 @@ from activities.media import (
     truncate_utf8,
     type_note,
 )
+from activities.model_policy import ModelNotAllowedError, check_model
 from activities.sandbox import DecoderSandbox, SandboxPool
 from activities.storage import ObjectMissingError, UnsupportedUriError, store_for, worker_uri
 from activities.storage_roots import (
@@ -226,7 +227,12 @@ class EncodeActivities:
 
     @activity.defn(name=DESCRIBE_MODEL)
     def describe_model(self, spec: ModelSpec) -> EncoderInfo:
-        """Load (and so validate) a model a re-index asks for; report its dimension."""
+        """Load (and so validate) a model a re-index asks for; report its dimension. Only
+        models on the allow-list are loaded (activities/model_policy.py)."""
+        try:
+            check_model(self.settings, spec.model, spec.pretrained, spec.checkpoint)
+        except ModelNotAllowedError as e:
+            raise ApplicationError(str(e), type="ModelNotAllowed", non_retryable=True) from e
         try:
             enc = self.encoder_for(spec)
         except ValueError as e:  # unknown model, missing checkpoint: the user must fix it

@@ -12,6 +12,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities import index_versions, registry
 from activities.guardrails import redact_pii
+from activities.model_policy import ModelNotAllowedError, check_model
 from activities.run_context import workflow_ids
 from activities.storage import ObjectMissingError, store_for
 from activities.storage_roots import OutsideRootsError, StorageRoots, TenantRoots
@@ -70,9 +71,16 @@ class LifecycleActivities:
                     non_retryable=True,
                 )
         elif inp.target_version:
-            target = next(
+            live = [
                 t for t in index_versions.all_live(self.engine) if t.version == inp.target_version
-            )
+            ]
+            if not live:  # continuation state a caller made up
+                raise ApplicationError(
+                    f"index version {inp.target_version} is not live: leave target_version out",
+                    type="BadReindex",
+                    non_retryable=True,
+                )
+            target = live[0]
         else:
             if inp.tenant:
                 raise ApplicationError(
@@ -81,6 +89,10 @@ class LifecycleActivities:
                     type="BadReindex",
                     non_retryable=True,
                 )
+            try:
+                check_model(self.settings, inp.spec.model, inp.spec.pretrained, inp.spec.checkpoint)
+            except ModelNotAllowedError as e:
+                raise ApplicationError(str(e), type="ModelNotAllowed", non_retryable=True) from e
             target = index_versions.create_version(
                 self.engine,
                 self.settings.collection_prefix,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import time
 import uuid
@@ -65,13 +66,40 @@ class ImageFields(TypedDict, total=False):
 
 
 def image_fields(image: str) -> ImageFields:
-    """A small local image goes inline; anything else by URI (pixels stay out of payloads)."""
+    """A local image goes inline, downscaled when it is large (the encoder sees 224 px; a
+    worker reads only inside its storage roots, and a query image needs no root); a URI is
+    passed on as it is and must lie in the tenant's roots."""
     if not image:
         return {}
-    path = Path(image)
-    if "://" not in image and path.is_file() and path.stat().st_size <= MAX_INLINE_IMAGE_BYTES:
-        return {"image_base64": base64.b64encode(path.read_bytes()).decode()}
-    return {"image_uri": normalize_uri(image)}
+    path = Path(image).expanduser()
+    if "://" in image or not path.exists():
+        return {"image_uri": normalize_uri(image)}
+    data = path.read_bytes()
+    if len(data) > MAX_INLINE_IMAGE_BYTES:
+        data = _downscaled_jpeg(data)
+    return {"image_base64": base64.b64encode(data).decode()}
+
+
+def _downscaled_jpeg(data: bytes, side: int = 768) -> bytes:
+    """The image at most ``side`` px on its longer side, as a JPEG under the inline limit.
+    Bytes that are not an image go as they are: the worker says what is wrong with them."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            image = ImageOps.exif_transpose(opened).convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        return data
+    image.thumbnail((side, side))
+    for quality in (90, 80, 65, 50):
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=quality)
+        if out.tell() <= MAX_INLINE_IMAGE_BYTES:
+            return out.getvalue()
+    image.thumbnail((side // 2, side // 2))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=50)
+    return out.getvalue()
 
 
 async def query_worker_polling(client: Client, queue: str = QUERY_TASK_QUEUE) -> bool:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from rich.console import Console
 
@@ -107,6 +107,13 @@ async def _ingest(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from e
 
+    from starters.ingest import register_local_roots
+    from workers.settings import get_settings
+
+    for root in register_local_roots(
+        get_settings().state_dir, args.tenant, [normalize_uri(s) for s in args.sources]
+    ):
+        console.print(f"storage root of tenant {args.tenant} on this stack: {root}")
     client = await connect()
     options = {}
     if args.batch_size:
@@ -317,25 +324,9 @@ async def _forget(args: argparse.Namespace) -> int:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    from starters.events import EventBridge, make_server
-    from workers.temporal_client import connect
+    from starters.events import main as serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    token = args.token or os.environ.get("MMRAG_EVENTS_TOKEN", "")
-    if not token and not args.insecure_no_token:
-        raise UserError("set MMRAG_EVENTS_TOKEN (or --token); --insecure-no-token for local tests")
-    client = run_client_command(connect())
-    bridge = EventBridge(client, args.tenant, token)
-    server = make_server(bridge, args.host, args.port)
-    print(f"mmrag events listening on http://{args.host}:{server.server_port}/", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        bridge.close()
-    return 0
+    return serve(args)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -348,19 +339,71 @@ async def _watch(args: argparse.Namespace) -> int:
     from workers.temporal_client import connect
     from workflows.contracts import WatchPrefixInput
 
+    from starters.ingest import register_local_roots
+    from workers.settings import get_settings
+
+    prefix = normalize_uri(args.prefix)
+    for root in register_local_roots(get_settings().state_dir, args.tenant, [prefix]):
+        console.print(f"storage root of tenant {args.tenant} on this stack: {root}")
     client = await connect()
     handle = await start_watch(
         client,
         WatchPrefixInput(
-            args.tenant, normalize_uri(args.prefix), _parse_tags(args.tag), args.interval
+            args.tenant, prefix, _parse_tags(args.tag), args.interval
         ),
     )
     console.print(f"started WatchPrefix [bold]{handle.id}[/bold]")
     return 0
 
 
+# -- credentials ----------------------------------------------------------------------
+def cmd_token(args: argparse.Namespace) -> int:
+    """``issue``: print a credential for the ``mmrag_auth`` header (stdout, nothing else, so
+    ``export MMRAG_AUTH_TOKEN=$(mmrag token issue ...)`` works). ``keygen``: a new signing
+    key whose public key joins the verification keys file (rotation)."""
+    import getpass
+
+    from workers.auth import (
+        CredentialError,
+        generate_signing_key,
+        issue_token,
+        parse_ttl,
+        signing_key_from_settings,
+    )
+
+    settings = get_settings()
+    if args.action == "keygen":
+        directory = args.dir or str(settings.state_dir / "auth")
+        kid = generate_signing_key(Path(directory))
+        console.print(
+            f"new signing key {kid} in {directory}/signing_key.pem (0600); its public key is in "
+            f"{directory}/verify_keys.json: give that file to the workers "
+            "(MMRAG_AUTH_VERIFY_KEYS_FILE) before issuing tokens with it",
+            highlight=False,
+        )
+        return 0
+    if not args.tenant or not args.role:
+        raise UserError("token issue needs --tenant (repeatable, '*' for operators) and --role")
+    try:
+        ttl = parse_ttl(args.ttl)
+        key = signing_key_from_settings(settings)
+        if key is None:
+            raise UserError(
+                "no signing key: set MMRAG_AUTH_SIGNING_KEY_FILE (or MMRAG_AUTH_SIGNING_KEY), or "
+                "run `mmrag stack up` for the local stack's key"
+            )
+        subject = args.subject or f"{getpass.getuser()} via mmrag token issue"
+        print(issue_token(key[0], key[1], args.tenant, args.role, ttl, subject=subject))
+    except (CredentialError, ValueError) as e:
+        raise UserError(str(e)) from None
+    return 0
+
+
 # -- db -------------------------------------------------------------------------------
 def cmd_db(args: argparse.Namespace) -> int:
+    """Migrations as the owner, then each worker login's password from the environment
+    (MMRAG_DB_INGEST_PASSWORD / MMRAG_DB_QUERY_PASSWORD; compose's migrate job sets them)."""
+    from workers.db_logins import passwords_from_env, set_passwords
     from workers.migrate import upgrade
 
     owner = get_settings().database_endpoint()
@@ -406,9 +449,6 @@ def cmd_temporal(args: argparse.Namespace) -> int:
     from starters.temporal_setup import main as setup
 
     return setup(args)
-    """Migrations as the owner, then each worker login's password from the environment
-    (MMRAG_DB_INGEST_PASSWORD / MMRAG_DB_QUERY_PASSWORD; compose's migrate job sets them)."""
-    from workers.db_logins import passwords_from_env, set_passwords
 
 
 # -- demo -----------------------------------------------------------------------------
@@ -520,12 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_forget)
 
     p = sub.add_parser("events", help="GCS notifications (Pub/Sub push) -> ingest / forget")
-    p.add_argument("action", choices=["serve"])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8088)
-    p.add_argument("--tenant", default="default")
-    p.add_argument("--token", default="", help="shared token (default: MMRAG_EVENTS_TOKEN)")
-    p.add_argument("--insecure-no-token", action="store_true")
+    from starters.events import add_arguments as events_arguments
+
+    events_arguments(p)  # credentials only from MMRAG_EVENTS_* settings, never flags
     p.set_defaults(func=cmd_events)
 
     p = sub.add_parser("watch", help="ingest what is new or changed under a prefix")
@@ -534,6 +571,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", action="append", default=[], metavar="K=V")
     p.add_argument("--interval", type=int, default=300, help="seconds between passes (0: once)")
     p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser(
+        "token",
+        help="workflow credentials: `issue` prints a token, `keygen` makes a signing key",
+        description="A token goes in the `mmrag_auth` workflow header (mmrag clients read "
+        "MMRAG_AUTH_TOKEN). Roles: reader (Ask), writer (+ ingest, watch, forget), operator "
+        "(everything, every tenant). The signing key: MMRAG_AUTH_SIGNING_KEY_FILE, "
+        "MMRAG_AUTH_SIGNING_KEY, or the local stack's.",
+    )
+    p.add_argument("action", choices=["issue", "keygen"])
+    p.add_argument(
+        "--tenant", action="append", default=[], help="repeatable; '*' (every tenant): operators"
+    )
+    p.add_argument("--role", choices=["reader", "writer", "operator"], default="")
+    p.add_argument("--ttl", default="15m", help="lifetime: 30s, 15m, 2h, 7d (default 15m)")
+    p.add_argument("--subject", default="", help="who it is for; audit rows of refusals name it")
+    p.add_argument("--dir", default="", help="keygen: key directory (default: state_dir/auth)")
+    p.set_defaults(func=cmd_token)
 
     p = sub.add_parser("db", help="apply the Postgres migrations (Alembic) to MMRAG_DATABASE_URL")
     p.add_argument("action", choices=["upgrade"])
@@ -637,10 +692,12 @@ def workflow_failure_message(error: BaseException) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from workers.auth import CredentialError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UserError, ConnectionError) as e:
+    except (UserError, ConnectionError, CredentialError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:

@@ -155,10 +155,13 @@ def wait_searchable(tenant: str, expected: int, timeout: float = 15.0) -> None:
 
 
 async def _ingest(corpus: str, console: Console):  # type: ignore[no-untyped-def]
-    from starters.ingest import follow, print_summary, start_ingest
+    from activities.storage import normalize_uri
+    from starters.ingest import follow, print_summary, register_local_roots, start_ingest
+    from workers.settings import get_settings
     from workers.temporal_client import connect
 
     client = await connect()
+    register_local_roots(get_settings().state_dir, DEMO_TENANT, [normalize_uri(corpus)])
     handle = await start_ingest(client, DEMO_TENANT, [corpus], tags={"source": "demo"})
     console.print(f"  workflow {handle.id}")
     result = await follow(handle, console)

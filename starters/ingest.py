@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 from dataclasses import asdict
+from pathlib import Path
 from typing import TypedDict, Unpack
 
 from rich.console import Console
@@ -15,6 +16,7 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy
 
 from activities.storage import normalize_uri
+from activities.storage_roots import register_local_root
 from workflows.contracts import (
     INGEST_BATCH_WORKFLOW,
     TASK_QUEUE,
@@ -22,6 +24,22 @@ from workflows.contracts import (
     IngestProgress,
     IngestResult,
 )
+
+
+def register_local_roots(state_dir: Path, tenant: str, sources: list[str]) -> list[str]:
+    """Make the local folders (or files) among ``sources`` storage roots of ``tenant`` on
+    the embedded stack whose state lives in ``state_dir``; returns the roots added.
+
+    Only for the person at the stack's machine: the roots file lives in the stack's state
+    directory, which no Temporal client can write. Against a remote cluster nothing is
+    registered, and its workers' MMRAG_STORAGE_ROOTS decide."""
+    if not (state_dir / "endpoints.json").exists():
+        return []  # no embedded stack here
+    added = []
+    for uri in sources:
+        if uri.startswith("file://") and register_local_root(state_dir, tenant, uri):
+            added.append(uri)
+    return added
 
 
 def batch_workflow_id(inp: IngestBatchInput) -> str:
