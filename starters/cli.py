@@ -335,12 +335,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 async def _watch(args: argparse.Namespace) -> int:
     from activities.storage import normalize_uri
+    from starters.ingest import register_local_roots
     from starters.lifecycle import start_watch
+    from workers.settings import get_settings
     from workers.temporal_client import connect
     from workflows.contracts import WatchPrefixInput
-
-    from starters.ingest import register_local_roots
-    from workers.settings import get_settings
 
     prefix = normalize_uri(args.prefix)
     for root in register_local_roots(get_settings().state_dir, args.tenant, [prefix]):
