@@ -568,6 +568,55 @@ async def test_interrupted_video_resumes_after_its_last_written_group(
     encode.close()
 
 
+async def test_an_image_that_decodes_for_minutes_fails_alone_and_fails_an_ask_at_once(
+    worker: Any, client: Any, tenant: str, tmp_path: Path
+) -> None:
+    """A 36 Mpx progressive JPEG with 1,500 repeated scans (230 KB; in-process it decoded for
+    ~30 s with no limit) is stopped at MMRAG_IMAGE_DECODE_TIME_LIMIT_S: that asset fails,
+    non-retryably, and the batch's other images are indexed; as Ask's query image it fails
+    the Ask at once as BadQuery."""
+    import base64
+
+    from temporalio.exceptions import ApplicationError
+
+    from activities.encode import BatchProgress
+    from tests.helpers import milvus_pks
+    from tests.test_sandbox import many_scan_jpeg
+    from workflows.activity_payloads import EncodeBatchInput, EncodeQueryInput
+    from workflows.contracts import FAILED, INGESTED
+
+    index = await _index(client, tenant, tmp_path)
+    encode = _direct_encoder(image_decode_time_limit_s=1.0, max_image_pixels=40_000_000)
+    slow = many_scan_jpeg()
+    paths = [tmp_path / "red.png", tmp_path / "slow.jpg", tmp_path / "blue.png"]
+    paths[0].write_bytes(png_bytes((64, 64), (220, 20, 20)))
+    paths[1].write_bytes(slow)
+    paths[2].write_bytes(png_bytes((64, 64), (20, 20, 220)))
+    refs = [_ref(tenant, path, mime) for path, mime in zip(paths, (PNG, JPEG, PNG), strict=True)]
+    beats: list[dict[str, Any]] = []
+    try:
+        outcomes = encode.encode_objects(
+            EncodeBatchInput(tenant=tenant, index=index, objects=refs),
+            BatchProgress(),
+            beats.append,
+        )
+        assert [o.status for o in outcomes] == [INGESTED, FAILED, INGESTED]
+        assert "longer than 1 s (MMRAG_IMAGE_DECODE_TIME_LIMIT_S)" in outcomes[1].reason
+        assert milvus_pks(tenant) == sorted(f"{r.asset_id}:image" for r in (refs[0], refs[2]))
+
+        with pytest.raises(ApplicationError) as refused:
+            encode.encode_query(
+                EncodeQueryInput(image_base64=base64.b64encode(slow).decode(), tenant=tenant)
+            )
+        assert (refused.value.type, refused.value.non_retryable) == ("BadQuery", True)
+        assert "MMRAG_IMAGE_DECODE_TIME_LIMIT_S" in str(refused.value)
+        # The same decoders still answer a well-formed query image.
+        inline = base64.b64encode(png_bytes((64, 64), (220, 20, 20))).decode()
+        assert encode.encode_query(EncodeQueryInput(image_base64=inline, tenant=tenant)).vector
+    finally:
+        encode.close()
+
+
 async def test_outcomes_note_a_name_that_disagrees_with_the_bytes(
     worker: Any, client: Any, tenant: str, tmp_path: Path
 ) -> None:
