@@ -173,6 +173,8 @@ def bench_env(
         **TINY_ENV,
         "MMRAG_TORCH_THREADS": str(torch_threads),
         "MMRAG_STATE_DIR": str(state),
+        # The bench's corpus lives beside the state dir: the storage root of every tenant.
+        "MMRAG_STORAGE_ROOTS": json.dumps({"*": [state.parent.as_uri()]}),
         "MMRAG_GRACEFUL_SHUTDOWN_SECONDS": str(grace_s),
         "TEMPORAL_ADDRESS": endpoints["temporal_address"],
         "TEMPORAL_NAMESPACE": "default",

@@ -100,6 +100,7 @@ def measure(
             os.environ.update(
                 {
                     "MMRAG_STATE_DIR": str(state),
+                    "MMRAG_STORAGE_ROOTS": json.dumps({"*": [Path(tmp).as_uri()]}),
                     "TEMPORAL_ADDRESS": endpoints["temporal_address"],
                     "MMRAG_BATCH_SIZE": str(batch_size),
                 }
