@@ -3,7 +3,9 @@
 Every write is idempotent so a retried activity changes nothing twice: the registry is
 upserted by (tenant, asset_id) and audit rows carry an idempotency key that makes a
 second insert of the same event a no-op (``ON CONFLICT DO NOTHING``, which the
-append-only triggers allow).
+append-only triggers allow). Audit rows hold no URI, failure reason or note in clear:
+:func:`write_audit` seals them under the asset's own key, which ``Forget`` destroys
+(:mod:`activities.audit_privacy`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from sqlalchemy import Engine, create_engine, func, literal, select, tuple_, upd
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from activities import audit_privacy
 from activities.models import Asset, AuditEvent, IndexVersion
 from workflows.activity_payloads import ReindexItem
 from workflows.contracts import FAILED, INGESTED, AssetOutcome, IndexTarget, ObjectRef
@@ -37,6 +40,9 @@ def get_engine(url: str) -> Engine:
 
 @dataclass
 class AuditRecord:
+    """One audit event. ``uri`` and ``private`` (a failure's ``reason``, a ``note``) may
+    identify a person: :func:`write_audit` seals them, they are never stored in clear."""
+
     tenant: str
     action: str
     idempotency_key: str
@@ -46,16 +52,33 @@ class AuditRecord:
     run_id: str = ""
     actor: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    private: dict[str, str] = field(default_factory=dict)
 
 
 def write_audit(session: Session, records: Iterable[AuditRecord]) -> None:
-    rows = [r.__dict__ for r in records]
-    if rows:
-        session.execute(
-            insert(AuditEvent)
-            .values(rows)
-            .on_conflict_do_nothing(index_elements=["idempotency_key"])
+    """Append ``records`` (a retried write of the same idempotency key is a no-op).
+
+    Each record's ``uri`` and ``private`` fields are sealed into ``details["sealed"]`` under
+    its asset's key (:func:`activities.audit_privacy.keys_for_live_assets`); a record with
+    no live asset keeps none of them. The ``uri`` column is always left empty."""
+    records = list(records)
+    if not records:
+        return
+    needs = {
+        (r.tenant, r.asset_id) for r in records if r.asset_id and (r.uri or any(r.private.values()))
+    }
+    keys = audit_privacy.keys_for_live_assets(session, needs)
+    rows = []
+    for r in records:
+        row = {k: v for k, v in r.__dict__.items() if k != "private"}
+        row["uri"] = ""
+        row["details"] = audit_privacy.seal_row(
+            r.tenant, r.asset_id, r.idempotency_key, r.details, {"uri": r.uri, **r.private}, keys
         )
+        rows.append(row)
+    session.execute(
+        insert(AuditEvent).values(rows).on_conflict_do_nothing(index_elements=["idempotency_key"])
+    )
 
 
 def index_target(row: IndexVersion) -> IndexTarget:
@@ -279,8 +302,10 @@ def mark_forgotten(
     workflow_id: str,
     generations: dict[str, str],
 ) -> None:
-    """Wipe what identifies the object and write one tombstone per asset version (no
-    personal data: no URI, no tags; the reason is PII-redacted by the caller)."""
+    """Wipe what identifies the object, destroy its audit key (its audit rows' sealed URI
+    and reasons become unreadable: :mod:`activities.audit_privacy`) and write one tombstone
+    per asset version (no personal data: no URI, no tags; the reason is PII-redacted by the
+    caller)."""
     if not asset_ids:
         return
     with Session(engine) as session, session.begin():
@@ -297,6 +322,7 @@ def mark_forgotten(
                 updated_at=func.now(),
             )
         )
+        audit_privacy.destroy_keys(session, tenant, asset_ids)
         write_audit(
             session,
             [
@@ -355,12 +381,12 @@ def record_outcomes(
         action = "asset.ingest" if outcome.status == INGESTED else "asset.fail"
         subject = outcome.asset_id or hashlib.sha256(outcome.uri.encode()).hexdigest()[:32]
         details: dict[str, Any] = {"generation": outcome.generation, "index_version": index_version}
+        # Reasons and notes quote the URI: sealed with it (write_audit).
+        private = {"reason": outcome.reason if outcome.status == FAILED else ""}
         if outcome.status == INGESTED:
             details["chunks"] = outcome.chunks
-        else:
-            details["reason"] = outcome.reason
         if outcome.note:  # e.g. the name or declared type disagrees with the bytes
-            details["note"] = outcome.note
+            private["note"] = outcome.note
         audit.append(
             AuditRecord(
                 tenant=tenant,
@@ -371,6 +397,7 @@ def record_outcomes(
                 workflow_id=workflow_id,
                 run_id=run_id,
                 details=details,
+                private=private,
             )
         )
     with Session(engine) as session, session.begin():

@@ -59,6 +59,15 @@ def audit_events(tenant: str) -> list[AuditEvent]:
         return list(session.scalars(select(AuditEvent).where(AuditEvent.tenant == tenant)))
 
 
+def audit_private(event: AuditEvent) -> dict[str, str]:
+    """An audit row's sealed URI / reason / note ({} when it has none or was forgotten):
+    rows never hold them in clear (activities/audit_privacy.py)."""
+    from activities import audit_privacy
+
+    with Session(engine()) as session:
+        return audit_privacy.open_private(session, event) or {}
+
+
 def png_bytes(
     size: tuple[int, int] = (32, 32), colour: tuple[int, int, int] = (200, 30, 30)
 ) -> bytes:
