@@ -9,14 +9,28 @@ the Web UI and the ``temporal`` CLI see plaintext only through ``mmrag codec-ser
 
 Format of an encrypted payload (``encoding: binary/encrypted``)::
 
-    metadata  encoding=binary/encrypted, encryption-key-id=<id>, mmrag-codec=aesgcm-v1
-    data      nonce (12 bytes) || AES-GCM( flag || body , aad = "mmrag/aesgcm-v1/<id>" )
+    metadata  encoding=binary/encrypted, encryption-key-id=<id>, mmrag-codec=aesgcm-v2
+    data      nonce (12 bytes) || AES-GCM( flag || body , aad )
               flag 0x00: body is the serialized original Payload (proto)
               flag 0x01: body is zlib(serialized Payload), used from a size threshold
+    aad       "mmrag-codec" || 0x02 || for each of encoding, format, key id:
+              its length (2 bytes, big-endian) || its bytes
 
 The key id is in clear metadata so a reader picks the right key (rotation) and so a missing
-key is reported by name; it is also in the AAD, so relabelling a payload with another id
-fails authentication instead of decrypting under the wrong key. Compression happens before
+key is reported by name. Everything in clear metadata that decides how a payload is read
+(the encoding, the format and its version byte, the key id) is in the AAD, so relabelling any
+of it (another key id, a downgrade to an older format) fails authentication instead of being
+read some other way. The original payload's own metadata is inside the ciphertext.
+
+The AAD does not bind the namespace or the workflow: payloads are encoded by the SDK's codec,
+which is not told where a payload goes on every path (failure attributes, the replayer), and
+the Web UI tells the codec server only the namespace. A payload can therefore be moved
+between workflows by someone who can write to the Temporal server's database; it still
+decrypts only with the key.
+
+Format ``aesgcm-v1`` (aad ``"mmrag/aesgcm-v1/<id>"``: the format and the key id) is still
+decoded, so histories recorded before v2 replay (``tests/fixtures/histories/encrypted``);
+it is never written. Compression happens before
 encryption (ciphertext does not compress) and only above a threshold: small payloads gain
 nothing, and keeping them uncompressed keeps their length independent of their content.
 
@@ -51,7 +65,10 @@ log = logging.getLogger("mmrag.codec")
 ENCODING = b"binary/encrypted"
 KEY_ID_KEY = "encryption-key-id"
 FORMAT_KEY = "mmrag-codec"
-FORMAT = b"aesgcm-v1"
+FORMAT = b"aesgcm-v2"  # written and read
+FORMAT_V1 = b"aesgcm-v1"  # read only: payloads written before format v2
+VERSION = b"\x02"  # the version byte of FORMAT, first thing in its AAD after the label
+READABLE_FORMATS = (FORMAT, FORMAT_V1)
 NONCE_BYTES = 12
 RAW, ZLIB = b"\x00", b"\x01"
 KEY_SIZES = (16, 24, 32)
@@ -70,8 +87,17 @@ class CodecKeyError(RuntimeError):
     """A payload cannot be decrypted: its key is missing, or is not the key it was sealed with."""
 
 
-def _aad(key_id: str) -> bytes:
-    return b"mmrag/" + FORMAT + b"/" + key_id.encode()
+def _aad(fmt: bytes, key_id: str) -> bytes:
+    """The associated data of a payload in format ``fmt``: what its clear metadata says."""
+    if fmt == FORMAT_V1:
+        return b"mmrag/" + FORMAT_V1 + b"/" + key_id.encode()
+    fields = (ENCODING, fmt, key_id.encode())
+    return b"mmrag-codec" + VERSION + b"".join(len(f).to_bytes(2, "big") + f for f in fields)
+
+
+def is_encrypted(payload: Payload) -> bool:
+    """Whether a payload was written by this codec (as opposed to passed through plain)."""
+    return payload.metadata.get("encoding") == ENCODING
 
 
 def _check_key_id(key_id: str, where: str) -> str:
@@ -230,7 +256,7 @@ class EncryptionCodec(PayloadCodec):
         return [self.decode_payload(p) for p in payloads]
 
     def encode_payload(self, payload: Payload) -> Payload:
-        if self.keyring is None or payload.metadata.get("encoding") == ENCODING:
+        if self.keyring is None or is_encrypted(payload):
             return payload
         key_id = self.keyring.active
         body = payload.SerializeToString()
@@ -240,7 +266,7 @@ class EncryptionCodec(PayloadCodec):
             if len(packed) < len(body):
                 plain = ZLIB + packed
         nonce = os.urandom(NONCE_BYTES)
-        sealed = self._ciphers[key_id].encrypt(nonce, plain, _aad(key_id))
+        sealed = self._ciphers[key_id].encrypt(nonce, plain, _aad(FORMAT, key_id))
         return Payload(
             metadata={
                 "encoding": ENCODING,
@@ -251,14 +277,15 @@ class EncryptionCodec(PayloadCodec):
         )
 
     def decode_payload(self, payload: Payload) -> Payload:
-        if payload.metadata.get("encoding") != ENCODING:
+        if not is_encrypted(payload):
             return payload  # plaintext, e.g. written before encryption was turned on
         key_id = payload.metadata.get(KEY_ID_KEY, b"").decode(errors="replace")
         fmt = payload.metadata.get(FORMAT_KEY, b"")
-        if fmt != FORMAT:
+        if fmt not in READABLE_FORMATS:
             raise CodecKeyError(
                 f"payload is encrypted by another codec (format {fmt.decode(errors='replace')!r}"
-                f", key id {key_id!r}); mmrag reads format {FORMAT.decode()!r} only"
+                f", key id {key_id!r}); mmrag reads formats "
+                f"{', '.join(repr(f.decode()) for f in READABLE_FORMATS)} only"
             )
         if self.keyring is None:
             raise CodecKeyError(
@@ -275,12 +302,12 @@ class EncryptionCodec(PayloadCodec):
             )
         data = payload.data
         try:
-            plain = cipher.decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], _aad(key_id))
+            plain = cipher.decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], _aad(fmt, key_id))
         except InvalidTag:
             raise CodecKeyError(
                 f"cannot decrypt a payload with key id {key_id!r}: the key this process holds "
                 "under that id is not the one the payload was encrypted with (or the payload "
-                "was altered); check MMRAG_CODEC_KEY / MMRAG_CODEC_KEY_FILE"
+                "or its clear metadata was altered); check MMRAG_CODEC_KEY / MMRAG_CODEC_KEY_FILE"
             ) from None
         flag, body = plain[:1], plain[1:]
         if flag == ZLIB:
