@@ -1,16 +1,12 @@
-"""Re-index with zero downtime, rollback, incremental re-index, Forget, Schedules, GCS events
-and WatchPrefix, against the real servers."""
+"""Re-index with zero downtime, rollback, incremental re-index, Forget, Schedules and
+WatchPrefix, against the real servers (GCS events: tests/test_events.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import random
-import threading
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -22,7 +18,6 @@ from temporalio.client import Client
 
 from activities import index_versions, registry
 from starters.ask import ask
-from starters.events import EventBridge, make_server
 from starters.ingest import start_ingest
 from starters.lifecycle import (
     create_schedule,
@@ -293,123 +288,6 @@ async def test_schedules_create_list_trigger_pause_delete(
         await handle.delete()
     with pytest.raises(Exception, match="not found"):
         await handle.describe()
-
-
-def push(url: str, kind: str, bucket: str, name: str, generation: str, token: str | None) -> int:
-    resource = {"bucket": bucket, "name": name, "generation": generation}
-    body = json.dumps(
-        {
-            "message": {
-                "attributes": {
-                    "eventType": kind,
-                    "bucketId": bucket,
-                    "objectId": name,
-                    "objectGeneration": generation,
-                },
-                "data": base64.b64encode(json.dumps(resource).encode()).decode(),
-                "messageId": uuid.uuid4().hex,
-            },
-            "subscription": "projects/p/subscriptions/s",
-        }
-    ).encode()
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status
-    except urllib.error.HTTPError as e:
-        return e.code
-
-
-async def test_gcs_notifications_ingest_and_delete_idempotently(
-    worker: Workers, client: Client, tmp_path: Path, test_stack: ServerStack
-) -> None:
-    tenant = f"events-{uuid.uuid4().hex[:6]}"
-    gcs = storage.Client(project="test", credentials=AnonymousCredentials())
-    bucket = gcs.create_bucket(f"ev-{uuid.uuid4().hex[:8]}")
-    grant_root(test_stack.state_dir, tenant, f"gs://{bucket.name}/")
-    files = write_corpus(tmp_path / "e", per_class=1, seed=81)
-    blob = bucket.blob("inbox/photo.png")
-    blob.upload_from_filename(str(files[0][0]))
-    blob.reload()
-    gen1 = str(blob.generation)
-
-    bridge = EventBridge(client, tenant, token="s3cret")
-    server = make_server(bridge, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_port}/"
-    try:
-        status = await asyncio.to_thread(
-            push, url, "OBJECT_FINALIZE", bucket.name, "inbox/photo.png", gen1, "s3cret"
-        )
-        assert status == 204
-        assert (
-            await asyncio.to_thread(
-                push, url, "OBJECT_FINALIZE", bucket.name, "inbox/photo.png", gen1, "s3cret"
-            )
-            == 204
-        )
-        assert (
-            await asyncio.to_thread(
-                push, url, "OBJECT_FINALIZE", bucket.name, "inbox/photo.png", gen1, None
-            )
-            == 401
-        )
-        bad = urllib.request.Request(
-            url, data=b"{}", headers={"Authorization": "Bearer s3cret"}, method="POST"
-        )
-        with pytest.raises(urllib.error.HTTPError) as info:
-            await asyncio.to_thread(urllib.request.urlopen, bad, None, 10)
-        assert info.value.code == 400
-
-        uri = f"gs://{bucket.name}/inbox/photo.png"
-        from workflows.contracts import ingest_asset_workflow_id
-
-        first = client.get_workflow_handle(ingest_asset_workflow_id(tenant, uri, gen1))
-        assert (await asyncio.wait_for(first.result(), timeout=60))["ingested"] == 1
-        runs = [w async for w in client.list_workflows(f'WorkflowId = "{first.id}"')]
-        assert len(runs) == 1  # the redelivery started nothing
-        asset_id = asset_id_for(tenant, uri)
-        assert milvus_pks(tenant) == [f"{asset_id}:image"]
-
-        # Overwrite (generation 2), then the delete of generation 1 arrives late.
-        blob.upload_from_filename(str(files[1][0]))
-        blob.reload()
-        gen2 = str(blob.generation)
-        assert (
-            await asyncio.to_thread(
-                push, url, "OBJECT_FINALIZE", bucket.name, "inbox/photo.png", gen2, "s3cret"
-            )
-            == 204
-        )
-        second = client.get_workflow_handle(ingest_asset_workflow_id(tenant, uri, gen2))
-        assert (await asyncio.wait_for(second.result(), timeout=60))["ingested"] == 1
-        assert (
-            await asyncio.to_thread(
-                push, url, "OBJECT_DELETE", bucket.name, "inbox/photo.png", gen1, "s3cret"
-            )
-            == 204
-        )
-        stale = client.get_workflow_handle(f"forget/{tenant}/{asset_id}/{gen1}")
-        assert (await asyncio.wait_for(stale.result(), timeout=60))["forgotten"] == 0
-        assert milvus_pks(tenant) == [f"{asset_id}:image"]
-        assert (
-            await asyncio.to_thread(
-                push, url, "OBJECT_DELETE", bucket.name, "inbox/photo.png", gen2, "s3cret"
-            )
-            == 204
-        )
-        current = client.get_workflow_handle(f"forget/{tenant}/{asset_id}/{gen2}")
-        assert (await asyncio.wait_for(current.result(), timeout=60))["forgotten"] == 1
-        assert milvus_pks(tenant) == []
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-        bridge.close()
 
 
 async def test_watch_prefix_ingests_only_new_objects(
