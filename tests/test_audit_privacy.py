@@ -198,3 +198,19 @@ def test_migration_seals_the_uris_older_rows_kept_in_clear(test_stack: ServerSta
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def test_only_the_ingest_login_touches_the_keys(test_stack: ServerStack) -> None:
+    """The query workers never need a key; the cpu workers create and destroy them but,
+    like everyone, cannot rewrite the rows sealed with them."""
+    query = create_engine(test_stack.env["MMRAG_DATABASE_URL_QUERY"], poolclass=pool.NullPool)
+    with pytest.raises(DBAPIError, match="permission denied"), query.begin() as conn:
+        conn.execute(text("SELECT key FROM asset_keys"))
+    query.dispose()
+    ingest = create_engine(test_stack.env["MMRAG_DATABASE_URL_CPU"], poolclass=pool.NullPool)
+    with ingest.begin() as conn:
+        conn.execute(text("SELECT count(*) FROM asset_keys"))
+        conn.execute(text("DELETE FROM asset_keys WHERE tenant = 'no-such-tenant'"))
+    with pytest.raises(DBAPIError, match="permission denied|append-only"), ingest.begin() as conn:
+        conn.execute(text("UPDATE audit_log SET details = '{}' WHERE tenant = 'no-such-tenant'"))
+    ingest.dispose()
