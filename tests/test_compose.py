@@ -15,18 +15,24 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from sqlalchemy import create_engine, pool, text
+from sqlalchemy.engine import make_url
 
 from activities.generation import LlmConfig
+from stack.servers import postgres_password
+from stack.services import Stack, StackPorts
 from starters.cli import build_parser, cmd_db, cmd_worker
 from tests.conftest import ServerStack
 from workers.settings import REPO_ROOT, Settings
@@ -41,6 +47,8 @@ VENV_BIN = Path(sys.executable).parent
 SECRETS = {
     "TEMPORAL_DB_PASSWORD": "temporal-db-pw",
     "MMRAG_DB_PASSWORD": "mmrag-db-pw",
+    "MMRAG_DB_INGEST_PASSWORD": "mmrag-ingest-pw",
+    "MMRAG_DB_QUERY_PASSWORD": "mmrag-query-pw",
     "MILVUS_MINIO_ACCESS_KEY": "minio-user",
     "MILVUS_MINIO_SECRET_KEY": "minio-secret-key",
 }
@@ -51,6 +59,13 @@ WORKERS = {
     "worker-query": "query",
 }
 GPU_WORKERS = {"worker-encode", "worker-generate", "worker-query"}
+# The Postgres login each worker connects as (None: no database), and its password.
+DB_LOGINS = {
+    "worker-cpu": ("mmrag_ingest", "MMRAG_DB_INGEST_PASSWORD"),
+    "worker-query": ("mmrag_query", "MMRAG_DB_QUERY_PASSWORD"),
+    "worker-encode": None,
+    "worker-generate": None,
+}
 # Services that keep state: each needs a health check and a named volume for its data.
 STATEFUL = {
     "temporal-db": "postgres",
@@ -350,7 +365,7 @@ def test_worker_settings_validate_and_point_at_the_stack(
     """Settings as each worker container would load them, with an empty and a set .env."""
     services = compose({**SECRETS, **dotenv})["services"]
     db = container_env(services["mmrag-db"], dotenv)
-    for name in WORKERS:
+    for name, role in WORKERS.items():
         for key in list(os.environ):
             if key.startswith(("MMRAG_", "TEMPORAL_", "OPENAI_")):
                 monkeypatch.delenv(key)
@@ -361,10 +376,19 @@ def test_worker_settings_validate_and_point_at_the_stack(
         assert milvus.hostname in services, settings.milvus_endpoint()
         published = {c for _, _, c in _published(services[milvus.hostname])}
         assert milvus.port in published, f"Milvus URI port {milvus.port}"
-        url = urlsplit(settings.database_endpoint())
-        assert url.scheme == "postgresql+psycopg" and url.hostname == "mmrag-db"
-        assert (url.username, url.password) == (db["POSTGRES_USER"], db["POSTGRES_PASSWORD"])
-        assert url.path.lstrip("/") == db["POSTGRES_DB"]
+        role_settings = settings.for_database_role(role)  # as workers/roles.py does
+        login = DB_LOGINS[name]
+        if login is None:
+            with pytest.raises(RuntimeError, match="no Postgres access"):
+                role_settings.database_endpoint()
+        else:
+            url = urlsplit(role_settings.database_endpoint())
+            assert url.scheme == "postgresql+psycopg" and url.hostname == "mmrag-db"
+            assert (url.username, url.password) == (login[0], SECRETS[login[1]])
+            assert url.path.lstrip("/") == db["POSTGRES_DB"]
+        # The owner's password reaches no worker, in any variable.
+        env = container_env(services[name], dotenv)
+        assert not any(db["POSTGRES_PASSWORD"] in value for value in env.values()), name
         assert settings.clip_model == dotenv.get("MMRAG_CLIP_MODEL", "ViT-B-32")
         assert settings.batch_size == int(dotenv.get("MMRAG_BATCH_SIZE", "64"))
         assert settings.device == "auto" and settings.metrics_port > 0
@@ -428,22 +452,62 @@ def test_setup_job_runs_against_a_real_temporal(test_stack: ServerStack) -> None
 
 
 # -- migrations --------------------------------------------------------------------------------
-def test_migrate_job_runs_the_real_migrations(test_stack: ServerStack) -> None:
-    """The job's command line (the image's entry point + command) on the test Postgres."""
-    argv = argv_of(compose()["services"]["mmrag-migrate"])
+@pytest.fixture(scope="module")
+def own_postgres() -> Iterator[str]:
+    """A Postgres of its own (the job sets login passwords, which are cluster-wide): the
+    owner's URL, with its password."""
+    state_dir = Path(tempfile.mkdtemp(prefix="mmrag-test-compose-"))
+    stack = Stack(state_dir, StackPorts.free(), services=("postgres",))
+    try:
+        url = make_url(stack.up(timeout=90)["database_url"])
+        password = postgres_password(state_dir, str(url.username))
+        query = {k: v for k, v in url.query.items() if k != "passfile"}
+        yield url.set(password=password, query=query).render_as_string(hide_password=False)
+    finally:
+        stack.down()
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def test_migrate_job_runs_the_real_migrations_and_sets_the_worker_logins(
+    own_postgres: str,
+) -> None:
+    """The job's command line (the image's entry point + command) and environment on a real
+    Postgres, twice (idempotent): afterwards each worker's URL from this file logs in as its
+    own login, with the password from .env, and the job's output shows no password."""
+    services = compose()["services"]
+    job = services["mmrag-migrate"]
+    argv = argv_of(job)
     assert argv[0] == "mmrag", argv
     args = build_parser().parse_args(argv[1:])
     assert args.func is cmd_db, argv
-    env = {**os.environ, "MMRAG_DATABASE_URL": test_stack.endpoints["database_url"]}
-    done = subprocess.run(
-        [str(VENV_BIN / "mmrag"), *argv[1:]],
-        cwd=REPO_ROOT,
-        env=env | {"PYTHONPATH": str(REPO_ROOT)},  # the image's PYTHONPATH=/app
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    job_env = {k: v for k, v in env_of(job).items() if v is not None}
+    assert make_url(job_env["MMRAG_DATABASE_URL"]).password == SECRETS["MMRAG_DB_PASSWORD"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMRAG_DATABASE_URL")}
+    env |= job_env | {"MMRAG_DATABASE_URL": own_postgres}  # the job, on this server
+    for _ in range(2):
+        done = subprocess.run(
+            [str(VENV_BIN / "mmrag"), *argv[1:]],
+            cwd=REPO_ROOT,
+            env=env | {"PYTHONPATH": str(REPO_ROOT)},  # the image's PYTHONPATH=/app
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert not any(p in done.stdout + done.stderr for p in SECRETS.values())
+    server = make_url(own_postgres)
+    for name, login in DB_LOGINS.items():
+        if login is None:
+            continue
+        key = f"MMRAG_DATABASE_URL_{WORKERS[name].upper()}"
+        url = make_url(str(env_of(services[name])[key]))
+        assert (url.username, url.password) == (login[0], SECRETS[login[1]])
+        url = url.set(host=server.host, port=server.port)  # the worker's URL, on this server
+        engine = create_engine(url, poolclass=pool.NullPool)
+        with engine.connect() as conn:
+            who = conn.execute(text("SELECT current_user, session_user")).one()
+            assert tuple(who) == (login[0], login[0])
+        engine.dispose()
 
 
 # -- the image -----------------------------------------------------------------------------------
