@@ -1,4 +1,5 @@
-"""The audit trail keeps no personal data that Forget cannot remove.
+"""The audit trail (and the runs' search attributes) keep no personal data that Forget
+cannot remove.
 
 The hole: every ``asset.ingest`` / ``asset.fail`` audit row kept the object's URI in clear
 (``file:///.../jane-doe-passport.png``), and failure reasons quote it; the table is
@@ -33,6 +34,7 @@ from starters.synthetic_corpus import render
 from tests.conftest import ServerStack, Workers
 from tests.helpers import engine
 from workers.migrate import upgrade
+from workflows.common import SOURCE_KEY, source_digest
 from workflows.contracts import ForgetInput, asset_id_for
 
 PERSON = "jane-doe"
@@ -78,6 +80,13 @@ async def test_audit_rows_hold_no_uri_and_forget_makes_them_unreadable(
     handle = await start_ingest(client, tenant, [str(folder)])
     result = await asyncio.wait_for(handle.result(), timeout=180)
     assert (result.ingested, result.failed) == (1, 1)
+
+    # Search attributes are indexed in clear even under payload encryption: a digest of the
+    # source, never its URI (before: MmragSource held the path, name included).
+    described = await handle.describe()
+    source = described.typed_search_attributes.get(SOURCE_KEY)
+    assert source == source_digest(tenant, folder.resolve().as_uri())
+    assert PERSON not in str(described.raw_description.workflow_execution_info.search_attributes)
 
     # As stored: no URI, no name, no reason quoting them, in any column.
     stored = _rows_as_text(tenant)

@@ -9,13 +9,33 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributeUpdate
+
+from workflows.contracts import asset_id_for
 
 TENANT_KEY = SearchAttributeKey.for_keyword("MmragTenant")
+# Digests of the sources, never their URIs (see source_attribute).
 SOURCE_KEY = SearchAttributeKey.for_keyword("MmragSource")
 ASSET_ID_KEY = SearchAttributeKey.for_keyword("MmragAssetId")
 INDEX_VERSION_KEY = SearchAttributeKey.for_int("MmragIndexVersion")
 OUTCOME_KEY = SearchAttributeKey.for_keyword("MmragOutcome")
+
+
+def source_digest(tenant: str, uri: str) -> str:
+    """What ``MmragSource`` says about one source: the digest an object at ``uri`` gets as
+    its asset id (:func:`workflows.contracts.asset_id_for`), so an ``IngestAsset`` is found
+    by ``MmragSource = MmragAssetId``, and an ingest of a prefix by the digest of the
+    prefix as it was given."""
+    return asset_id_for(tenant, uri)
+
+
+def source_attribute(tenant: str, uris: list[str]) -> SearchAttributeUpdate[str]:
+    """``MmragSource`` for a run over ``uris``: their digests, comma-separated (first 256
+    characters). Never the URIs: search attributes are indexed and shown in clear even when
+    payloads are encrypted, outlive ``Forget`` until the namespace's retention removes the
+    run, and a URI (``gs://bucket/users/jane-doe/...``) can name a person."""
+    return SOURCE_KEY.value_set(",".join(source_digest(tenant, u) for u in uris)[:256])
+
 
 # Heartbeat timeout of activities that get a liveness heartbeat from their worker
 # (workers/run.py LIVENESS_HEARTBEAT): a killed worker's activity is retried after this.

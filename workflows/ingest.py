@@ -35,8 +35,8 @@ with workflow.unsafe.imports_passed_through():
         ENCODE_RETRY,
         INDEX_VERSION_KEY,
         OUTCOME_KEY,
-        SOURCE_KEY,
         TENANT_KEY,
+        source_attribute,
     )
     from workflows.contracts import (
         ENCODE_TASK_QUEUE,
@@ -219,7 +219,7 @@ class IngestBatch:
         workflow.upsert_search_attributes(
             [
                 TENANT_KEY.value_set(inp.tenant),
-                SOURCE_KEY.value_set(",".join(inp.sources)[:256]),
+                source_attribute(inp.tenant, inp.sources),
                 INDEX_VERSION_KEY.value_set(index.version),
                 OUTCOME_KEY.value_set("running"),
             ]
@@ -306,7 +306,7 @@ class IngestAsset:
         workflow.upsert_search_attributes(
             [
                 TENANT_KEY.value_set(inp.tenant),
-                SOURCE_KEY.value_set(inp.uri[:256]),
+                source_attribute(inp.tenant, [inp.uri]),
                 INDEX_VERSION_KEY.value_set(index.version),
             ]
         )

@@ -16,7 +16,7 @@ from datetime import timedelta
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from workflows.common import SOURCE_KEY, TENANT_KEY
+    from workflows.common import TENANT_KEY, source_attribute
     from workflows.contracts import (
         INGEST_BATCH_WORKFLOW,
         WATCH_PREFIX_WORKFLOW,
@@ -37,7 +37,7 @@ class WatchPrefix:
         workflow.upsert_search_attributes(
             [
                 TENANT_KEY.value_set(inp.tenant),
-                SOURCE_KEY.value_set(inp.prefix[:256]),
+                source_attribute(inp.tenant, [inp.prefix]),
             ]
         )
         result = await workflow.execute_child_workflow(
