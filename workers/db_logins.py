@@ -19,19 +19,16 @@ from collections.abc import Mapping
 
 from workers.settings import WORKER_LOGINS
 
-__all__ = ["PASSWORD_ENV", "WORKER_LOGINS", "passwords_from_env", "set_passwords"]
-
-#: Login -> the variable `mmrag db upgrade` reads its password from.
-PASSWORD_ENV: dict[str, str] = {
-    "mmrag_ingest": "MMRAG_DB_INGEST_PASSWORD",
-    "mmrag_query": "MMRAG_DB_QUERY_PASSWORD",
-}
-
+__all__ = ["WORKER_LOGINS", "passwords_from_env", "set_passwords"]
 
 def passwords_from_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """login -> password for each worker login whose variable is set and non-empty."""
     env = os.environ if env is None else env
-    return {login: env[var] for login, var in PASSWORD_ENV.items() if env.get(var)}
+    found = {
+        "mmrag_ingest": env.get("MMRAG_DB_INGEST_PASSWORD", ""),
+        "mmrag_query": env.get("MMRAG_DB_QUERY_PASSWORD", ""),
+    }
+    return {login: password for login, password in found.items() if password}
 
 
 def set_passwords(owner_url: str, passwords: Mapping[str, str]) -> None:
