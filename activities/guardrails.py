@@ -402,8 +402,10 @@ _INSTRUCTION_RE = re.compile(
     r"(?:\w+\s+){0,2}?(?:instructions?|prompts?|rules|guidelines|directions|directives|"
     r"commands|messages)\b"
     r"|\b(?:new|updated|real|actual|hidden|secret|additional)\s+instructions?\s*:"
-    r"|\bsystem\s+(?:prompt|message|instructions?)\b"
-    r"|\byou\s+are\s+now\b|\bfrom\s+now\s+on,?\s+you\b"
+    r"|\bsystem\s+(?:prompt|instructions?)\b"
+    r"|\byou\s+are\s+now\s+(?:dan|an?\s+(?:ai|assistant|chatbot|language\s+model|llm))\b"
+    r"|\bfrom\s+now\s+on,?\s+you\s+(?:will|must|should|shall)\s+"
+    r"(?:answer|reply|respond|act|ignore|only|say|tell)\b"
     r"|\b(?:developer|jailbreak|god)\s+mode\b"
     r"|<\|\s*[a-z_]+\s*\|>|\[/?inst\]|<</?sys>>"
     r"|^\s*(?:system|assistant)\s*:"
@@ -651,7 +653,8 @@ def validate_summary(
     against the prompt's context). It fails when empty, when it abstains, when it carries
     citation markers (the prompt's ``[S#]`` headers are the only ones), or when fewer than
     ``min_grounding`` of its content words occur in ``source_text`` (the chunk as sent to
-    be summarised). The caller then falls back to the extractive summary.
+    be summarised), or when the chunk or the summary carries instruction-like text
+    (:func:`instruction_markers`). The caller then falls back to the extractive summary.
     """
     text = (summary or "").strip()
     if not text:
@@ -659,6 +662,10 @@ def validate_summary(
     cited = extract_citations(text)
     if cited:
         return ValidationResult(False, "a summary must not cite sources", cited)
+    if instruction_markers(source_text) or instruction_markers(text):
+        # Keep a hostile chunk in its own (neutralised) words: a summary could keep its
+        # link and drop the phrase that marks it, and the answer check relies on that mark.
+        return ValidationResult(False, "the chunk carries instruction-like text")
     if _ABSTAIN_RE.search(text) and len(content_words(text)) <= 12:
         return ValidationResult(False, "the model declined to summarise")
     score = grounding_score(text, source_text)

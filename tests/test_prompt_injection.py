@@ -22,12 +22,19 @@ import pytest
 import pytest_asyncio
 from temporalio.client import Client
 
-from activities.generation import SYSTEM_PROMPT, SourceChunk, extractive_answer, fuse_prompt
+from activities.generation import (
+    SYSTEM_PROMPT,
+    SourceChunk,
+    chunk_passage,
+    extractive_answer,
+    fuse_prompt,
+)
 from activities.guardrails import (
     extract_citations,
     instruction_markers,
     neutralize_source_text,
     validate_answer,
+    validate_summary,
 )
 from starters.ingest import start_ingest
 from starters.synthetic_corpus import PdfPage, write_pdf
@@ -150,6 +157,15 @@ def test_markers_and_neutralisation_see_through_disguises() -> None:
     assert "[" not in text and "<" not in text
     assert "(S2)" in text and "(S4, S5)" in text and "&lt;|im_end|&gt;" in text
     assert neutralize_source_text(text) == text  # idempotent: fusing twice changes nothing
+
+
+def test_a_hostile_chunk_is_never_replaced_by_an_llm_summary() -> None:
+    """A summary could keep the link and drop the phrase that marks the chunk as hostile;
+    the chunk keeps its own (neutralised) words instead."""
+    passage = chunk_passage(_attack_sources()[0])
+    summary = f"The quarterly report moved: sign in at {EVIL_URL} to read it."
+    result = validate_summary(summary, passage)
+    assert not result.ok and "instruction-like" in result.reason
 
 
 def test_extractive_answer_does_not_pass_a_forged_citation_on() -> None:
