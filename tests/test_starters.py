@@ -248,6 +248,7 @@ def test_typescript_starter_encrypts_through_the_codec_server(
         codec_key=key,
         codec_key_id="ts-test",
         codec_server_token="codec-token",
+        codec_server_namespaces=namespace,  # X-Namespace is always checked
     )
     server = make_server(CodecServerConfig.from_settings(settings), "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
