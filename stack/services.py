@@ -198,9 +198,19 @@ class Stack:
         """
         with self._locked(timeout):
             self._ensure(self.services, timeout)
+            self.ensure_auth_keys()
             endpoints = self.endpoints()
             _write_json(self.endpoints_path, endpoints)
             return endpoints
+
+    def ensure_auth_keys(self) -> str:
+        """The local stack's credential signing key (``auth/signing_key.pem``, 0600) and its
+        workers' verification keys (``auth/verify_keys.json``), created once: the CLI and the
+        demo mint their tokens from it, so the README's commands need no extra step.
+        Returns the key id."""
+        from workers.auth import ensure_signing_key
+
+        return ensure_signing_key(self.state_dir / "auth")
 
     def down(self, timeout: float = 60) -> None:
         """Stop every server with a pid file in this state_dir and remove the pid files.

@@ -347,9 +347,7 @@ async def _watch(args: argparse.Namespace) -> int:
     client = await connect()
     handle = await start_watch(
         client,
-        WatchPrefixInput(
-            args.tenant, prefix, _parse_tags(args.tag), args.interval
-        ),
+        WatchPrefixInput(args.tenant, prefix, _parse_tags(args.tag), args.interval),
     )
     console.print(f"started WatchPrefix [bold]{handle.id}[/bold]")
     return 0

@@ -27,7 +27,7 @@ from activities.storage import normalize_uri
 from starters.ingest import batch_workflow_id
 from starters.synthetic_corpus import write_corpus
 from tests.conftest import ServerStack, Workers
-from tests.helpers import wait_searchable
+from tests.helpers import issued_token, wait_searchable
 from workers.settings import REPO_ROOT, Settings
 from workflows import contracts
 from workflows.contracts import IngestBatchInput
@@ -70,12 +70,14 @@ def ts_starter() -> Path:
     return main
 
 
-def _temporal_env(test_stack: ServerStack) -> dict[str, str]:
-    """A caller's environment: only the Temporal connection, as another backend has it."""
+def _temporal_env(test_stack: ServerStack, tenant: str) -> dict[str, str]:
+    """A caller's environment, as another backend has it: the Temporal connection and a
+    writer credential for its tenant (MMRAG_AUTH_TOKEN, as `mmrag token issue` prints it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "MMRAG_"))}
     env["TEMPORAL_ADDRESS"] = test_stack.endpoints["temporal_address"]
     env["TEMPORAL_NAMESPACE"] = "default"
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # the `temporal` CLI
+    env["MMRAG_AUTH_TOKEN"] = issued_token([tenant], "writer")
     return env
 
 
@@ -196,7 +198,7 @@ def test_typescript_starter_ingests_then_asks(
     ts_starter: Path, worker: Workers, test_stack: ServerStack, tenant: str, tmp_path: Path
 ) -> None:
     write_corpus(tmp_path / "corpus", per_class=1, seed=21)
-    env = _temporal_env(test_stack)
+    env = _temporal_env(test_stack, tenant)
     node = ["node", str(ts_starter), "--tenant", tenant, "--timeout-s", "120"]
 
     first = json.loads(_run([*node, "--source", str(tmp_path / "corpus")], 150, env=env).stdout)
@@ -257,7 +259,7 @@ def test_typescript_starter_encrypts_through_the_codec_server(
     )
     try:
         write_corpus(tmp_path / "secret-corpus", per_class=1, seed=23)
-        env = _temporal_env(test_stack) | {"TEMPORAL_NAMESPACE": namespace}
+        env = _temporal_env(test_stack, tenant) | {"TEMPORAL_NAMESPACE": namespace}
         env["TEMPORAL_CODEC_ENDPOINT"] = f"http://127.0.0.1:{server.server_address[1]}"
         env["TEMPORAL_CODEC_AUTH"] = "Bearer codec-token"
         node = ["node", str(ts_starter), "--tenant", tenant, "--timeout-s", "120"]
@@ -302,15 +304,15 @@ def test_typescript_starter_encrypts_through_the_codec_server(
 
 
 def test_typescript_starter_says_why_it_cannot_connect(ts_starter: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPORAL_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "MMRAG_"))}
     env["TEMPORAL_ADDRESS"] = "127.0.0.1:9"  # discard port: nothing listens
-    done = subprocess.run(
-        ["node", str(ts_starter), "--tenant", "t", "--question", "q", "--connect-timeout-s", "1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+    argv = ["node", str(ts_starter), "--tenant", "t", "--question", "q", "--connect-timeout-s", "1"]
+    # No credential: said before connecting, naming the variable and how to get one.
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "set MMRAG_AUTH_TOKEN" in done.stderr and "mmrag token issue" in done.stderr
+    env["MMRAG_AUTH_TOKEN"] = "any-token"  # checked by the workers, never reached here
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 2, done.stderr
     assert "cannot reach Temporal at 127.0.0.1:9" in done.stderr
 
@@ -319,7 +321,7 @@ def test_shell_starters_ingest_then_ask(
     worker: Workers, test_stack: ServerStack, tenant: str, tmp_path: Path
 ) -> None:
     write_corpus(tmp_path / "corpus", per_class=1, seed=22)
-    env = _temporal_env(test_stack)
+    env = _temporal_env(test_stack, tenant)
     ingest = [str(SHELL_DIR / "ingest.sh"), "--tenant", tenant, "--tag", "via=shell"]
     # A relative path: the script makes it absolute, as the workers need.
     out = _run([*ingest, "corpus"], 150, env=env, cwd=tmp_path)
@@ -349,7 +351,8 @@ def test_shell_starters_ingest_then_ask(
 
 
 def test_shell_starters_refuse_bad_usage(tmp_path: Path) -> None:
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {k: v for k, v in os.environ.items() if k != "MMRAG_AUTH_TOKEN"}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
     cases = [
         ([str(SHELL_DIR / "ingest.sh"), "corpus"], "--tenant is required"),
         ([str(SHELL_DIR / "ingest.sh"), "--tenant", "t"], "at least one SOURCE"),
@@ -357,6 +360,8 @@ def test_shell_starters_refuse_bad_usage(tmp_path: Path) -> None:
         ([str(SHELL_DIR / "ingest.sh"), "--tenant", "t", "s3://b/k"], "unsupported URI"),
         ([str(SHELL_DIR / "ask.sh"), "--tenant", "t"], "QUESTION"),
         ([str(SHELL_DIR / "ask.sh"), "--tenant", "t", "--top-k", "x", "q"], "whole number"),
+        ([str(SHELL_DIR / "ask.sh"), "--tenant", "t", "q"], "set MMRAG_AUTH_TOKEN"),
+        ([str(SHELL_DIR / "ingest.sh"), "--tenant", "t", "d"], "set MMRAG_AUTH_TOKEN"),
     ]
     for argv, message in cases:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=10, env=env)

@@ -41,6 +41,7 @@ from temporalio.worker import (
     Worker,
 )
 
+from workers.auth import AuthAudit, AuthInterceptor, policy_from_settings
 from workers.roles import ROLE_BUILDERS
 from workers.settings import Settings, get_settings
 from workers.telemetry import (
@@ -137,19 +138,26 @@ def build_workers(role: str, client: Client, settings: Settings) -> list[Worker]
         raise ValueError(f"unknown role {role!r}: choose one of {', '.join(ROLES)}")
     compile_workflow_bytecode()
     names = list(ROLE_BUILDERS) if role == "all" else [role]
+    # Every run proves its caller (workers/auth.py): read the verification keys before
+    # polling, so a worker without them stops at start, saying which setting to fix.
+    auth = AuthInterceptor(policy_from_settings(settings))
     workers = []
     for name in names:
         content = ROLE_BUILDERS[name](settings)
+        activities = list(content.activities)
+        if content.workflows:  # a refused run's audit row: a local activity of its worker
+            activities.append(AuthAudit(settings.for_database_role(name)).audit_refusal)
         workers.append(
             Worker(
                 client,
                 task_queue=content.task_queue,
                 workflows=list(content.workflows),
-                activities=list(content.activities),
+                activities=activities,
                 activity_executor=ThreadPoolExecutor(content.max_concurrent_activities),
                 max_concurrent_activities=content.max_concurrent_activities,
                 graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown_seconds),
-                interceptors=[*worker_interceptors(), LivenessHeartbeat()],
+                # The credential check first: nothing else sees a refused run's workflow code.
+                interceptors=[auth, *worker_interceptors(), LivenessHeartbeat()],
             )
         )
     return workers
@@ -159,7 +167,7 @@ async def run_workers(role: str, settings: Settings | None = None) -> None:
     settings = settings or get_settings()
     runtime = worker_runtime(settings, role)
     configure_tracing(settings, role)
-    client = await connect(settings, runtime=runtime)
+    client = await connect(settings, runtime=runtime, token="")  # workers start nothing
     codec = client.data_converter.payload_codec
     log.info("payload encryption: %s", getattr(codec, "keyring", None) or "off")
     if runtime is not None:

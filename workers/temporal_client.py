@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import temporalio.converter
 from temporalio.client import Client, Interceptor
+from temporalio.common import HeaderCodecBehavior
 from temporalio.converter import (
     DataConverter,
     DefaultFailureConverter,
@@ -73,21 +74,44 @@ def client_interceptors(settings: Settings) -> list[Interceptor]:
     return tracing_interceptors(settings)
 
 
+def credential_interceptors(settings: Settings, token: str | None = None) -> list[Interceptor]:
+    """The ``mmrag_auth`` client interceptor (workers/auth.py): ``token`` when given (``""``:
+    attach none, as workers do), else ``MMRAG_AUTH_TOKEN``, else short-lived operator
+    tokens minted from the issuer's signing key when one is configured or the local stack
+    has one; else none, and the workers refuse what this client starts, saying so."""
+    from workers.auth import AuthClientInterceptor, ClientCredentials, client_credentials
+
+    if token == "":
+        return []
+    credentials = ClientCredentials(token) if token else client_credentials(settings)
+    return [AuthClientInterceptor(credentials)] if credentials else []
+
+
 async def connect(
     settings: Settings | None = None,
     *,
     runtime: Runtime | None = None,
     interceptors: Sequence[Interceptor] = (),
+    token: str | None = None,
 ) -> Client:
-    """A client for mmrag: envconfig connection, codec, tracing; ``runtime`` for metrics."""
+    """A client for mmrag: envconfig connection, codec, tracing, the caller's credential
+    (see :func:`credential_interceptors`); ``runtime`` for metrics.
+
+    Headers go through the payload codec too (``HeaderCodecBehavior.CODEC``), so with
+    payload encryption on the credential is encrypted in histories like every payload."""
     settings = settings or get_settings()
     config = connect_config(settings)
     try:
         return await Client.connect(
             **config,
             data_converter=data_converter(settings),
-            interceptors=[*client_interceptors(settings), *interceptors],
+            interceptors=[
+                *client_interceptors(settings),
+                *credential_interceptors(settings, token),
+                *interceptors,
+            ],
             runtime=runtime,
+            header_codec_behavior=HeaderCodecBehavior.CODEC,
         )
     except RuntimeError as e:
         raise ConnectionError(

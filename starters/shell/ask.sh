@@ -8,10 +8,12 @@
 # Connection: whatever the `temporal` CLI reads: TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE,
 # TEMPORAL_API_KEY, TEMPORAL_TLS_*, TEMPORAL_CODEC_ENDPOINT (payload encryption on), or a
 # temporal.toml profile (TEMPORAL_PROFILE). Needs `temporal` (or $TEMPORAL_CLI) and `jq`.
+# Credential: MMRAG_AUTH_TOKEN (`mmrag token issue --tenant T --role reader`), sent in the
+# `mmrag_auth` workflow header; mmrag's workers refuse runs without a valid one.
 # Exit status: 0 answered, 1 the workflow failed, 2 usage.
 set -euo pipefail
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 die() { echo "error: $*" >&2; exit 2; }
 # The result payload exactly as the worker wrote it (the CLI's JSON shorthand turns [] into null).
 result_json='.result | (.metadata.encoding // "" | @base64d) as $enc
@@ -45,6 +47,10 @@ done
 
 temporal=${TEMPORAL_CLI:-temporal}
 command -v "$temporal" >/dev/null || die "the temporal CLI is not on PATH (set TEMPORAL_CLI)"
+[ -n "${MMRAG_AUTH_TOKEN:-}" ] ||
+  die "set MMRAG_AUTH_TOKEN to a credential for tenant $tenant (mmrag token issue --tenant $tenant --role reader)"
+# The header value is JSON: the token as a JSON string.
+auth_header="mmrag_auth=$(jq -n -c --arg t "$MMRAG_AUTH_TOKEN" '$t')"
 
 input=$(jq -n -c \
   --arg tenant "$tenant" --arg text "$question" --arg image_uri "$image_uri" \
@@ -57,7 +63,7 @@ workflow_id="ask/$tenant/sh-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
 if ! out=$("$temporal" workflow execute \
   --type Ask --task-queue mmrag --workflow-id "$workflow_id" \
   --static-summary "ask for tenant $tenant (shell starter)" \
-  --input "$input" --output json --no-json-shorthand-payloads); then
+  --input "$input" --headers "$auth_header" --output json --no-json-shorthand-payloads); then
   echo "$out" >&2
   exit 1
 fi

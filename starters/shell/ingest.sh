@@ -8,11 +8,13 @@
 # Connection: whatever the `temporal` CLI reads: TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE,
 # TEMPORAL_API_KEY, TEMPORAL_TLS_*, TEMPORAL_CODEC_ENDPOINT (payload encryption on), or a
 # temporal.toml profile (TEMPORAL_PROFILE). Needs `temporal` (or $TEMPORAL_CLI) and `jq`.
+# Credential: MMRAG_AUTH_TOKEN (`mmrag token issue --tenant T --role writer`), sent in the
+# `mmrag_auth` workflow header; mmrag's workers refuse runs without a valid one.
 # Exit status: 0 all ingested or unchanged, 1 some objects failed or the workflow failed,
 # 2 usage.
 set -euo pipefail
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 die() { echo "error: $*" >&2; exit 2; }
 # The result payload exactly as the worker wrote it (the CLI's JSON shorthand turns [] into null).
 result_json='.result | (.metadata.encoding // "" | @base64d) as $enc
@@ -53,6 +55,11 @@ for source in "${sources[@]}"; do
   esac
 done
 
+[ -n "${MMRAG_AUTH_TOKEN:-}" ] ||
+  die "set MMRAG_AUTH_TOKEN to a credential for tenant $tenant (mmrag token issue --tenant $tenant --role writer)"
+# The header value is JSON: the token as a JSON string.
+auth_header="mmrag_auth=$(jq -n -c --arg t "$MMRAG_AUTH_TOKEN" '$t')"
+
 input=$(jq -n -c \
   --arg tenant "$tenant" \
   --argjson tags "$tags" \
@@ -72,7 +79,7 @@ if ! out=$("$temporal" workflow execute \
   --type IngestBatch --task-queue mmrag --workflow-id "$workflow_id" \
   --id-conflict-policy UseExisting \
   --static-summary "ingest ${#uris[@]} source(s) for tenant $tenant (shell starter)" \
-  --input "$input" --output json --no-json-shorthand-payloads); then
+  --input "$input" --headers "$auth_header" --output json --no-json-shorthand-payloads); then
   echo "$out" >&2
   exit 1
 fi

@@ -7,6 +7,8 @@
  * TEMPORAL_NAMESPACE, TEMPORAL_API_KEY (Temporal Cloud), the TLS variables, or a
  * temporal.toml profile (TEMPORAL_PROFILE, TEMPORAL_CONFIG_FILE). With payload encryption on,
  * TEMPORAL_CODEC_ENDPOINT (and TEMPORAL_CODEC_AUTH) name the codec server, as for the CLI.
+ * MMRAG_AUTH_TOKEN is the credential every run carries in the `mmrag_auth` header
+ * (src/credential.ts).
  */
 import { randomUUID } from 'node:crypto';
 import { resolve } from 'node:path';
@@ -27,6 +29,7 @@ import {
   type IngestProgress,
   type IngestResult,
 } from './contracts';
+import { TOKEN_ENV, credentialInterceptor } from './credential';
 import { RemoteCodec } from './remoteCodec';
 import { batchWorkflowId } from './workflowId';
 
@@ -44,6 +47,8 @@ local paths (made absolute here: the workers must see the same files).
 Connection: TEMPORAL_ADDRESS (default localhost:7233), TEMPORAL_NAMESPACE (default),
 TEMPORAL_API_KEY, TEMPORAL_TLS_*, or a temporal.toml profile (TEMPORAL_PROFILE).
 Payload encryption: TEMPORAL_CODEC_ENDPOINT (mmrag codec-server), TEMPORAL_CODEC_AUTH.
+Credential: MMRAG_AUTH_TOKEN, a token for the tenant (\`mmrag token issue --tenant T --role writer\`;
+an Ask needs role reader, an ingest writer).
 Exit status: 0 ok, 1 a workflow failed or an ingest had failed objects, 2 usage or connection.`;
 
 class UsageError extends Error {}
@@ -156,6 +161,13 @@ function askInput(o: Options): AskInput {
 }
 
 async function connect(connectTimeoutS: number): Promise<{ client: Client; where: string }> {
+  const token = process.env[TOKEN_ENV] ?? '';
+  if (!token) {
+    throw new UsageError(
+      `set ${TOKEN_ENV} to a credential for the tenant (\`mmrag token issue --tenant T --role writer\`): ` +
+        'mmrag refuses workflow runs without one',
+    );
+  }
   const config = loadClientConnectConfig();
   // Drop unset keys so the client's own defaults apply (address localhost:7233).
   const options = Object.fromEntries(
@@ -170,7 +182,8 @@ async function connect(connectTimeoutS: number): Promise<{ client: Client; where
     : undefined;
   try {
     const connection = await Connection.connect({ connectTimeout: `${connectTimeoutS || 10}s`, ...options });
-    return { client: new Client({ connection, namespace, dataConverter }), where };
+    const interceptors = { workflow: [credentialInterceptor(token)] };
+    return { client: new Client({ connection, namespace, dataConverter, interceptors }), where };
   } catch (e) {
     throw new UsageError(
       `cannot reach Temporal at ${where}: ${(e as Error).message}. ` +
