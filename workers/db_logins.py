@@ -21,6 +21,7 @@ from workers.settings import WORKER_LOGINS
 
 __all__ = ["WORKER_LOGINS", "passwords_from_env", "set_passwords"]
 
+
 def passwords_from_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """login -> password for each worker login whose variable is set and non-empty."""
     env = os.environ if env is None else env

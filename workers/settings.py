@@ -272,7 +272,8 @@ class Settings(BaseSettings):
             raise RuntimeError(
                 f"the {role} worker needs its own Postgres login: set "
                 f"MMRAG_DATABASE_URL_{role.upper()} (user {login}; its password is set by "
-                "`mmrag db upgrade` from MMRAG_DB_" + login.removeprefix("mmrag_").upper()
+                "`mmrag db upgrade` from MMRAG_DB_"
+                + login.removeprefix("mmrag_").upper()
                 + "_PASSWORD). MMRAG_DATABASE_URL is the owner's, for migrations only"
             )
         copy = self.model_copy()
