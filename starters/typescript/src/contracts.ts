@@ -225,6 +225,9 @@ export interface ForgetResult {
   forgotten: number;
   objects_deleted: number;
   index_versions: number[];
+  /** delete_object was asked but the object was left: never ingested successfully, outside
+   * the tenant's storage roots, or changed since it was ingested. */
+  objects_kept: number;
 }
 
 /** Input of `WatchPrefix` (`passes` is continuation state, the workflow's own). */
