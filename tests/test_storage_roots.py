@@ -84,9 +84,7 @@ def test_traversal_host_and_relative_paths_are_refused(tmp_path: Path, outside: 
             worker_uri(raw)
 
 
-def test_refusal_is_the_same_whether_or_not_the_file_exists(
-    tmp_path: Path, outside: Path
-) -> None:
+def test_refusal_is_the_same_whether_or_not_the_file_exists(tmp_path: Path, outside: Path) -> None:
     """No oracle: an error must not tell which files exist outside the roots."""
     store = LocalStore(_roots("acme", tmp_path))
     messages = []
