@@ -373,11 +373,17 @@ class EventBridge:
     def connect(cls, settings: Settings, tenant: str) -> EventBridge:
         """A bridge whose client is made by ``workers.temporal_client.connect`` on the
         bridge's own loop: codec, credential and tracing as every mmrag client has them."""
+        from workers.auth import WRITER, AuthClientInterceptor, client_credentials
         from workers.temporal_client import connect
 
+        # Least privilege: a writer of its own tenant, never the operator tokens a CLI mints.
+        credentials = client_credentials(
+            settings, tenants=[tenant], role=WRITER, subject="mmrag-events"
+        )
+        auth = [AuthClientInterceptor(credentials)] if credentials else []
         bridge = cls(tenant)
         try:
-            bridge.client = bridge.run(connect(settings), timeout=60)
+            bridge.client = bridge.run(connect(settings, token="", interceptors=auth), timeout=60)
         except BaseException:
             bridge.close()
             raise

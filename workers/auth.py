@@ -511,10 +511,17 @@ class ClientCredentials:
         return issue_token(key, kid, tenants, role, ttl, subject=subject, now=now)
 
 
-def client_credentials(settings: Settings) -> ClientCredentials | None:
-    """A client's credentials from settings: ``MMRAG_AUTH_TOKEN``, else operator tokens
-    minted from the signing key (``MMRAG_AUTH_SIGNING_KEY[_FILE]`` or the local stack's),
-    else none (the workers then refuse starts, saying so)."""
+def client_credentials(
+    settings: Settings,
+    *,
+    tenants: Sequence[str] = (ALL_TENANTS,),
+    role: str = OPERATOR,
+    subject: str = "mmrag-client",
+) -> ClientCredentials | None:
+    """A client's credentials from settings: ``MMRAG_AUTH_TOKEN``, else tokens minted from
+    the signing key (``MMRAG_AUTH_SIGNING_KEY[_FILE]`` or the local stack's) with these
+    claims (operator of every tenant by default: the CLI of the person holding the key; a
+    long-running service narrows them), else none (the workers then refuse, saying so)."""
     token = settings.auth_token.get_secret_value()
     if token:
         return ClientCredentials(token)
@@ -523,6 +530,9 @@ def client_credentials(settings: Settings) -> ClientCredentials | None:
         return None
     return ClientCredentials(
         signing_key=key,
+        tenants=tenants,
+        role=role,
+        subject=subject,
         ttl=timedelta(seconds=settings.auth_client_token_ttl_s),
         schedule_ttl=timedelta(days=settings.auth_schedule_token_ttl_days),
     )
