@@ -191,6 +191,24 @@ def test_count_tokens_never_downloads(monkeypatch: pytest.MonkeyPatch, tmp_path:
         generation._encoder.cache_clear()
 
 
+def test_tokenizer_encoding_follows_the_configured_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Prompts are counted in the encoding of the model that will read them: gpt-4o-mini
+    (the default) and gpt-4o use o200k_base, gpt-4 cl100k_base, and a model tiktoken does
+    not know (a vLLM-served one) the current o200k_base; MMRAG_TOKENIZER overrides."""
+    monkeypatch.delenv("MMRAG_TOKENIZER", raising=False)
+    monkeypatch.delenv("MMRAG_LLM_MODEL", raising=False)
+    assert generation.tokenizer_encoding() == "o200k_base"
+    assert generation.tokenizer_encoding("gpt-4o") == "o200k_base"
+    assert generation.tokenizer_encoding("gpt-4") == "cl100k_base"
+    assert generation.tokenizer_encoding("meta-llama/Llama-3.1-8B-Instruct") == "o200k_base"
+    monkeypatch.setenv("MMRAG_LLM_MODEL", "gpt-3.5-turbo")
+    assert generation.tokenizer_encoding() == "cl100k_base"
+    monkeypatch.setenv("MMRAG_TOKENIZER", "o200k_base")
+    assert generation.tokenizer_encoding() == "o200k_base"
+
+
 def test_truncate_to_tokens_cuts_at_words() -> None:
     text = "alpha beta gamma delta epsilon zeta eta theta iota kappa " * 5
     cut = truncate_to_tokens(text, 8)
