@@ -572,7 +572,7 @@ async def test_an_image_that_decodes_for_minutes_fails_alone_and_fails_an_ask_at
     worker: Any, client: Any, tenant: str, tmp_path: Path
 ) -> None:
     """A 36 Mpx progressive JPEG with 1,500 repeated scans (230 KB; in-process it decoded for
-    ~30 s with no limit) is stopped at MMRAG_IMAGE_DECODE_TIME_LIMIT_S: that asset fails,
+    27 s with no limit) is stopped at MMRAG_IMAGE_DECODE_TIME_LIMIT_S: that asset fails,
     non-retryably, and the batch's other images are indexed; as Ask's query image it fails
     the Ask at once as BadQuery."""
     import base64
