@@ -47,7 +47,7 @@ from tests.conftest import (
     shared_worker_env,
     start_shared_workers,
 )
-from tests.helpers import milvus_pks, wait_searchable
+from tests.helpers import issued_token, milvus_pks, wait_searchable
 from tests.llm_server import LlmTestServer
 from tests.raw_http import cut_off_slow_client, raw_request
 from workers.codec import (
@@ -755,6 +755,8 @@ async def test_server_stores_ciphertext_and_the_cli_decodes_with_the_codec_serve
             f"cli-ask/{tenant}/{uuid.uuid4().hex[:6]}",
             "--input",
             json.dumps({"tenant": tenant, "text": question, "generate": False, "top_k": 2}),
+            "--headers",
+            f"mmrag_auth={json.dumps(issued_token([tenant], 'reader'))}",
             "--output",
             "json",
         ],
