@@ -18,10 +18,11 @@ RUN groupadd --system --gid 10001 mmrag \
 
 WORKDIR /app
 
-# Dependencies first, from pyproject.toml alone, so a code change does not reinstall torch.
-COPY pyproject.toml README.md ./
+# Dependencies first, from pyproject.toml alone, so a code change does not reinstall torch;
+# at the versions in constraints.txt, the ones CI tests (`make test` installs with it too).
+COPY pyproject.toml README.md constraints.txt ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt \
+    && pip install -c constraints.txt -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
 # The project. The packages are installed (`pip install .`: the `mmrag` command); the
@@ -29,7 +30,9 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 # workers/ (workers.settings.REPO_ROOT), so the sources stay in /app and PYTHONPATH puts
 # them first. The tiny CLIP fixture model comes along for offline smoke tests
 # (MMRAG_CLIP_MODEL=mmrag-tiny); production uses ViT-B-32 weights, downloaded once into
-# the model-cache volume.
+# the model-cache volume. Nothing else of tests/ is copied: the tiny model is there only
+# because activities/encoder.py still finds it under tests/fixtures/tiny_clip
+# (workers.settings.TINY_MODEL_DIR); once it is package data, drop that COPY line.
 COPY workflows/ workflows/
 COPY activities/ activities/
 COPY workers/ workers/

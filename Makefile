@@ -8,10 +8,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint stop bench clean
 
-$(STAMP): pyproject.toml
+# constraints.txt: the exact versions CI and the image run, inside pyproject.toml's ranges.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[stack,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[stack,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -567,8 +567,12 @@ def test_dockerfile_builds_a_non_root_mmrag_image() -> None:
     }
     include = _pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
     packages = {p.rstrip("*") for p in include}
-    for needed in packages | {"migrations", "pyproject.toml"}:
+    for needed in packages | {"migrations", "pyproject.toml", "constraints.txt"}:
         assert needed in copied, f"the Dockerfile does not copy {needed}"
+    # The image installs the versions CI tests, not whatever is newest on the day it builds.
+    assert re.search(r"pip install (--?\S+ )*-c constraints\.txt -r ", runs), runs
+    # Of tests/, only the tiny model the product loads (MMRAG_CLIP_MODEL=mmrag-tiny).
+    assert {c for c in copied if c.startswith("tests")} <= {"tests/fixtures/tiny_clip"}
     assert "mmrag" in _pyproject()["project"]["scripts"]
     ignored = set(DOCKERIGNORE.read_text().split())
     assert {".venv", ".env", ".git", ".mmrag", "**/node_modules"} <= ignored
