@@ -20,7 +20,7 @@ from activities.guardrails import I_DONT_KNOW, insert_citations, redact_pii, val
 from activities.limits import clamp_top_k
 from activities.run_context import workflow_ids
 from activities.vectors import BadFilter, compile_filters, get_store
-from workers.settings import Settings
+from settings import Settings
 from workflows.activity_payloads import (
     FINALIZE_ANSWER,
     RETRIEVE,

@@ -67,7 +67,7 @@ from activities.storage_roots import (
     open_regular_file,
 )
 from activities.vectors import MAX_SNIPPET, ChunkRow, VectorStore, get_store
-from workers.settings import Settings
+from settings import Settings
 from workflows.activity_payloads import (
     DESCRIBE_ENCODER,
     DESCRIBE_MODEL,

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import Compose, Normalize, ToTensor
 
-from workers.settings import TINY_MODEL_DIR
+from settings import TINY_MODEL_DIR
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from activities.limits import clamp_answer_tokens
 from activities.media import BadMediaError, decode_image
 from activities.storage import ObjectMissingError, UnsupportedUriError, store_for
 from activities.storage_roots import OutsideRootsError, StorageRoots
-from workers.settings import Settings, get_settings
+from settings import Settings, get_settings
 from workflows.activity_payloads import GENERATE, Fusion, GenerateInput, Generation
 
 log = logging.getLogger(__name__)

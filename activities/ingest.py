@@ -21,7 +21,7 @@ from activities.storage import (
 )
 from activities.storage_roots import OutsideRootsError, StorageRoots, TenantRoots
 from activities.vectors import get_store, model_of
-from workers.settings import Settings
+from settings import Settings
 from workflows.activity_payloads import (
     CREATE_FIRST_INDEX,
     RECORD_OUTCOMES,

@@ -17,7 +17,7 @@ from activities.run_context import workflow_ids
 from activities.storage import ObjectMissingError, store_for
 from activities.storage_roots import OutsideRootsError, StorageRoots, TenantRoots
 from activities.vectors import VectorStore, get_store, model_of
-from workers.settings import Settings
+from settings import Settings
 from workflows.activity_payloads import (
     BEGIN_REINDEX,
     FINISH_REINDEX,

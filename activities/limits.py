@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from temporalio import activity
 
-from workers.settings import Settings
+from settings import Settings
 from workflows.limits import BOUND_KNOBS, Knobs
 
 DEFAULT_PAGE_SIZE = 256  # IngestBatchInput.page_size's default

@@ -283,7 +283,7 @@ def check_object(
         raise BadMediaError(f"unsupported media type {mime}: {hint}{suffix}")
     if mime in VIDEO_TYPES:
         if limits is None:
-            from workers.settings import get_settings
+            from settings import get_settings
 
             limits = MediaLimits.from_settings(get_settings())
         limit, setting = limits.max_bytes_for(mime)

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from activities.encoder import TINY_MODEL_NAME
-from workers.settings import TINY_MODEL_DIR, Settings
+from settings import TINY_MODEL_DIR, Settings
 
 
 class ModelNotAllowedError(ValueError):

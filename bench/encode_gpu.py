@@ -50,7 +50,7 @@ from activities.encoder import (
     resolve_device,
 )  # noqa: E402
 from activities.media import MediaLimits, decode_image  # noqa: E402
-from workers.settings import Settings  # noqa: E402
+from settings import Settings  # noqa: E402
 
 LIMITS = MediaLimits.from_settings(Settings())
 MAX_BYTES, MAX_PIXELS = LIMITS.max_object_bytes, LIMITS.max_image_pixels

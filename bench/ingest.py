@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stack.services import Stack, StackPorts  # noqa: E402
 from starters.background import WorkerProcess  # noqa: E402
 from starters.synthetic_corpus import write_corpus  # noqa: E402
-from workers.settings import TINY_MODEL_DIR, get_settings  # noqa: E402
+from settings import TINY_MODEL_DIR, get_settings  # noqa: E402
 
 MODELS = {
     "ViT-B-32": {

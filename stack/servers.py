@@ -753,12 +753,12 @@ class Postgres(Server):
 
 
 def worker_logins() -> dict[str, str]:
-    """Worker role -> its Postgres login (workers/settings.py), looked up at call time like
+    """Worker role -> its Postgres login (settings/__init__.py), looked up at call time like
     the migrations (``apply_migrations``); none in a checkout without it."""
     try:
-        settings = importlib.import_module("workers.settings")
+        settings = importlib.import_module("settings")
     except ModuleNotFoundError as e:
-        if e.name in ("workers", "workers.settings"):
+        if e.name in ("workers", "settings"):
             return {}
         raise
     return dict(getattr(settings, "WORKER_LOGINS", {}))

@@ -4,7 +4,7 @@ processes that outlive the Python process that started them.
 ``Stack(state_dir).up()`` is what ``mmrag stack up``, the demo and the test fixtures call. All
 state lives under ``state_dir``::
 
-    endpoints.json        what clients connect to (read by workers.settings and read_endpoints)
+    endpoints.json        what clients connect to (read by settings and read_endpoints)
     ports.json            the ports of the last up(), reused when no ports are given
     run/<name>.pid        the server's own pid (not a wrapper's)
     logs/<name>.log       the server's stdout and stderr, appended across restarts

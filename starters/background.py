@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.settings import REPO_ROOT
+from settings import REPO_ROOT
 
 READY_LINE = "mmrag worker ready"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from workers.settings import get_settings
+from settings import get_settings
 from workers.temporal_client import run_client_command
 
 console = Console(stderr=False)
@@ -108,7 +108,7 @@ async def _ingest(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from e
 
     from starters.ingest import register_local_roots
-    from workers.settings import get_settings
+    from settings import get_settings
 
     for root in register_local_roots(
         get_settings().state_dir, args.tenant, [normalize_uri(s) for s in args.sources]
@@ -337,7 +337,7 @@ async def _watch(args: argparse.Namespace) -> int:
     from activities.storage import normalize_uri
     from starters.ingest import register_local_roots
     from starters.lifecycle import start_watch
-    from workers.settings import get_settings
+    from settings import get_settings
     from workers.temporal_client import connect
     from workflows.contracts import WatchPrefixInput
 

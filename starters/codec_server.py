@@ -68,7 +68,7 @@ from workers.codec import (
     codec_from_settings,
     is_encrypted,
 )
-from workers.settings import Settings, get_settings
+from settings import Settings, get_settings
 
 log = logging.getLogger("mmrag.codec_server")
 

@@ -68,7 +68,7 @@ from starters.http_guard import (
     RequestRefused,
     declared_length,
 )
-from workers.settings import Settings, get_settings
+from settings import Settings, get_settings
 from workflows.contracts import (
     FORGET_WORKFLOW,
     INGEST_ASSET_WORKFLOW,

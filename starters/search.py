@@ -5,7 +5,7 @@ from __future__ import annotations
 from activities import registry
 from activities.encoder import get_encoder
 from activities.vectors import get_store
-from workers.settings import get_settings
+from settings import get_settings
 
 
 def nearest(text: str, tenant: str, top_k: int = 5) -> list[dict[str, object]]:

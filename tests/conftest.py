@@ -26,7 +26,7 @@ from stack.servers import postgres_password
 from stack.services import Stack, StackPorts
 from starters.background import WorkerProcess
 from tests.llm_server import LlmTestServer
-from workers.settings import TINY_MODEL_DIR
+from settings import TINY_MODEL_DIR
 
 TEST_MAX_OBJECT_BYTES = 2_000_000
 TEST_MAX_IMAGE_PIXELS = 4_000_000
@@ -129,7 +129,7 @@ def test_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerStack
         os.environ.update(
             {k: v for k, v in env.items() if k.startswith(("MMRAG_", "TEMPORAL_", "STORAGE_"))}
         )
-        from workers.settings import get_settings
+        from settings import get_settings
 
         get_settings.cache_clear()
         ts = ServerStack(stack, state_dir, endpoints, env, db_passwords=db_passwords)
@@ -201,7 +201,7 @@ def worker(test_stack: ServerStack, llm: LlmTestServer) -> Workers:
 async def client(test_stack: ServerStack) -> Client:
     """A plain client that attaches an operator credential (``mmrag_auth``) minted from the
     test stack's signing key (``state_dir/auth``, created by ``Stack.up``) to every start."""
-    from workers.settings import get_settings
+    from settings import get_settings
     from workers.temporal_client import credential_interceptors
 
     return await Client.connect(

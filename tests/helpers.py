@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from activities import registry
 from activities.models import Asset, AuditEvent
 from activities.vectors import VectorStore, get_store
-from workers.settings import get_settings
+from settings import get_settings
 
 
 def engine():  # type: ignore[no-untyped-def]
@@ -239,7 +239,7 @@ def temporal_execute(
     import json
     import subprocess
 
-    from workers.settings import REPO_ROOT
+    from settings import REPO_ROOT
 
     if token is None:
         token = operator_token()
@@ -279,8 +279,8 @@ def operator_token(ttl_s: float = 900) -> str:
 
 def issued_token(tenants: list[str], role: str, ttl_s: float = 900, subject: str = "") -> str:
     """A credential signed with the test stack's key, as `mmrag token issue` prints it."""
+    from settings import get_settings
     from workers.auth import issue_token, signing_key_from_settings
-    from workers.settings import get_settings
 
     key = signing_key_from_settings(get_settings())
     assert key is not None, "the test stack has no signing key (Stack.up creates it)"

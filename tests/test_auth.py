@@ -57,7 +57,7 @@ from workers.auth import (
     token_from_payload,
     verify_token,
 )
-from workers.settings import REPO_ROOT, get_settings
+from settings import REPO_ROOT, get_settings
 from workflows.contracts import (
     ForgetInput,
     IngestBatchInput,

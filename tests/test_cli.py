@@ -9,9 +9,9 @@ import sys
 import uuid
 from pathlib import Path
 
+from settings import REPO_ROOT
 from starters.synthetic_corpus import write_corpus
 from tests.conftest import ServerStack, Workers
-from workers.settings import REPO_ROOT
 
 
 def mmrag(

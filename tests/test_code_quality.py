@@ -18,7 +18,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from workers.settings import REPO_ROOT
+from settings import REPO_ROOT
 
 BIN = Path(sys.executable).parent
 

@@ -59,7 +59,7 @@ from workers.codec import (
     Keyring,
     codec_from_settings,
 )
-from workers.settings import REPO_ROOT, Settings
+from settings import REPO_ROOT, Settings
 from workers.temporal_client import connect, data_converter
 from workflows.ask import Ask
 from workflows.contracts import ASK_WORKFLOW, TASK_QUEUE, AskInput, AskResult, IngestResult

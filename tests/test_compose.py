@@ -35,7 +35,7 @@ from stack.servers import Postgres, postgres_password
 from stack.services import Stack, StackPorts
 from starters.cli import build_parser, cmd_db, cmd_worker
 from tests.conftest import ServerStack
-from workers.settings import REPO_ROOT, Settings
+from settings import REPO_ROOT, Settings
 from workflows.contracts import SEARCH_ATTRIBUTES
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from stack.ports import ENV_PREFIX, StackPorts
-from workers.settings import REPO_ROOT
+from settings import REPO_ROOT
 
 MMRAG = str(REPO_ROOT / ".venv" / "bin" / "mmrag")
 

@@ -30,7 +30,7 @@ from starters.synthetic_corpus import write_corpus
 from tests.conftest import Workers
 from tests.helpers import engine, registry_rows, store, wait_searchable
 from tests.llm_server import LlmTestServer
-from workers.settings import Settings, get_settings
+from settings import Settings, get_settings
 from workflows.activity_payloads import ScanPageInput
 from workflows.contracts import (
     ASK_WORKFLOW,

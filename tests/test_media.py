@@ -470,7 +470,7 @@ async def test_ask_returns_pdf_pages_and_video_frames_with_locators(
 def _direct_encoder(**overrides: Any) -> Any:
     """An encode activity object in this process, on the test stack's Milvus."""
     from activities.encode import EncodeActivities
-    from workers.settings import get_settings
+    from settings import get_settings
 
     return EncodeActivities(get_settings().model_copy(update=overrides))
 

@@ -20,13 +20,13 @@ import pytest
 from temporalio.client import Client
 
 from activities import metrics
+from settings import REPO_ROOT, Settings
 from starters.ask import ask
 from starters.ingest import start_ingest
 from starters.synthetic_corpus import write_corpus
 from tests.conftest import TEST_MAX_OBJECT_BYTES, ServerStack, Workers
 from tests.helpers import milvus_pks, wait_searchable, write_bad_corpus
 from tests.llm_server import LlmTestServer
-from workers.settings import REPO_ROOT, Settings
 from workers.telemetry import record_activity_result, tracing_exporter
 from workflows.contracts import AskInput
 

@@ -35,7 +35,7 @@ from workers.milvus_rbac import (
     provision,
 )
 from workers.roles import MILVUS_ACCESS
-from workers.settings import Settings
+from settings import Settings
 
 ROOT_PASSWORD = f"rootCanary{uuid.uuid4().hex}"
 PASSWORDS = {u.name: f"{u.name}-pw-{uuid.uuid4().hex[:12]}" for u in USERS}
@@ -164,7 +164,7 @@ def test_provisioning_is_idempotent_and_repairs_drift(provisioned: AuthMilvus) -
 def test_cli_provisions_from_the_environment(
     provisioned: AuthMilvus, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from workers.settings import get_settings
+    from settings import get_settings
 
     monkeypatch.setenv("MMRAG_MILVUS_URI", provisioned.uri)
     monkeypatch.setenv("MMRAG_MILVUS_TOKEN", provisioned.root_token)

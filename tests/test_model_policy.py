@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from activities.model_policy import ModelNotAllowedError, check_model
-from workers.settings import TINY_MODEL_DIR, Settings
+from settings import TINY_MODEL_DIR, Settings
 
 
 def _settings(**kw: str) -> Settings:

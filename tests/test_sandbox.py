@@ -41,7 +41,7 @@ from tests.helpers import png_bytes
 
 LIMITS = MediaLimits(max_object_bytes=2_000_000, max_image_pixels=4_000_000)
 MEMORY_MB = 1024
-# Secrets a worker may hold in its environment (workers/settings.py, the LLM client, cloud
+# Secrets a worker may hold in its environment (settings/__init__.py, the LLM client, cloud
 # SDKs). Each test plants fresh values and looks for them wherever the child could show them.
 SECRET_NAMES = (
     "OPENAI_API_KEY",

@@ -21,6 +21,7 @@ from sqlalchemy import text
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client, WorkflowFailureError
 
+from settings import get_settings
 from starters.ask import ask
 from starters.ingest import start_ingest
 from starters.synthetic_corpus import write_corpus
@@ -34,7 +35,6 @@ from workers.auth import (
     issue_token,
     signing_key_from_settings,
 )
-from workers.settings import get_settings
 from workflows.contracts import AskInput
 
 
@@ -114,6 +114,7 @@ def without_credential_headers(event: HistoryEvent) -> bytes:
     for attributes in (
         copy.workflow_execution_started_event_attributes,
         copy.start_child_workflow_execution_initiated_event_attributes,
+        copy.child_workflow_execution_started_event_attributes,  # the server echoes it
         copy.workflow_execution_continued_as_new_event_attributes,
     ):
         if HEADER in attributes.header.fields:

@@ -28,7 +28,7 @@ from starters.ingest import batch_workflow_id
 from starters.synthetic_corpus import write_corpus
 from tests.conftest import ServerStack, Workers
 from tests.helpers import issued_token, wait_searchable
-from workers.settings import REPO_ROOT, Settings
+from settings import REPO_ROOT, Settings
 from workflows import contracts
 from workflows.contracts import IngestBatchInput
 

@@ -28,7 +28,7 @@ from starters.temporal_setup import (
     type_name,
 )
 from tests.conftest import ServerStack, Workers
-from workers.settings import REPO_ROOT
+from settings import REPO_ROOT
 from workflows.contracts import SEARCH_ATTRIBUTES
 
 

@@ -133,7 +133,7 @@ async def test_new_runs_take_the_patched_path_and_record_the_marker(
     this process, the shared encode worker), then replay of its history by each version."""
     from starters.synthetic_corpus import write_corpus
     from workers.roles import cpu_role
-    from workers.settings import get_settings
+    from settings import get_settings
 
     write_corpus(tmp_path / "c", per_class=1, seed=77)
     queue = f"versioning-{uuid.uuid4().hex[:8]}"

@@ -80,7 +80,7 @@ from temporalio.worker import (
     WorkflowOutboundInterceptor,
 )
 
-from workers.settings import Settings
+from settings import Settings
 from workflows.contracts import (
     ASK_WORKFLOW,
     FORGET_WORKFLOW,

@@ -58,7 +58,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from temporalio.api.common.v1 import Payload
 from temporalio.converter import PayloadCodec
 
-from workers.settings import Settings
+from settings import Settings
 
 log = logging.getLogger("mmrag.codec")
 

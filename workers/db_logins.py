@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from workers.settings import WORKER_LOGINS
+from settings import WORKER_LOGINS
 
 __all__ = ["WORKER_LOGINS", "passwords_from_env", "set_passwords"]
 

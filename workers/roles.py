@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.settings import Settings
+from settings import Settings
 from workflows.contracts import (
     ENCODE_TASK_QUEUE,
     GENERATE_TASK_QUEUE,

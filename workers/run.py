@@ -43,7 +43,7 @@ from temporalio.worker import (
 
 from workers.auth import AuthAudit, AuthInterceptor, policy_from_settings
 from workers.roles import ROLE_BUILDERS
-from workers.settings import Settings, get_settings
+from settings import Settings, get_settings
 from workers.telemetry import (
     configure_tracing,
     metrics_address,

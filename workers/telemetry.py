@@ -36,7 +36,7 @@ from temporalio.worker import (
 )
 
 from activities import metrics
-from workers.settings import Settings
+from settings import Settings
 from workflows.activity_payloads import ENCODE_BATCH, SCAN_PAGE
 
 log = logging.getLogger("mmrag.telemetry")

@@ -31,7 +31,7 @@ from temporalio.envconfig import ClientConfig
 from temporalio.runtime import Runtime
 
 from workers.codec import codec_from_settings
-from workers.settings import Settings, get_settings
+from settings import Settings, get_settings
 
 T = TypeVar("T")
 
