@@ -11,7 +11,7 @@ and a crash is just that file's failure reason. Children are reused across files
 one costs ~0.3 s) and replaced after any failure that may have left them in an unknown
 state.
 
-What the child holds, and what it can reach (README "Decoder sandbox" says what holds where):
+What the child holds, and what it can reach (docs/media.md, "Decoder sandbox"):
 
 - **Capabilities**: none (a root worker's child cannot override file permissions or trace
   other processes).
@@ -600,8 +600,8 @@ def _warn_shared_network(detail: str) -> None:
         _warned_shared_network = True
         log.warning(
             "decoder sandbox: the decoder child shares this worker's network (%s); set "
-            "MMRAG_DECODE_REQUIRE_ISOLATION=true to refuse decoding instead (README: Decoder "
-            "sandbox)",
+            "MMRAG_DECODE_REQUIRE_ISOLATION=true to refuse decoding instead "
+            "(docs/media.md: Decoder sandbox)",
             detail,
         )
 
@@ -863,7 +863,7 @@ def _main(config: dict[str, Any]) -> None:
             raise _Refusal(
                 f"the decoder cannot drop the network ({detail}) and "
                 "MMRAG_DECODE_REQUIRE_ISOLATION is set; allow user namespaces for the worker "
-                "(README: Decoder sandbox) or unset it"
+                "(docs/media.md: Decoder sandbox) or unset it"
             )
         _apply_limits(config)
     except _Refusal as e:

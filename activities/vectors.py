@@ -105,7 +105,7 @@ RBAC_HINT = (
     "mmrag_ingest / mmrag_encode users, read-only clients mmrag_query; set the worker's "
     "MMRAG_MILVUS_TOKEN (or MMRAG_MILVUS_TOKEN_CPU / _ENCODE) to that user's user:password "
     "and run `mmrag milvus provision-rbac` as root to create or repair the roles "
-    "(README, Milvus RBAC)"
+    "(docs/security-reference.md, Milvus RBAC)"
 )
 
 

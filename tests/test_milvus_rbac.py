@@ -23,6 +23,7 @@ from pydantic import SecretStr
 from pymilvus import MilvusClient
 
 from activities.vectors import ChunkRow, VectorStore, VectorStoreAccessError
+from settings import Settings
 from stack.procs import pid_alive, read_pid_file
 from stack.services import Stack, StackError, StackPorts
 from starters.cli import main
@@ -35,7 +36,6 @@ from workers.milvus_rbac import (
     provision,
 )
 from workers.roles import MILVUS_ACCESS
-from settings import Settings
 
 ROOT_PASSWORD = f"rootCanary{uuid.uuid4().hex}"
 PASSWORDS = {u.name: f"{u.name}-pw-{uuid.uuid4().hex[:12]}" for u in USERS}
@@ -254,9 +254,9 @@ def test_query_user_reads_and_is_refused_every_write(
 
 
 def test_milvus_2_3_does_not_check_alter_alias(provisioned: AuthMilvus, collection: str) -> None:
-    """A known gap, stated in README: Milvus 2.3.5 has no privilege for AlterAlias, so any
+    """A known gap, stated in docs/security-reference.md: Milvus 2.3.5 has no privilege for AlterAlias, so any
     authenticated user may re-point an existing alias. If this fails after a Milvus upgrade,
-    the gap is closed: update README's Milvus RBAC section."""
+    the gap is closed: update docs/security-reference.md's Milvus RBAC section."""
     writer = provisioned.store("mmrag_ingest")
     writer.ensure_collection("mmrag_rbac_alt", DIM)
     try:

@@ -19,6 +19,7 @@ from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.api.workflowservice.v1 import RegisterNamespaceRequest
 from temporalio.client import Client
 
+from settings import REPO_ROOT
 from starters.ingest import start_ingest
 from starters.synthetic_corpus import write_corpus
 from starters.temporal_setup import (
@@ -28,7 +29,6 @@ from starters.temporal_setup import (
     type_name,
 )
 from tests.conftest import ServerStack, Workers
-from settings import REPO_ROOT
 from workflows.contracts import SEARCH_ATTRIBUTES
 
 
@@ -88,7 +88,7 @@ def test_type_names_round_trip_and_the_cloud_hint() -> None:
 
 def documented_queries() -> list[str]:
     """The ``temporal workflow list|count --query "…"`` lines of the operator docs."""
-    for doc in (REPO_ROOT / "README.md",):
+    for doc in (REPO_ROOT / "docs" / "operations.md",):
         if doc.exists() and "workflow list --query" in doc.read_text():
             text = doc.read_text()
             return re.findall(r'^temporal workflow (?:list|count) --query "(.+)"$', text, re.M)

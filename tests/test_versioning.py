@@ -10,7 +10,7 @@ under the same workflow name, the way it would replace ``workflows/ingest.py``:
 - without ``patched()`` the same change makes replay of the old history fail with a
   nondeterminism error: in production, every open run of that type would be stuck;
 - step 2 of the patch lifecycle (``deprecate_patch``) replays new histories but not old
-  ones: it may only ship once no pre-patch run is open (README.md, "Replay and changing
+  ones: it may only ship once no pre-patch run is open (docs/versioning.md, "Replay and changing
   workflows safely").
 """
 
@@ -131,9 +131,9 @@ async def test_new_runs_take_the_patched_path_and_record_the_marker(
 ) -> None:
     """A real run of the patched workflow (its own task queue, the real CPU activities in
     this process, the shared encode worker), then replay of its history by each version."""
+    from settings import get_settings
     from starters.synthetic_corpus import write_corpus
     from workers.roles import cpu_role
-    from settings import get_settings
 
     write_corpus(tmp_path / "c", per_class=1, seed=77)
     queue = f"versioning-{uuid.uuid4().hex[:8]}"

@@ -19,7 +19,7 @@ index version, and Milvus 2.3 grants name whole collections only. Privilege name
 Milvus 2.3.5 accepts (checked against the server: an unknown name or one given the wrong
 object type is refused by ``grant_privilege``). Milvus 2.3.5 checks no privilege for
 ``AlterAlias``: any authenticated user may re-point an existing alias (tests prove it, so
-README's claim stays true when Milvus is upgraded).
+docs/security-reference.md's claim stays true when Milvus is upgraded).
 
 Provisioning converges: it creates what is missing, grants what is missing, revokes grants
 and roles these users should not have, and leaves everything else alone, so running it again
