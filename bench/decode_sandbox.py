@@ -39,8 +39,8 @@ from activities.encoder import TINY_CHECKPOINT_PATH, TINY_MODEL_NAME, ClipEncode
 from activities.media import MediaLimits, decode_image  # noqa: E402
 from activities.sandbox import DecoderSandbox, SandboxPool  # noqa: E402
 from bench.encode_gpu import synthetic_jpegs  # noqa: E402
-from starters.synthetic_corpus import write_corpus  # noqa: E402
 from settings import Settings  # noqa: E402
+from starters.synthetic_corpus import write_corpus  # noqa: E402
 
 SETTINGS = Settings()
 LIMITS = MediaLimits.from_settings(SETTINGS)

@@ -62,9 +62,9 @@ import psutil  # noqa: E402
 from temporalio.api.enums.v1 import EventType  # noqa: E402
 
 from bench.ask import TENANT, Questions, bench_env, index_corpus, pct  # noqa: E402
+from settings import get_settings  # noqa: E402
 from stack.services import Stack, StackPorts  # noqa: E402
 from starters.background import WorkerProcess  # noqa: E402
-from settings import get_settings  # noqa: E402
 
 ROLES = ("cpu", "encode", "generate")
 QUEUES = ("mmrag", "mmrag-gpu-encode", "mmrag-gpu-generate")

@@ -758,7 +758,7 @@ def worker_logins() -> dict[str, str]:
     try:
         settings = importlib.import_module("settings")
     except ModuleNotFoundError as e:
-        if e.name in ("workers", "settings"):
+        if e.name == "settings":
             return {}
         raise
     return dict(getattr(settings, "WORKER_LOGINS", {}))

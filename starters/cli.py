@@ -107,8 +107,8 @@ async def _ingest(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from e
 
-    from starters.ingest import register_local_roots
     from settings import get_settings
+    from starters.ingest import register_local_roots
 
     for root in register_local_roots(
         get_settings().state_dir, args.tenant, [normalize_uri(s) for s in args.sources]
@@ -335,9 +335,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 async def _watch(args: argparse.Namespace) -> int:
     from activities.storage import normalize_uri
+    from settings import get_settings
     from starters.ingest import register_local_roots
     from starters.lifecycle import start_watch
-    from settings import get_settings
     from workers.temporal_client import connect
     from workflows.contracts import WatchPrefixInput
 

@@ -54,6 +54,7 @@ from http import HTTPStatus
 from google.protobuf import json_format
 from temporalio.api.common.v1 import Payload, Payloads
 
+from settings import Settings, get_settings
 from starters.http_guard import (
     MAX_CONNECTIONS,
     GuardedHandler,
@@ -68,7 +69,6 @@ from workers.codec import (
     codec_from_settings,
     is_encrypted,
 )
-from settings import Settings, get_settings
 
 log = logging.getLogger("mmrag.codec_server")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from starters.synthetic_corpus import render
 from settings import TINY_MODEL_DIR, get_settings
+from starters.synthetic_corpus import render
 from workers.temporal_client import run_client_command
 from workflows.contracts import AskFilters, AskInput
 
@@ -156,8 +156,8 @@ def wait_searchable(tenant: str, expected: int, timeout: float = 15.0) -> None:
 
 async def _ingest(corpus: str, console: Console):  # type: ignore[no-untyped-def]
     from activities.storage import normalize_uri
-    from starters.ingest import follow, print_summary, register_local_roots, start_ingest
     from settings import get_settings
+    from starters.ingest import follow, print_summary, register_local_roots, start_ingest
     from workers.temporal_client import connect
 
     client = await connect()

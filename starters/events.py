@@ -61,6 +61,7 @@ from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
+from settings import Settings, get_settings
 from starters.http_guard import (
     MAX_CONNECTIONS,
     GuardedHandler,
@@ -68,7 +69,6 @@ from starters.http_guard import (
     RequestRefused,
     declared_length,
 )
-from settings import Settings, get_settings
 from workflows.contracts import (
     FORGET_WORKFLOW,
     INGEST_ASSET_WORKFLOW,

@@ -21,12 +21,12 @@ import pytest_asyncio
 from sqlalchemy.engine import make_url
 from temporalio.client import Client
 
+from settings import TINY_MODEL_DIR
 from stack.ports import LOOPBACK, _pick_range, port_bindable
 from stack.servers import postgres_password
 from stack.services import Stack, StackPorts
 from starters.background import WorkerProcess
 from tests.llm_server import LlmTestServer
-from settings import TINY_MODEL_DIR
 
 TEST_MAX_OBJECT_BYTES = 2_000_000
 TEST_MAX_IMAGE_PIXELS = 4_000_000

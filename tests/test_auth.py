@@ -30,6 +30,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
+from settings import REPO_ROOT, get_settings
 from starters.ingest import start_ingest
 from starters.lifecycle import start_forget, start_reindex, start_watch
 from starters.synthetic_corpus import write_corpus
@@ -57,7 +58,6 @@ from workers.auth import (
     token_from_payload,
     verify_token,
 )
-from settings import REPO_ROOT, get_settings
 from workflows.contracts import (
     ForgetInput,
     IngestBatchInput,

@@ -36,6 +36,7 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHistory
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Replayer
 
+from settings import REPO_ROOT, Settings
 from starters.background import WorkerProcess
 from starters.codec_server import PLAINTEXT_REFUSED, READY_LINE, CodecServerConfig, make_server
 from starters.ingest import start_ingest
@@ -59,7 +60,6 @@ from workers.codec import (
     Keyring,
     codec_from_settings,
 )
-from settings import REPO_ROOT, Settings
 from workers.temporal_client import connect, data_converter
 from workflows.ask import Ask
 from workflows.contracts import ASK_WORKFLOW, TASK_QUEUE, AskInput, AskResult, IngestResult

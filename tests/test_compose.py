@@ -31,11 +31,11 @@ from sqlalchemy import create_engine, pool, text
 from sqlalchemy.engine import make_url
 
 from activities.generation import LlmConfig
+from settings import REPO_ROOT, Settings
 from stack.servers import Postgres, postgres_password
 from stack.services import Stack, StackPorts
 from starters.cli import build_parser, cmd_db, cmd_worker
 from tests.conftest import ServerStack
-from settings import REPO_ROOT, Settings
 from workflows.contracts import SEARCH_ATTRIBUTES
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"

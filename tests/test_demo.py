@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from stack.ports import ENV_PREFIX, StackPorts
 from settings import REPO_ROOT
+from stack.ports import ENV_PREFIX, StackPorts
 
 MMRAG = str(REPO_ROOT / ".venv" / "bin" / "mmrag")
 

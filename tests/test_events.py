@@ -41,6 +41,7 @@ from google.cloud import storage
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
+from settings import REPO_ROOT, Settings
 from starters.events import (
     EventBridge,
     EventsConfig,
@@ -52,7 +53,6 @@ from starters.synthetic_corpus import write_corpus
 from tests.conftest import ServerStack, Workers, free_port
 from tests.helpers import grant_root, milvus_pks
 from tests.raw_http import cut_off_slow_client, raw_request
-from settings import REPO_ROOT, Settings
 from workflows.contracts import asset_id_for, ingest_asset_workflow_id
 
 AUDIENCE = "https://events.example.com/push"

@@ -23,6 +23,7 @@ from temporalio.exceptions import ApplicationError
 from activities import registry
 from activities.limits import bounded
 from activities.vectors import VectorStoreError, compile_filters, tag_value
+from settings import Settings, get_settings
 from starters.ask import ask
 from starters.ingest import start_ingest
 from starters.lifecycle import start_watch
@@ -30,7 +31,6 @@ from starters.synthetic_corpus import write_corpus
 from tests.conftest import Workers
 from tests.helpers import engine, registry_rows, store, wait_searchable
 from tests.llm_server import LlmTestServer
-from settings import Settings, get_settings
 from workflows.activity_payloads import ScanPageInput
 from workflows.contracts import (
     ASK_WORKFLOW,

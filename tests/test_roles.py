@@ -20,12 +20,12 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from temporalio.client import Client
 
+from settings import Settings
 from starters.ask import ask
 from starters.ingest import start_ingest
 from starters.synthetic_corpus import write_corpus
 from tests.conftest import ServerStack, Workers
 from tests.helpers import engine, wait_searchable
-from settings import Settings
 from workflows.contracts import QUERY_TASK_QUEUE, AskInput
 
 LOGIN_ENV = {"mmrag_ingest": "MMRAG_DATABASE_URL_CPU", "mmrag_query": "MMRAG_DATABASE_URL_QUERY"}

@@ -24,11 +24,11 @@ from typing import Any
 import pytest
 
 from activities.storage import normalize_uri
+from settings import REPO_ROOT, Settings
 from starters.ingest import batch_workflow_id
 from starters.synthetic_corpus import write_corpus
 from tests.conftest import ServerStack, Workers
 from tests.helpers import issued_token, wait_searchable
-from settings import REPO_ROOT, Settings
 from workflows import contracts
 from workflows.contracts import IngestBatchInput
 

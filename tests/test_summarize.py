@@ -28,12 +28,12 @@ from activities.generation import (
     fuse_prompt,
     redacted_chunk,
 )
+from settings import Settings
 from starters.ingest import start_ingest
 from starters.synthetic_corpus import PdfPage, write_pdf
 from tests.conftest import LLM_API_KEY, LLM_ENV, ServerStack, Workers
 from tests.helpers import milvus_pks, wait_searchable
 from tests.llm_server import LlmTestServer, summary_answer, user_text
-from settings import Settings
 from workers.temporal_client import data_converter
 from workflows.activity_payloads import Fusion, FusionChunk, GenerateInput
 from workflows.ask import Ask

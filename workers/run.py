@@ -41,9 +41,9 @@ from temporalio.worker import (
     Worker,
 )
 
+from settings import Settings, get_settings
 from workers.auth import AuthAudit, AuthInterceptor, policy_from_settings
 from workers.roles import ROLE_BUILDERS
-from settings import Settings, get_settings
 from workers.telemetry import (
     configure_tracing,
     metrics_address,

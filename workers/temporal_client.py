@@ -30,8 +30,8 @@ from temporalio.converter import (
 from temporalio.envconfig import ClientConfig
 from temporalio.runtime import Runtime
 
-from workers.codec import codec_from_settings
 from settings import Settings, get_settings
+from workers.codec import codec_from_settings
 
 T = TypeVar("T")
 
