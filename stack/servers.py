@@ -753,15 +753,10 @@ class Postgres(Server):
 
 
 def worker_logins() -> dict[str, str]:
-    """Worker role -> its Postgres login (settings/__init__.py), looked up at call time like
-    the migrations (``apply_migrations``); none in a checkout without it."""
-    try:
-        settings = importlib.import_module("settings")
-    except ModuleNotFoundError as e:
-        if e.name == "settings":
-            return {}
-        raise
-    return dict(getattr(settings, "WORKER_LOGINS", {}))
+    """Worker role -> its Postgres login (``settings.WORKER_LOGINS``)."""
+    from settings import WORKER_LOGINS
+
+    return dict(WORKER_LOGINS)
 
 
 def postgres_passfile(state_dir: Path, login: str) -> Path:
@@ -798,14 +793,10 @@ def postgres_password(state_dir: Path, login: str) -> str:
 
 
 def set_login_passwords(owner_url: str, passwords: dict[str, str]) -> None:
-    """``workers.db_logins.set_passwords``, looked up at call time (see worker_logins)."""
-    try:
-        db_logins = importlib.import_module("workers.db_logins")
-    except ModuleNotFoundError as e:
-        if e.name in ("workers", "workers.db_logins"):
-            log.info("postgres: no workers.db_logins module; login passwords not set")
-            return
-        raise
+    """``workers.db_logins.set_passwords``, imported when called: the stack's other servers
+    do not need SQLAlchemy loaded."""
+    from workers import db_logins
+
     try:
         db_logins.set_passwords(owner_url, passwords)
     except Exception as e:
@@ -813,18 +804,10 @@ def set_login_passwords(owner_url: str, passwords: dict[str, str]) -> None:
 
 
 def apply_migrations(database_url: str) -> None:
-    """Apply the Alembic migrations (``workers.migrate.upgrade``) to the stack's database.
+    """Apply the Alembic migrations (``workers.migrate.upgrade``) to the stack's database;
+    imported when called, like ``set_login_passwords``."""
+    from workers import migrate
 
-    The module is looked up at call time so the stack also runs in a checkout where the
-    migrations do not exist yet; any other import error is a real failure and propagates.
-    """
-    try:
-        migrate = importlib.import_module("workers.migrate")
-    except ModuleNotFoundError as e:
-        if e.name in ("workers", "workers.migrate"):
-            log.info("postgres: no workers.migrate module; schema migrations not applied")
-            return
-        raise
     try:
         migrate.upgrade(database_url)
     except Exception as e:

@@ -1,5 +1,7 @@
 """The code stays as the README promises: ruff-clean, ruff-formatted and mypy-clean (the
-modules mypy checks are listed in pyproject.toml), with the tool versions pinned and the
+modules mypy checks are listed in pyproject.toml), its imports inside the layers of
+docs/architecture.md (import-linter's contracts in pyproject.toml: no arrow back down the
+layers, no import loop inside a package), with the tool versions pinned and the
 dependencies installed at the versions constraints.txt records. CI runs only `make test`,
 so this is where a regression shows."""
 
@@ -25,8 +27,13 @@ BIN = Path(sys.executable).parent
 
 @pytest.mark.parametrize(
     "command",
-    [["ruff", "check", "."], ["ruff", "format", "--check", "."], ["mypy"]],
-    ids=["ruff-check", "ruff-format", "mypy"],
+    [
+        ["ruff", "check", "."],
+        ["ruff", "format", "--check", "."],
+        ["mypy"],
+        ["lint-imports", "--no-cache"],
+    ],
+    ids=["ruff-check", "ruff-format", "mypy", "import-layers"],
 )
 def test_static_checks_pass(command: list[str]) -> None:
     done = subprocess.run(
@@ -61,7 +68,7 @@ def _constraints() -> dict[str, Version]:
 def test_ruff_and_mypy_are_pinned_and_installed_at_the_pin() -> None:
     """The checks above fail on what ruff and mypy find, so a new release of either must
     not change the verdict: pyproject.toml pins them exactly and this venv runs that pin."""
-    for tool in ("ruff", "mypy"):
+    for tool in ("ruff", "mypy", "import-linter"):
         (req,) = [r for r in _declared() if canonicalize_name(r.name) == tool]
         (spec,) = list(req.specifier)
         assert spec.operator == "==", f"pin {tool} exactly in the dev extra, not {req}"
