@@ -31,7 +31,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 # them first. The tiny CLIP fixture model comes along for offline smoke tests
 # (MMRAG_CLIP_MODEL=mmrag-tiny); production uses ViT-B-32 weights, downloaded once into
 # the model-cache volume. Nothing else of tests/ is copied: the tiny model is there only
-# because activities/encoder.py still finds it under tests/fixtures/tiny_clip
+# because activities/clip/encoder.py still finds it under tests/fixtures/tiny_clip
 # (settings.TINY_MODEL_DIR); once it is package data, drop that COPY line.
 COPY settings/ settings/
 COPY workflows/ workflows/

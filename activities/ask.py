@@ -5,21 +5,20 @@ that should not pay a task-queue round trip each."""
 from __future__ import annotations
 
 import hashlib
-import re
 import time
-from pathlib import PurePosixPath
-from urllib.parse import unquote
 
 from sqlalchemy.orm import Session
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities import metrics, registry
-from activities.generation import SourceChunk, extractive_answer, fuse_prompt, redacted_chunk
-from activities.guardrails import I_DONT_KNOW, insert_citations, redact_pii, validate_answer
-from activities.limits import clamp_top_k
-from activities.run_context import workflow_ids
-from activities.vectors import BadFilter, compile_filters, get_store
+from activities.rag.fusion import SourceChunk, extractive_answer, fuse_prompt, redacted_chunk
+from activities.rag.guardrails import I_DONT_KNOW, insert_citations, redact_pii, validate_answer
+from activities.rag.rerank import RERANK_POOL, caption_of, rerank
+from activities.runtime import metrics
+from activities.runtime.bounds import clamp_top_k
+from activities.runtime.run_context import workflow_ids
+from activities.store import registry
+from activities.store.vectors import BadFilter, compile_filters, get_store
 from settings import Settings
 from workflows.activity_payloads import (
     FINALIZE_ANSWER,
@@ -36,60 +35,9 @@ from workflows.activity_payloads import (
 )
 from workflows.contracts import Source
 
-RERANK_POOL = 4  # candidates fetched per requested result when re-ranking
-TEXT_WEIGHT = 0.35  # weight of the caption/snippet match in the fused re-rank score
-_WORD = re.compile(r"[a-z0-9]+")
-_STOP = frozenset(
-    [
-        "a",
-        "an",
-        "the",
-        "of",
-        "on",
-        "in",
-        "at",
-        "to",
-        "and",
-        "or",
-        "is",
-        "are",
-        "with",
-        "for",
-        "by",
-        "from",
-        "this",
-        "that",
-        "what",
-        "which",
-    ]
-)
-
 
 def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 2)
-
-
-def caption_of(hit: dict[str, object]) -> str:
-    """The words a chunk carries besides its pixels: snippet, file name and tags."""
-    name = PurePosixPath(unquote(str(hit.get("uri", "")))).stem.replace("-", " ").replace("_", " ")
-    tags = " ".join(str(t) for t in hit.get("tags") or [])  # type: ignore[attr-defined]
-    return " ".join(p for p in (str(hit.get("snippet") or ""), name, tags) if p)
-
-
-def _terms(text: str) -> set[str]:
-    return {w for w in _WORD.findall(text.lower()) if w not in _STOP}
-
-
-def rerank(question: str, hits: list[dict[str, object]]) -> list[dict[str, object]]:
-    """Cross-modal score fusion: CLIP similarity fused with the query's match of each
-    chunk's caption (snippet, file name, tags); stable for ties."""
-    query = _terms(question)
-    if not query:
-        return hits
-    for hit in hits:
-        overlap = len(query & _terms(caption_of(hit))) / len(query)
-        hit["fused"] = (1 - TEXT_WEIGHT) * float(hit["score"]) + TEXT_WEIGHT * overlap  # type: ignore[arg-type]
-    return sorted(hits, key=lambda h: -float(h["fused"]))  # type: ignore[arg-type]
 
 
 class AskActivities:

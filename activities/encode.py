@@ -42,7 +42,8 @@ from PIL import Image
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.encoder import ClipEncoder, get_encoder
+from activities.clip.encoder import ClipEncoder, get_encoder
+from activities.clip.model_policy import ModelNotAllowedError, check_model
 from activities.media import (
     HEAD_BYTES,
     IMAGE_TYPES,
@@ -56,17 +57,16 @@ from activities.media import (
     truncate_utf8,
     type_note,
 )
-from activities.model_policy import ModelNotAllowedError, check_model
 from activities.sandbox import DecoderSandbox, SandboxPool
-from activities.storage import ObjectMissingError, UnsupportedUriError, store_for, worker_uri
-from activities.storage_roots import (
+from activities.store.objects import ObjectMissingError, UnsupportedUriError, store_for, worker_uri
+from activities.store.roots import (
     NotARegularFileError,
     OutsideRootsError,
     StorageRoots,
     TenantRoots,
     open_regular_file,
 )
-from activities.vectors import MAX_SNIPPET, ChunkRow, VectorStore, get_store
+from activities.store.vectors import MAX_SNIPPET, ChunkRow, VectorStore, get_store
 from settings import Settings
 from workflows.activity_payloads import (
     DESCRIBE_ENCODER,
@@ -228,7 +228,7 @@ class EncodeActivities:
     @activity.defn(name=DESCRIBE_MODEL)
     def describe_model(self, spec: ModelSpec) -> EncoderInfo:
         """Load (and so validate) a model a re-index asks for; report its dimension. Only
-        models on the allow-list are loaded (activities/model_policy.py)."""
+        models on the allow-list are loaded (activities/clip/model_policy.py)."""
         try:
             check_model(self.settings, spec.model, spec.pretrained, spec.checkpoint)
         except ModelNotAllowedError as e:

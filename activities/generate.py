@@ -24,23 +24,22 @@ from datetime import timedelta
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities import metrics
-from activities.generation import (
+from activities.llm.client import (
     ChunkSummary,
-    FusedPrompt,
     LlmConfig,
     LlmUnavailableError,
     PermanentLlmError,
-    SourceChunk,
     TransientLlmError,
     fuse_with_llm_summaries,
     get_generator,
 )
-from activities.guardrails import redact_pii
-from activities.limits import clamp_answer_tokens
 from activities.media import BadMediaError, decode_image
-from activities.storage import ObjectMissingError, UnsupportedUriError, store_for
-from activities.storage_roots import OutsideRootsError, StorageRoots
+from activities.rag.fusion import FusedPrompt, SourceChunk
+from activities.rag.guardrails import redact_pii
+from activities.runtime import metrics
+from activities.runtime.bounds import clamp_answer_tokens
+from activities.store.objects import ObjectMissingError, UnsupportedUriError, store_for
+from activities.store.roots import OutsideRootsError, StorageRoots
 from settings import Settings, get_settings
 from workflows.activity_payloads import GENERATE, Fusion, GenerateInput, Generation
 

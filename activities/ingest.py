@@ -8,19 +8,19 @@ from concurrent.futures import ThreadPoolExecutor
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities import index_versions, registry
-from activities.limits import DEFAULT_PAGE_SIZE, clamp
 from activities.media import HEAD_BYTES, BadMediaError, check_object
-from activities.run_context import workflow_ids
-from activities.storage import (
+from activities.runtime.bounds import DEFAULT_PAGE_SIZE, clamp
+from activities.runtime.run_context import workflow_ids
+from activities.store import index_versions, registry
+from activities.store.objects import (
     ObjectMissingError,
     Page,
     UnsupportedUriError,
     store_for,
     worker_uri,
 )
-from activities.storage_roots import OutsideRootsError, StorageRoots, TenantRoots
-from activities.vectors import get_store, model_of
+from activities.store.roots import OutsideRootsError, StorageRoots, TenantRoots
+from activities.store.vectors import get_store, model_of
 from settings import Settings
 from workflows.activity_payloads import (
     CREATE_FIRST_INDEX,

@@ -10,13 +10,13 @@ from datetime import timedelta
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities import index_versions, registry
-from activities.guardrails import redact_pii
-from activities.model_policy import ModelNotAllowedError, check_model
-from activities.run_context import workflow_ids
-from activities.storage import ObjectMissingError, store_for
-from activities.storage_roots import OutsideRootsError, StorageRoots, TenantRoots
-from activities.vectors import VectorStore, get_store, model_of
+from activities.clip.model_policy import ModelNotAllowedError, check_model
+from activities.rag.guardrails import redact_pii
+from activities.runtime.run_context import workflow_ids
+from activities.store import index_versions, registry
+from activities.store.objects import ObjectMissingError, store_for
+from activities.store.roots import OutsideRootsError, StorageRoots, TenantRoots
+from activities.store.vectors import VectorStore, get_store, model_of
 from settings import Settings
 from workflows.activity_payloads import (
     BEGIN_REINDEX,

@@ -820,8 +820,8 @@ async def index_corpus(client: Any, tmp: Path, images_per_class: int, vectors: i
     """Real images through IngestBatch (creates index v1), then bulk random unit vectors."""
     import numpy as np
 
-    from activities import registry
-    from activities.vectors import ChunkRow, get_store
+    from activities.store import registry
+    from activities.store.vectors import ChunkRow, get_store
     from starters.ingest import start_ingest
     from starters.synthetic_corpus import write_corpus
 
@@ -1120,7 +1120,7 @@ async def run(
     listed under ``skipped``, once ``deadline`` (time.monotonic) has passed."""
     import logging
 
-    from activities.generation import tokenizer_name
+    from activities.rag.tokens import tokenizer_name
     from workers.temporal_client import connect
 
     figures: dict[str, Any] = {
@@ -1138,7 +1138,7 @@ async def run(
 
     seed_workers = InProcessWorkers(client, [])
     # The first ingest's alias creation logs a pymilvus ERROR (alter_alias before
-    # create_alias in activities/vectors.py point_alias); it is expected, keep it out.
+    # create_alias in activities/store/vectors.py point_alias); it is expected, keep it out.
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
     try:
         figures["index"] = await index_corpus(client, tmp, args.images_per_class, args.vectors)

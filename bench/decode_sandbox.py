@@ -35,7 +35,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from activities.encoder import TINY_CHECKPOINT_PATH, TINY_MODEL_NAME, ClipEncoder  # noqa: E402
+from activities.clip.encoder import TINY_CHECKPOINT_PATH, TINY_MODEL_NAME, ClipEncoder  # noqa: E402
 from activities.media import MediaLimits, decode_image  # noqa: E402
 from activities.sandbox import DecoderSandbox, SandboxPool  # noqa: E402
 from bench.encode_gpu import synthetic_jpegs  # noqa: E402

@@ -1,6 +1,6 @@
 """Encoder throughput on the machine's accelerator: the project's path against the obvious one.
 
-The project's encode path (``activities.encoder.ClipEncoder``: fp16 weights under autocast on
+The project's encode path (``activities.clip.encoder.ClipEncoder``: fp16 weights under autocast on
 CUDA, one forward pass per batch, pinned host memory, decoding on a thread pool overlapped
 with the model) is timed against the loop a first version would write: an fp32 model fed one
 image at a time, decoded in the same thread. Same images, same run. What it prints:
@@ -43,12 +43,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from activities.encoder import (
+from activities.clip.encoder import (  # noqa: E402
     TINY_CHECKPOINT_PATH,
     TINY_MODEL_NAME,
     ClipEncoder,
     resolve_device,
-)  # noqa: E402
+)
 from activities.media import MediaLimits, decode_image  # noqa: E402
 from settings import Settings  # noqa: E402
 

@@ -44,9 +44,9 @@ MODELS = {
 
 def bare_loop(tenant: str, corpus: Path, batch_size: int) -> float:
     """The same steps, in process: list, check, decode+encode+store, registry + audit."""
-    from activities import registry
     from activities.encode import EncodeActivities
     from activities.ingest import IngestActivities
+    from activities.store import registry
     from workflows.activity_payloads import EncodeBatchInput, ScanPageInput
 
     settings = get_settings()

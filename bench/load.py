@@ -186,7 +186,7 @@ def write_image(path: Path, seed: int, size: int) -> None:
 async def ingest_loop(
     client: Any, load: Load, root: Path, loop_no: int, assets_per_batch: int, image_px: int
 ) -> None:
-    from activities.storage import normalize_uri
+    from activities.store.objects import normalize_uri
     from starters.ingest import start_ingest
     from starters.synthetic_corpus import CLASSES, write_corpus
     from workflows.contracts import (

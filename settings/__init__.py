@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     database_url_cpu: SecretStr = SecretStr("")  # mmrag_ingest:<password>@...: cpu workers
     database_url_query: SecretStr = SecretStr("")  # mmrag_query:<password>@...: query workers
 
-    # Storage roots (activities/storage_roots.py): JSON {"tenant": ["file:///dir", "gs://b/p"],
+    # Storage roots (activities/store/roots.py): JSON {"tenant": ["file:///dir", "gs://b/p"],
     # "*": [...]}. Workers read, list and delete objects only inside the run's tenant's roots
     # (plus "*"), and the stack's <state_dir>/storage_roots.json, which `mmrag ingest PATH`
     # appends to on the stack's own machine.

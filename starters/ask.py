@@ -15,7 +15,7 @@ from typing import TypedDict
 from rich.console import Console
 from temporalio.client import Client
 
-from activities.storage import normalize_uri
+from activities.store.objects import normalize_uri
 from workflows.contracts import (
     ASK_WORKFLOW,
     MAX_INLINE_IMAGE_BYTES,

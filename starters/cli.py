@@ -97,7 +97,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 async def _ingest(args: argparse.Namespace) -> int:
-    from activities.storage import normalize_uri
+    from activities.store.objects import normalize_uri
     from starters.ingest import follow, print_summary, result_json, start_ingest
     from workers.temporal_client import connect
 
@@ -334,7 +334,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 async def _watch(args: argparse.Namespace) -> int:
-    from activities.storage import normalize_uri
+    from activities.store.objects import normalize_uri
     from settings import get_settings
     from starters.ingest import register_local_roots
     from starters.lifecycle import start_watch
@@ -637,7 +637,7 @@ def outage_message(error: BaseException) -> str | None:
     from pymilvus.exceptions import MilvusException
     from sqlalchemy.exc import OperationalError
 
-    from activities.vectors import VectorStoreAccessError, VectorStoreError
+    from activities.store.vectors import VectorStoreAccessError, VectorStoreError
 
     if isinstance(error, VectorStoreAccessError):  # up, but refused these credentials
         return f"Milvus refused the request: {error.reason}; check MMRAG_MILVUS_TOKEN"

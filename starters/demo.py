@@ -141,8 +141,8 @@ async def _ask_samples(query_image: Path, console: Console) -> None:
 
 def wait_searchable(tenant: str, expected: int, timeout: float = 15.0) -> None:
     """Asks read Milvus with Bounded consistency; fresh vectors are visible within seconds."""
-    from activities import registry
-    from activities.vectors import get_store
+    from activities.store import registry
+    from activities.store.vectors import get_store
 
     s = get_settings()
     index = registry.active_index(registry.get_engine(s.database_endpoint()))
@@ -155,7 +155,7 @@ def wait_searchable(tenant: str, expected: int, timeout: float = 15.0) -> None:
 
 
 async def _ingest(corpus: str, console: Console):  # type: ignore[no-untyped-def]
-    from activities.storage import normalize_uri
+    from activities.store.objects import normalize_uri
     from settings import get_settings
     from starters.ingest import follow, print_summary, register_local_roots, start_ingest
     from workers.temporal_client import connect

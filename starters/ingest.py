@@ -15,8 +15,8 @@ from rich.table import Table
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy
 
-from activities.storage import normalize_uri
-from activities.storage_roots import register_local_root
+from activities.store.objects import normalize_uri
+from activities.store.roots import register_local_root
 from workflows.contracts import (
     INGEST_BATCH_WORKFLOW,
     TASK_QUEUE,

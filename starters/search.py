@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from activities import registry
-from activities.encoder import get_encoder
-from activities.vectors import get_store
+from activities.clip.encoder import get_encoder
+from activities.store import registry
+from activities.store.vectors import get_store
 from settings import get_settings
 
 

@@ -14,9 +14,9 @@ from PIL import Image
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from activities import registry
-from activities.models import Asset, AuditEvent
-from activities.vectors import VectorStore, get_store
+from activities.store import registry
+from activities.store.orm import Asset, AuditEvent
+from activities.store.vectors import VectorStore, get_store
 from settings import get_settings
 
 
@@ -61,8 +61,8 @@ def audit_events(tenant: str) -> list[AuditEvent]:
 
 def audit_private(event: AuditEvent) -> dict[str, str]:
     """An audit row's sealed URI / reason / note ({} when it has none or was forgotten):
-    rows never hold them in clear (activities/audit_privacy.py)."""
-    from activities import audit_privacy
+    rows never hold them in clear (activities/store/audit_privacy.py)."""
+    from activities.store import audit_privacy
 
     with Session(engine()) as session:
         return audit_privacy.open_private(session, event) or {}
@@ -300,6 +300,6 @@ def assets_locked(tenant: str) -> Iterator[None]:
 def grant_root(state_dir: Path, tenant: str, uri: str) -> None:
     """Make ``uri`` (a bucket, prefix or folder) a storage root of ``tenant`` on the test
     stack, the way `mmrag ingest` does on the stack's machine (workers re-read the file)."""
-    from activities.storage_roots import register_local_root
+    from activities.store.roots import register_local_root
 
     register_local_root(state_dir, tenant, uri)

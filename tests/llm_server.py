@@ -53,7 +53,7 @@ from typing import Any
 
 MODES = ("ok", "slow", "throttle", "fail", "down", "hallucinate", "status", "empty", "reply")
 HALLUCINATION = "The Eiffel Tower was painted purple in 1850 by Napoleon's engineers [S9]."
-# How activities.generation's summary system prompt starts (kept literal: a test server
+# How activities.llm.client's summary system prompt starts (kept literal: a test server
 # that imported the code under test would agree with it by construction).
 SUMMARY_PROMPT_START = "You condense one source passage"
 

@@ -4,7 +4,7 @@ cannot remove.
 The hole: every ``asset.ingest`` / ``asset.fail`` audit row kept the object's URI in clear
 (``file:///.../jane-doe-passport.png``), and failure reasons quote it; the table is
 append-only, so after ``Forget`` the person's name stayed in the trail for ever. Now those
-fields are sealed under a per-asset key that Forget destroys (activities/audit_privacy.py).
+fields are sealed under a per-asset key that Forget destroys (activities/store/audit_privacy.py).
 
 Against the real servers: ingest and Forget through Temporal and the worker processes, rows
 read back from Postgres as its owner; the migration test runs the real Alembic migrations
@@ -26,8 +26,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from temporalio.client import Client
 
-from activities import audit_privacy
-from activities.models import AuditEvent
+from activities.store import audit_privacy
+from activities.store.orm import AuditEvent
 from starters.ingest import start_ingest
 from starters.lifecycle import start_forget
 from starters.synthetic_corpus import render

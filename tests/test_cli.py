@@ -73,7 +73,7 @@ def test_user_errors_say_what_to_do(test_stack: ServerStack) -> None:
 
 
 def test_a_refused_milvus_privilege_is_not_reported_as_an_outage() -> None:
-    from activities.vectors import VectorStoreAccessError, VectorStoreError
+    from activities.store.vectors import VectorStoreAccessError, VectorStoreError
     from starters.cli import outage_message
 
     refused = VectorStoreAccessError(

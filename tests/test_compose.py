@@ -30,7 +30,7 @@ import yaml
 from sqlalchemy import create_engine, pool, text
 from sqlalchemy.engine import make_url
 
-from activities.generation import LlmConfig
+from activities.llm.client import LlmConfig
 from settings import REPO_ROOT, Settings
 from stack.servers import Postgres, postgres_password
 from stack.services import Stack, StackPorts

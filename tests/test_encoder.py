@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from activities.encoder import (
+from activities.clip.encoder import (
     TINY_CHECKPOINT_PATH,
     TINY_MODEL_NAME,
     ClipEncoder,

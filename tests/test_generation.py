@@ -17,25 +17,23 @@ from concurrent.futures import ThreadPoolExecutor
 import pybreaker
 import pytest
 
-from activities import generation
-from activities.generation import (
-    EXTRACTIVE_LABEL,
-    FusedPrompt,
+from activities.llm import client
+from activities.llm.client import (
     LlmConfig,
     LlmGenerator,
     LlmUnavailableError,
     PermanentLlmError,
-    SourceChunk,
     TransientLlmError,
-    approx_tokens,
-    chat_tokens,
-    count_tokens,
+)
+from activities.rag import fusion, tokens
+from activities.rag.fusion import (
+    EXTRACTIVE_LABEL,
+    FusedPrompt,
+    SourceChunk,
     extractive_answer,
     fuse_prompt,
-    summarize_extractive,
-    truncate_to_tokens,
 )
-from activities.guardrails import (
+from activities.rag.guardrails import (
     I_DONT_KNOW,
     extract_citations,
     iban_ok,
@@ -45,6 +43,8 @@ from activities.guardrails import (
     source_texts,
     validate_answer,
 )
+from activities.rag.summaries import summarize_extractive, truncate_to_tokens
+from activities.rag.tokens import approx_tokens, chat_tokens, count_tokens
 from tests.llm_server import LlmTestServer
 
 API_KEY = "sk-test-0123456789abcdefSECRET"
@@ -183,12 +183,12 @@ def test_count_tokens_never_downloads(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
-    generation._encoder.cache_clear()
+    tokens._encoder.cache_clear()
     try:
-        assert generation.tokenizer_name() == "approx"
+        assert tokens.tokenizer_name() == "approx"
         assert count_tokens("multimodal retrieval") == approx_tokens("multimodal retrieval")
     finally:
-        generation._encoder.cache_clear()
+        tokens._encoder.cache_clear()
 
 
 def test_tokenizer_encoding_follows_the_configured_model(
@@ -199,14 +199,14 @@ def test_tokenizer_encoding_follows_the_configured_model(
     not know (a vLLM-served one) the current o200k_base; MMRAG_TOKENIZER overrides."""
     monkeypatch.delenv("MMRAG_TOKENIZER", raising=False)
     monkeypatch.delenv("MMRAG_LLM_MODEL", raising=False)
-    assert generation.tokenizer_encoding() == "o200k_base"
-    assert generation.tokenizer_encoding("gpt-4o") == "o200k_base"
-    assert generation.tokenizer_encoding("gpt-4") == "cl100k_base"
-    assert generation.tokenizer_encoding("meta-llama/Llama-3.1-8B-Instruct") == "o200k_base"
+    assert tokens.tokenizer_encoding() == "o200k_base"
+    assert tokens.tokenizer_encoding("gpt-4o") == "o200k_base"
+    assert tokens.tokenizer_encoding("gpt-4") == "cl100k_base"
+    assert tokens.tokenizer_encoding("meta-llama/Llama-3.1-8B-Instruct") == "o200k_base"
     monkeypatch.setenv("MMRAG_LLM_MODEL", "gpt-3.5-turbo")
-    assert generation.tokenizer_encoding() == "cl100k_base"
+    assert tokens.tokenizer_encoding() == "cl100k_base"
     monkeypatch.setenv("MMRAG_TOKENIZER", "o200k_base")
-    assert generation.tokenizer_encoding() == "o200k_base"
+    assert tokens.tokenizer_encoding() == "o200k_base"
 
 
 def test_truncate_to_tokens_cuts_at_words() -> None:
@@ -578,7 +578,7 @@ def test_generator_env_has_no_key_in_repr() -> None:
     cfg = LlmConfig(base_url="http://user:pw@host:9/v1", api_key=API_KEY)
     gen = LlmGenerator(cfg, breaker=pybreaker.CircuitBreaker())
     assert API_KEY not in repr(gen.config)
-    assert generation.safe_url(cfg.base_url) == "http://host:9/v1"
+    assert client.safe_url(cfg.base_url) == "http://host:9/v1"
     gen.close()
 
 
@@ -620,9 +620,9 @@ def _extractive(sources: list[SourceChunk]) -> FusedPrompt:
 
 def _summarised(
     gen: LlmGenerator, sources: list[SourceChunk], first: FusedPrompt
-) -> tuple[FusedPrompt, dict[str, generation.ChunkSummary]]:
-    used = [generation.redacted_chunk(s) for s in sources if s.id in first.used]
-    return generation.fuse_with_llm_summaries(
+) -> tuple[FusedPrompt, dict[str, client.ChunkSummary]]:
+    used = [fusion.redacted_chunk(s) for s in sources if s.id in first.used]
+    return client.fuse_with_llm_summaries(
         gen, first.question, used, first.shortened, 2000, CHUNK_CAP
     )
 
@@ -641,10 +641,10 @@ def test_fuse_prompt_reports_cut_sources_and_fuses_again_identically() -> None:
         assert value not in first.question + first.user
     # What the retrieve step ships (redacted) fuses to exactly the same prompt.
     again = fuse_prompt(
-        first.question, [generation.redacted_chunk(s) for s in sources], 2000, CHUNK_CAP
+        first.question, [fusion.redacted_chunk(s) for s in sources], 2000, CHUNK_CAP
     )
     assert (again.user, again.context, again.used) == (first.user, first.context, first.used)
-    passage = generation.chunk_passage(sources[0])
+    passage = fusion.chunk_passage(sources[0])
     assert "bay 40" in passage and "[EMAIL]" in passage and "[CARD]" in passage
     assert not any(value in passage for value in CHUNK_PII)
 
@@ -677,9 +677,9 @@ def test_fuse_prompt_shows_summaries_redacted_and_within_the_cap() -> None:
     ],
 )
 def test_validate_summary(summary: str, ok: bool) -> None:
-    from activities.guardrails import validate_summary
+    from activities.rag.guardrails import validate_summary
 
-    passage = generation.chunk_passage(_long_sources(1)[0])
+    passage = fusion.chunk_passage(_long_sources(1)[0])
     assert validate_summary(summary, passage).ok is ok
 
 

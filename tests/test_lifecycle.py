@@ -16,7 +16,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from temporalio.client import Client
 
-from activities import index_versions, registry
+from activities.store import index_versions, registry
 from starters.ask import ask
 from starters.ingest import start_ingest
 from starters.lifecycle import (
@@ -317,8 +317,8 @@ def test_reconciliation_sees_rows_inserted_a_moment_before(
     latest insert (pymilvus's query_iterator on Milvus 2.3 did) would re-encode or drop it."""
     import numpy as np
 
-    from activities import vectors
-    from activities.vectors import ChunkRow
+    from activities.store import vectors
+    from activities.store.vectors import ChunkRow
 
     monkeypatch.setattr(vectors, "GENERATION_PAGE", 3)  # several pages of 3 rows
     s = store()

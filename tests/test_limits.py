@@ -20,9 +20,9 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.converter import PayloadConverter
 from temporalio.exceptions import ApplicationError
 
-from activities import registry
-from activities.limits import bounded
-from activities.vectors import VectorStoreError, compile_filters, tag_value
+from activities.runtime.bounds import bounded
+from activities.store import registry
+from activities.store.vectors import VectorStoreError, compile_filters, tag_value
 from settings import Settings, get_settings
 from starters.ask import ask
 from starters.ingest import start_ingest

@@ -476,8 +476,8 @@ def _direct_encoder(**overrides: Any) -> Any:
 
 
 def _ref(tenant: str, path: Path, mime: str) -> Any:
-    from activities.storage import LocalStore
-    from activities.storage_roots import TenantRoots, canonical_root
+    from activities.store.objects import LocalStore
+    from activities.store.roots import TenantRoots, canonical_root
     from workflows.contracts import asset_id_for
 
     root = canonical_root(str(path.resolve().parent))
@@ -488,7 +488,7 @@ def _ref(tenant: str, path: Path, mime: str) -> Any:
 
 async def _index(client: Any, tenant: str, tmp_path: Path) -> Any:
     """The active index version (created by a first ingest if this session has none yet)."""
-    from activities import registry
+    from activities.store import registry
     from tests.helpers import engine
 
     index = registry.active_index(engine())
@@ -513,7 +513,7 @@ async def test_interrupted_video_resumes_after_its_last_written_group(
     import numpy as np
 
     from activities.encode import BatchProgress
-    from activities.vectors import ChunkRow
+    from activities.store.vectors import ChunkRow
     from tests.helpers import milvus_pks, store
     from workflows.activity_payloads import EncodeBatchInput
     from workflows.contracts import INGESTED

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 
-from activities import metrics
+from activities.runtime import metrics
 from settings import REPO_ROOT, Settings
 from starters.ask import ask
 from starters.ingest import start_ingest

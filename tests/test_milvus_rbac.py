@@ -22,7 +22,7 @@ import pytest
 from pydantic import SecretStr
 from pymilvus import MilvusClient
 
-from activities.vectors import ChunkRow, VectorStore, VectorStoreAccessError
+from activities.store.vectors import ChunkRow, VectorStore, VectorStoreAccessError
 from settings import Settings
 from stack.procs import pid_alive, read_pid_file
 from stack.services import Stack, StackError, StackPorts
@@ -254,9 +254,10 @@ def test_query_user_reads_and_is_refused_every_write(
 
 
 def test_milvus_2_3_does_not_check_alter_alias(provisioned: AuthMilvus, collection: str) -> None:
-    """A known gap, stated in docs/security-reference.md: Milvus 2.3.5 has no privilege for AlterAlias, so any
-    authenticated user may re-point an existing alias. If this fails after a Milvus upgrade,
-    the gap is closed: update docs/security-reference.md's Milvus RBAC section."""
+    """A known gap, stated in docs/security-reference.md: Milvus 2.3.5 has no privilege for
+    AlterAlias, so any authenticated user may re-point an existing alias. If this fails after
+    a Milvus upgrade, the gap is closed: update docs/security-reference.md's Milvus RBAC
+    section."""
     writer = provisioned.store("mmrag_ingest")
     writer.ensure_collection("mmrag_rbac_alt", DIM)
     try:

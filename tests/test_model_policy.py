@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from activities.model_policy import ModelNotAllowedError, check_model
+from activities.clip.model_policy import ModelNotAllowedError, check_model
 from settings import TINY_MODEL_DIR, Settings
 
 

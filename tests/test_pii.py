@@ -1,7 +1,7 @@
 """PII redaction: every value the security review found slipping through, and the ordinary
 numbers that must survive.
 
-Unit tests of :func:`activities.guardrails.redact_pii` (pure text, no servers); the Ask
+Unit tests of :func:`activities.rag.guardrails.redact_pii` (pure text, no servers); the Ask
 path that redacts answers end to end is tested in ``tests/test_prompt_injection.py``, and
 the audit trail's URIs in ``tests/test_lifecycle.py``.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from activities.guardrails import PII_KINDS, normalize_text, redact_pii
+from activities.rag.guardrails import PII_KINDS, normalize_text, redact_pii
 
 ZWSP = "\u200b"  # zero-width space
 ZWJ = "\u200d"  # zero-width joiner

@@ -22,14 +22,14 @@ import pytest
 import pytest_asyncio
 from temporalio.client import Client
 
-from activities.generation import (
+from activities.rag.fusion import (
     SYSTEM_PROMPT,
     SourceChunk,
     chunk_passage,
     extractive_answer,
     fuse_prompt,
 )
-from activities.guardrails import (
+from activities.rag.guardrails import (
     extract_citations,
     instruction_markers,
     neutralize_source_text,

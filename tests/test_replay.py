@@ -20,6 +20,7 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowFailureError, WorkflowHistory
 from temporalio.worker import Replayer
+from workers.settings import get_settings
 
 from starters.ingest import start_ingest
 from starters.lifecycle import start_forget
@@ -39,7 +40,6 @@ from workers.auth import (
     token_from_payload,
     verify_token,
 )
-from workers.settings import get_settings
 from workers.temporal_client import data_converter
 from workflows.ask import Ask
 from workflows.contracts import (

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from activities.storage import normalize_uri
+from activities.store.objects import normalize_uri
 from settings import REPO_ROOT, Settings
 from starters.ingest import batch_workflow_id
 from starters.synthetic_corpus import write_corpus

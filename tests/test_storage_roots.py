@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client, WorkflowFailureError
 
-from activities.storage import LocalStore, UnsupportedUriError, worker_uri
-from activities.storage_roots import (
+from activities.store.objects import LocalStore, UnsupportedUriError, worker_uri
+from activities.store.roots import (
     OutsideRootsError,
     StorageRoots,
     TenantRoots,

@@ -22,12 +22,8 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.worker import Replayer
 
 from activities.generate import GenerateActivities
-from activities.generation import (
-    SourceChunk,
-    count_tokens,
-    fuse_prompt,
-    redacted_chunk,
-)
+from activities.rag.fusion import SourceChunk, fuse_prompt, redacted_chunk
+from activities.rag.tokens import count_tokens
 from settings import Settings
 from starters.ingest import start_ingest
 from starters.synthetic_corpus import PdfPage, write_pdf
@@ -63,7 +59,7 @@ def server() -> Iterator[LlmTestServer]:
 
 
 def _activities(srv: LlmTestServer | None, **settings: object) -> GenerateActivities:
-    from activities.generation import LlmConfig
+    from activities.llm.client import LlmConfig
 
     config = (
         LlmConfig(base_url=srv.base_url, api_key=LLM_API_KEY, model="test-llm", timeout_s=2.0)

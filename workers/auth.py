@@ -61,12 +61,8 @@ from temporalio.client import (
     WorkflowHandle,
     WorkflowUpdateHandle,
 )
-from temporalio.client import (
-    Interceptor as ClientInterceptor,
-)
-from temporalio.client import (
-    OutboundInterceptor as ClientOutbound,
-)
+from temporalio.client import Interceptor as ClientInterceptor
+from temporalio.client import OutboundInterceptor as ClientOutbound
 from temporalio.common import RetryPolicy
 from temporalio.converter import PayloadConverter
 from temporalio.exceptions import ActivityError, ApplicationError
@@ -763,8 +759,8 @@ class AuthAudit:
     def audit_refusal(self, refusal: Refusal) -> None:
         from sqlalchemy.orm import Session
 
-        from activities.registry import AuditRecord, get_engine, write_audit
-        from activities.run_context import workflow_ids
+        from activities.runtime.run_context import workflow_ids
+        from activities.store.registry import AuditRecord, get_engine, write_audit
 
         workflow_id, run_id = workflow_ids()
         engine = get_engine(self._settings.database_endpoint())

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from activities.vectors import (
+from activities.store.vectors import (
     VectorStoreAccessError,
     VectorStoreError,
     connect,

@@ -5,7 +5,7 @@ Why here and not in each activity:
 
 - **One /metrics port per worker process.** A Temporal ``Runtime`` owns the Prometheus
   endpoint; the worker creates one when ``MMRAG_METRICS_PORT`` is set, hands it to
-  ``Client.connect(runtime=...)`` and gives its meter to :mod:`activities.metrics`, so the
+  ``Client.connect(runtime=...)`` and gives its meter to :mod:`activities.runtime.metrics`, so the
   SDK's ``temporal_*`` series and mmrag's ``mmrag_*`` series share one scrape target. CLI
   clients never bind a port.
 - **Asset outcomes are counted where they all pass.** Every asset outcome of an ingest is
@@ -35,7 +35,7 @@ from temporalio.worker import (
     Interceptor,
 )
 
-from activities import metrics
+from activities.runtime import metrics
 from settings import Settings
 from workflows.activity_payloads import ENCODE_BATCH, SCAN_PAGE
 
@@ -57,7 +57,7 @@ def metrics_address(settings: Settings) -> str:
 def worker_runtime(settings: Settings, role: str) -> Runtime | None:
     """A Runtime serving Prometheus on MMRAG_METRICS_HOST:PORT, or None when the port is 0.
 
-    Also points :mod:`activities.metrics` at the runtime's meter. SDK latencies stay in
+    Also points :mod:`activities.runtime.metrics` at the runtime's meter. SDK latencies stay in
     milliseconds (the SDK default that Temporal's published dashboards expect); mmrag's own
     durations are ``*_seconds`` histograms with their own buckets.
     """
@@ -112,7 +112,8 @@ def record_activity_result(name: str, args: Any, result: Any, seconds: float) ->
 
 
 class OutcomeMetricsInterceptor(Interceptor):
-    """Worker interceptor that feeds :mod:`activities.metrics` from ingest activity results."""
+    """Worker interceptor that feeds :mod:`activities.runtime.metrics` from ingest activity
+    results."""
 
     def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
         return _OutcomeMetricsInbound(next)

@@ -7,7 +7,7 @@ Two kinds of caller-supplied values, treated differently on purpose:
   one line saying what to fix): silently dropping a tag filter would widen a search, and
   silently dropping a tag would lose data. ``tags_problem`` and ``filters_problem`` are
   pure and deterministic, so workflows call them on their input before the first activity
-  and ``activities/vectors.py`` calls them again for direct callers.
+  and ``activities/store/vectors.py`` calls them again for direct callers.
 * **Load** — page size, batch size, concurrency, heartbeat, watch interval, ``top_k``,
   ``max_answer_tokens`` only pace or size the same work. They are clamped on the worker
   side to the deployment's maxima (``MMRAG_MAX_*`` settings, ``bound_knobs``): the result is

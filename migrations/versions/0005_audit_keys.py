@@ -3,7 +3,7 @@
 Audit rows used to keep each object's URI (and failure reasons quoting it) in clear, for
 ever: the table is append-only, so ``Forget`` could not remove them. From now on they are
 sealed under a per-asset key kept in ``asset_keys``, and ``Forget`` deletes the key
-(crypto-shredding; the reasoning is in activities/audit_privacy.py).
+(crypto-shredding; the reasoning is in activities/store/audit_privacy.py).
 
 Rows written before this migration are sealed here, once: the append-only trigger is
 disabled for this one UPDATE, inside this migration's transaction, by the owner that runs
@@ -24,7 +24,7 @@ from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
-from activities import audit_privacy
+from activities.store import audit_privacy
 
 revision = "0005"
 down_revision = "0004"

@@ -132,7 +132,7 @@ function integer(flag: string, value: string | undefined): number {
   return n;
 }
 
-/** Same rule as the Python CLI (activities/storage.py normalize_uri). */
+/** Same rule as the Python CLI (activities/store/objects.py normalize_uri). */
 function normalizeSource(pathOrUri: string): string {
   const scheme = /^([a-zA-Z][\w+.-]*):\/\//.exec(pathOrUri)?.[1];
   if (scheme === undefined) return pathToFileURL(resolve(pathOrUri)).href;

@@ -5,7 +5,7 @@ upserted by (tenant, asset_id) and audit rows carry an idempotency key that make
 second insert of the same event a no-op (``ON CONFLICT DO NOTHING``, which the
 append-only triggers allow). Audit rows hold no URI, failure reason or note in clear:
 :func:`write_audit` seals them under the asset's own key, which ``Forget`` destroys
-(:mod:`activities.audit_privacy`).
+(:mod:`activities.store.audit_privacy`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from sqlalchemy import Engine, create_engine, func, literal, select, tuple_, upd
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from activities import audit_privacy
-from activities.models import Asset, AuditEvent, IndexVersion
+from activities.store import audit_privacy
+from activities.store.orm import Asset, AuditEvent, IndexVersion
 from workflows.activity_payloads import ReindexItem
 from workflows.contracts import FAILED, INGESTED, AssetOutcome, IndexTarget, ObjectRef
 
@@ -59,7 +59,7 @@ def write_audit(session: Session, records: Iterable[AuditRecord]) -> None:
     """Append ``records`` (a retried write of the same idempotency key is a no-op).
 
     Each record's ``uri`` and ``private`` fields are sealed into ``details["sealed"]`` under
-    its asset's key (:func:`activities.audit_privacy.keys_for_live_assets`); a record with
+    its asset's key (:func:`activities.store.audit_privacy.keys_for_live_assets`); a record with
     no live asset keeps none of them. The ``uri`` column is always left empty."""
     records = list(records)
     if not records:
@@ -303,7 +303,7 @@ def mark_forgotten(
     generations: dict[str, str],
 ) -> None:
     """Wipe what identifies the object, destroy its audit key (its audit rows' sealed URI
-    and reasons become unreadable: :mod:`activities.audit_privacy`) and write one tombstone
+    and reasons become unreadable: :mod:`activities.store.audit_privacy`) and write one tombstone
     per asset version (no personal data: no URI, no tags; the reason is PII-redacted by the
     caller)."""
     if not asset_ids:

@@ -57,13 +57,13 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from activities.models import Asset
+from activities.store.orm import Asset
 
 #: Fields of an audit row that may identify a person: sealed, never stored in clear.
 PRIVATE_FIELDS = ("uri", "reason", "note")
 SEALED = "sealed"  # the details key holding the sealed fields
 _VERSION = "v1"
-_FORGOTTEN = "forgotten"  # activities.registry.FORGOTTEN (registry imports this module)
+_FORGOTTEN = "forgotten"  # activities.store.registry.FORGOTTEN (registry imports this module)
 
 # Mirrors migrations/versions/0005_audit_keys.py.
 asset_keys = Table(

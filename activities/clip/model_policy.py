@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from activities.encoder import TINY_MODEL_NAME
+from activities.clip.encoder import TINY_MODEL_NAME
 from settings import TINY_MODEL_DIR, Settings
 
 

@@ -16,9 +16,9 @@ from datetime import timedelta
 from sqlalchemy import Engine, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from activities.models import Asset, IndexVersion, ReindexRun
-from activities.registry import AuditRecord, write_audit
-from activities.registry import index_target as target
+from activities.store.orm import Asset, IndexVersion, ReindexRun
+from activities.store.registry import AuditRecord, write_audit
+from activities.store.registry import index_target as target
 from workflows.contracts import INGESTED, IndexTarget
 
 # Staleness after which a "running" re-index row no longer blocks a new run (the

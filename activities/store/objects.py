@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
-from activities.storage_roots import (
+from activities.store.roots import (
     NotARegularFileError,
     OutsideRootsError,
     TenantRoots,

@@ -1,7 +1,7 @@
 """Guardrails around generation: PII redaction, prompt-injection defences, answer
 validation and citations.
 
-Why these live apart from :mod:`activities.generation`: they are pure functions of text,
+Why these live apart from :mod:`activities.llm.client`: they are pure functions of text,
 used on both sides of the LLM call (redaction before anything leaves the process,
 validation and citation after the answer comes back) and by the extractive no-LLM path, so
 they must stay cheap, deterministic and free of I/O.
@@ -45,7 +45,7 @@ and the audit row; the redacted values never do.
 
 **Prompt injection.** Retrieved text is data from documents anyone may have written, so
 :func:`neutralize_source_text` prepares it for the prompt, where
-:mod:`activities.generation` puts each source between ``<source id="S1">`` and
+:mod:`activities.llm.client` puts each source between ``<source id="S1">`` and
 ``</source>``: markup characters are escaped (a ``</source>`` or chat-template token inside a
 document cannot close or open anything) and citation-like headers (``[S2]``) are turned into
 ``(S2)``, so a document cannot forge another source. :func:`validate_answer` then refuses
@@ -434,7 +434,7 @@ _CALL_TO_ACTION_RE = re.compile(
     re.IGNORECASE,
 )
 
-# A source in the prompt's context (activities.generation.fuse_prompt): its id and its
+# A source in the prompt's context (activities.llm.client.fuse_prompt): its id and its
 # escaped text.
 _SOURCE_BLOCK_RE = re.compile(r'<source id="(S\d+)"[^>]*>\n(.*?)\n</source>', re.DOTALL)
 
@@ -483,7 +483,7 @@ def instruction_markers(text: str) -> list[str]:
 
 def source_texts(context: str) -> dict[str, str]:
     """Source id -> text, from a context made of ``<source id="S1">`` blocks
-    (:func:`activities.generation.fuse_prompt`); ``{"*": context}`` for an older context
+    (:func:`activities.llm.client.fuse_prompt`); ``{"*": context}`` for an older context
     without delimiters (then checks treat the context as one source)."""
     blocks = {m.group(1): m.group(2) for m in _SOURCE_BLOCK_RE.finditer(context)}
     return blocks or ({"*": context} if context.strip() else {})
