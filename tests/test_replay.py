@@ -20,8 +20,8 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowFailureError, WorkflowHistory
 from temporalio.worker import Replayer
-from workers.settings import get_settings
 
+from settings import get_settings
 from starters.ingest import start_ingest
 from starters.lifecycle import start_forget
 from starters.synthetic_corpus import write_corpus
