@@ -20,7 +20,13 @@ from starters.ask import ask, ask_task_queue, query_worker_polling
 from starters.ingest import start_ingest
 from starters.synthetic_corpus import render, write_corpus
 from tests.conftest import LLM_API_KEY, ServerStack, Workers
-from tests.helpers import audit_events, milvus_pks, temporal_execute, wait_searchable
+from tests.helpers import (
+    audit_events,
+    milvus_pks,
+    registry_rows,
+    temporal_execute,
+    wait_searchable,
+)
 from tests.llm_server import LlmTestServer
 from workflows.contracts import (
     ASK_WORKFLOW,
@@ -84,7 +90,7 @@ async def test_text_query_generates_a_grounded_cited_answer(
     assert {"encode", "retrieve", "generate"} <= set(result.stage_ms)
 
 
-async def test_image_and_hybrid_queries(corpus: Corpus, client: Client, llm: LlmTestServer) -> None:
+async def test_image_query_ranks_the_pictured_class_first(corpus: Corpus, client: Client) -> None:
     import random
 
     buf = io.BytesIO()
@@ -93,17 +99,41 @@ async def test_image_and_hybrid_queries(corpus: Corpus, client: Client, llm: Llm
     by_image = await run_ask(client, tenant=corpus.tenant, image_base64=inline, generate=False)
     assert names(by_image)[0].startswith("blue-triangle-")
 
-    path = corpus.directory / "query.png"
-    path.write_bytes(buf.getvalue())
-    hybrid = await run_ask(
-        client,
-        tenant=corpus.tenant,
-        text="a blue triangle",
-        image_uri=path.as_uri(),
-        generate=False,
-    )
-    assert names(hybrid)[0].startswith("blue-triangle-")
-    assert hybrid.answer_kind == "extractive" and "Extractive answer" in hybrid.answer
+
+@pytest.mark.parametrize("queue", [TASK_QUEUE, QUERY_TASK_QUEUE])
+async def test_hybrid_weight_moves_the_ranking_between_text_and_image(
+    corpus: Corpus, client: Client, queue: str
+) -> None:
+    """A hybrid query whose text and image disagree (text: a red circle; image: a blue
+    triangle): an image-heavy ``hybrid_weight`` ranks what the image shows first, a
+    text-heavy one what the text says, and moving the weight moves the ranking step by step
+    (re-rank off: the order is the vectors' alone). Both placements encode it."""
+    import random
+
+    path = corpus.directory / f"hybrid-query-{uuid.uuid4().hex[:6]}.png"
+    render("blue", "triangle", random.Random(777)).save(path, "PNG")
+
+    async def classes_at(weight: float) -> list[str]:
+        inp = AskInput(
+            tenant=corpus.tenant,
+            text="a red circle",
+            image_uri=path.as_uri(),
+            hybrid_weight=weight,
+            rerank=False,
+            generate=False,
+            top_k=6,
+        )
+        result = (await ask_on(client, queue, inp)).result
+        assert result.answer_kind == "extractive" and len(result.sources) == 6
+        return [n.rsplit("-", 1)[0] for n in names(result)]
+
+    text_heavy, even, image_heavy = [await classes_at(w) for w in (0.1, 0.5, 0.9)]
+    assert text_heavy[0] == "red-circle", text_heavy
+    assert image_heavy[0] == "blue-triangle", image_heavy
+    image_like = [ranked.count("blue-triangle") for ranked in (text_heavy, even, image_heavy)]
+    text_like = [ranked.count("red-circle") for ranked in (text_heavy, even, image_heavy)]
+    assert image_like == sorted(image_like) and image_like[0] < image_like[-1], image_like
+    assert text_like == sorted(text_like, reverse=True) and text_like[0] > text_like[-1]
 
 
 @dataclass
@@ -215,10 +245,27 @@ async def test_bad_query_image_fails_with_reason(corpus: Corpus, client: Client)
 
 
 async def test_tenants_never_see_each_other(corpus: Corpus, client: Client) -> None:
-    other = await run_ask(
+    """Two tenants that both hold matching data, the very same files even: each one's Ask
+    cites only its own assets, on both queues, and a tenant without data gets nothing."""
+    other = f"other-{uuid.uuid4().hex[:6]}"
+    await _ingest(client, other, [str(corpus.directory / "png")], tags={"set": "a"})
+    owned = {
+        tenant: {row.asset_id for row in registry_rows(tenant)} for tenant in (corpus.tenant, other)
+    }
+    assert len(owned[corpus.tenant]) == 54 and len(owned[other]) == 36
+    assert not owned[corpus.tenant] & owned[other]  # same URIs, different assets
+    for tenant, stranger in ((corpus.tenant, other), (other, corpus.tenant)):
+        for queue in (TASK_QUEUE, QUERY_TASK_QUEUE):
+            inp = AskInput(tenant=tenant, text="a red circle", generate=False, top_k=40)
+            result = (await ask_on(client, queue, inp)).result
+            cited = {s.asset_id for s in result.sources}
+            assert len(cited) == min(40, len(owned[tenant])), (tenant, queue)
+            assert cited <= owned[tenant] and not cited & owned[stranger], (tenant, queue)
+            assert names(result)[0].startswith("red-circle-")
+    nobody = await run_ask(
         client, tenant=f"nobody-{uuid.uuid4().hex[:6]}", text="a red circle", generate=False
     )
-    assert other.sources == [] and other.answer_kind == "none"
+    assert nobody.sources == [] and nobody.answer_kind == "none"
 
 
 async def test_every_filter(corpus: Corpus, client: Client) -> None:
