@@ -8,7 +8,7 @@ decoded fails alone. A batch runs in two phases:
    while the model encodes the previous micro-batch, written with one delete-then-insert
    for the whole phase (as before PDFs and videos existed).
 2. **Streamed assets**, PDFs (``page:N`` + ``page:N:text``) and videos (``frame:S.mmm``),
-   one after the other: decoded in a sandboxed child process (``activities/sandbox.py``)
+   one after the other: decoded in a sandboxed child process (``activities/media/sandbox.py``)
    ahead of the encoder, and written a *group* of chunks at a time, each group by
    delete-then-insert of its own deterministic keys. After every group the activity
    heartbeats a cursor (:class:`BatchProgress`), so a retry after a worker restart skips
@@ -44,7 +44,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.clip.encoder import ClipEncoder, get_encoder
 from activities.clip.model_policy import ModelNotAllowedError, check_model
-from activities.media import (
+from activities.media.formats import (
     HEAD_BYTES,
     IMAGE_TYPES,
     PDF_TYPES,
@@ -57,7 +57,7 @@ from activities.media import (
     truncate_utf8,
     type_note,
 )
-from activities.sandbox import DecoderSandbox, SandboxPool
+from activities.media.sandbox import DecoderSandbox, SandboxPool
 from activities.store.objects import ObjectMissingError, UnsupportedUriError, store_for, worker_uri
 from activities.store.roots import (
     NotARegularFileError,

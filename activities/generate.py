@@ -33,7 +33,8 @@ from activities.llm.client import (
     fuse_with_llm_summaries,
     get_generator,
 )
-from activities.media import BadMediaError, decode_image
+from activities.media.formats import BadMediaError
+from activities.media.images import decode_image
 from activities.rag.fusion import FusedPrompt, SourceChunk
 from activities.rag.guardrails import redact_pii
 from activities.runtime import metrics

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.media import HEAD_BYTES, BadMediaError, check_object
+from activities.media.formats import HEAD_BYTES, BadMediaError, check_object
 from activities.runtime.bounds import DEFAULT_PAGE_SIZE, clamp
 from activities.runtime.run_context import workflow_ids
 from activities.store import index_versions, registry

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from activities.clip.encoder import ClipEncoder  # noqa: E402
-from activities.media import decode_image  # noqa: E402
+from activities.media.images import decode_image  # noqa: E402
 from bench.encode_gpu import LIMITS, MAX_BYTES, MAX_PIXELS, synthetic_jpegs  # noqa: E402
 
 _encoder: ClipEncoder | None = None

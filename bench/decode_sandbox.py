@@ -36,8 +36,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from activities.clip.encoder import TINY_CHECKPOINT_PATH, TINY_MODEL_NAME, ClipEncoder  # noqa: E402
-from activities.media import MediaLimits, decode_image  # noqa: E402
-from activities.sandbox import DecoderSandbox, SandboxPool  # noqa: E402
+from activities.media.formats import MediaLimits  # noqa: E402
+from activities.media.images import decode_image
+from activities.media.sandbox import DecoderSandbox, SandboxPool  # noqa: E402
 from bench.encode_gpu import synthetic_jpegs  # noqa: E402
 from settings import Settings  # noqa: E402
 from starters.synthetic_corpus import write_corpus  # noqa: E402

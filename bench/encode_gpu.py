@@ -49,7 +49,8 @@ from activities.clip.encoder import (  # noqa: E402
     ClipEncoder,
     resolve_device,
 )
-from activities.media import MediaLimits, decode_image  # noqa: E402
+from activities.media.formats import MediaLimits  # noqa: E402
+from activities.media.images import decode_image
 from settings import Settings  # noqa: E402
 
 LIMITS = MediaLimits.from_settings(Settings())

@@ -74,13 +74,13 @@ class Settings(BaseSettings):
     max_object_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 40_000_000  # above this an image is a decompression bomb
 
-    # Media breadth and hostile-input bounds (activities/media.py, pdf.py, video.py,
-    # sandbox.py). Every bound below fails the asset alone, non-retryably, with a reason
-    # that names the setting. Every file (images and Ask's query images too) is decoded in
-    # a child process with hard limits (decode_time_limit_s or image_decode_time_limit_s,
-    # decode_memory_mb; see the decoder sandbox block below): a hostile file costs at most
-    # that much and can never take the worker down; images are also bounded by
-    # max_image_pixels (checked from the header, before any pixel is allocated).
+    # Media breadth and hostile-input bounds (activities/media/). Every bound below fails
+    # the asset alone, non-retryably, with a reason that names the setting. Every file
+    # (images and Ask's query images too) is decoded in a child process with hard limits
+    # (decode_time_limit_s or image_decode_time_limit_s, decode_memory_mb; see the decoder
+    # sandbox block below): a hostile file costs at most that much and can never take the
+    # worker down; images are also bounded by max_image_pixels (checked from the header,
+    # before any pixel is allocated).
     render_max_side: int = 512  # px, longer side of a rendered PDF page / kept video frame
     pdf_max_pages: int = 500  # more pages than this: refused as a page bomb, nothing rendered
     video_max_bytes: int = 1024 * 1024 * 1024  # videos may exceed max_object_bytes
@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     decode_time_limit_s: float = 600.0  # per PDF/video per attempt: time spent waiting on
     # its decoder (not on the encoder); an hour of 1080p H.264 decodes in ~3-9 min on CPUs
     decode_memory_mb: int = 2048  # address-space limit (RLIMIT_AS) of a decoder child; 0: none
-    # -- Decoder sandbox (activities/sandbox.py; README "Decoder sandbox") --------------------
+    # -- Decoder sandbox (activities/media/sandbox.py; docs/media.md "Decoder sandbox") ------
     # The child gets no secret environment, RLIMIT_CPU/NOFILE/FSIZE/CORE as well as
     # decode_memory_mb, and new user + network namespaces where the kernel allows them.
     image_decode_time_limit_s: float = 20.0  # per image, ingest and Ask's query image: time

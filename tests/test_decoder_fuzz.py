@@ -1,6 +1,6 @@
 """Fuzz the decoder entry point: whatever the bytes, only ``BadMediaError`` (or chunks) come out.
 
-``activities.media.iter_steps`` turns bytes + a sniffed type into chunks; it is what the
+``activities.media.decode.iter_steps`` turns bytes + a sniffed type into chunks; it is what the
 encode worker runs on every file, inside the sandbox's child process. Hypothesis feeds
 it mutated valid files of every supported type (truncations, overwritten bytes, spliced
 garbage, headers on random bodies) plus the bytes claimed as another type, in this very
@@ -26,17 +26,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from activities.media import (
+from activities.media.decode import iter_steps
+from activities.media.formats import (
     IMAGE_TYPES,
     PDF,
     SUPPORTED_TYPES,
     VIDEO_TYPES,
     BadMediaError,
     MediaLimits,
-    iter_steps,
     sniff,
 )
-from activities.sandbox import DecoderSandbox
+from activities.media.sandbox import DecoderSandbox
 from starters.synthetic_corpus import REPORT_PAGES, pdf_bytes, video_bytes
 
 # Pillow warns about the damage it tolerates (truncated TIFF tags, corrupt EXIF): expected.

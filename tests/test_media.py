@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from activities.media import (
+from activities.media.decode import decode_all, iter_steps
+from activities.media.formats import (
     AVI,
     GIF,
     JPEG,
@@ -35,14 +36,12 @@ from activities.media import (
     MediaLimits,
     check_object,
     clean_text,
-    decode_all,
-    decode_image,
-    iter_steps,
     sniff,
     truncate_utf8,
     type_note,
 )
-from activities.sandbox import DecoderSandbox
+from activities.media.images import decode_image
+from activities.media.sandbox import DecoderSandbox
 from starters.synthetic_corpus import (
     REPORT_PAGES,
     PdfPage,

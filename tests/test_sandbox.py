@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from activities.media import PDF, BadMediaError, MediaLimits
-from activities.sandbox import (
+from activities.media.formats import PDF, BadMediaError, MediaLimits
+from activities.media.sandbox import (
     ENV_PASSTHROUGH,
     IMAGE_TIME_SETTING,
     ISOLATED,

@@ -1,38 +1,26 @@
-"""Sniff, validate and decode media: images, PDF pages and video keyframes.
+"""What a media file is and what decoding it yields: the supported types, sniffed from the
+bytes (never the name or the declared content type, which are only *noted*, see
+:func:`type_note`); the cheap check an ingest runs before anything is decoded
+(:func:`check_object`); the bounds a hostile file runs into (:class:`MediaLimits`); the
+decoded output (:class:`Step`, :class:`MediaChunk`); and the text clean-up every decoder
+applies. Every failure is a ``BadMediaError`` whose message says what is wrong with the
+file and what to do, so the asset fails alone, non-retryably.
 
-The content type is decided from the bytes, never the file name or the object's declared
-content type (a mismatch is only *noted*, see :func:`type_note`). Every failure raises
-``BadMediaError`` with a message that says what is wrong with the file and what to do, so
-the asset fails alone, non-retryably, and the user can fix or remove it.
-
-Two entry points:
-
-- :func:`check_object`: the cheap check on the ``mmrag`` queue (first bytes + size only);
-- :func:`iter_steps`: the decoder. It turns a source (bytes or a file path) of a sniffed type
-  into *steps*: one image, one PDF page (its rendering and, when the page has text, a text
-  chunk) or one video keyframe, each with a JSON *cursor* from which decoding can resume.
-  Only ``BadMediaError`` ever comes out of it (``tests/test_decoder_fuzz.py`` checks this
-  with generated hostile inputs). In the worker, every file (images, Ask's query images,
-  PDFs and videos) is decoded by this same function inside a sandboxed child process
-  (``activities/sandbox.py``) with hard time, CPU, memory and file limits, no secrets and,
-  where the kernel allows, no network.
-"""
+One module of ~450 lines because the type tables, the sniffer and the messages that name
+them change together."""
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import re
 import unicodedata
-import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from PIL import Image, ImageOps, features
+from PIL import Image, features
 
 # -- types ---------------------------------------------------------------------------------
 JPEG, PNG, GIF, BMP, TIFF, WEBP, AVIF = (
@@ -62,7 +50,7 @@ VIDEO_TYPES = frozenset({MP4, QUICKTIME, WEBM, MATROSKA, AVI})
 SUPPORTED_TYPES = IMAGE_TYPES | PDF_TYPES | VIDEO_TYPES
 
 # Pillow plugin per image type: a file sniffed as PNG is only ever parsed by the PNG plugin.
-_PIL_FORMATS: dict[str, list[str]] = {
+PIL_FORMATS: dict[str, list[str]] = {
     JPEG: ["JPEG"],
     PNG: ["PNG"],
     GIF: ["GIF"],
@@ -366,133 +354,8 @@ def type_note(uri: str, content_type: str, sniffed: str) -> str:
     return f"{' and '.join(said)} but the bytes are {actual}; the bytes decide"
 
 
-# -- images --------------------------------------------------------------------------------
-def image_type(data: bytes, max_bytes: int, mime: str = "") -> str:
-    """The image type of ``data`` (sniffed when ``mime`` is empty), or ``BadMediaError``:
-    the checks that need no decoder, so a worker refuses such bytes before it hands them
-    to one."""
-    if len(data) == 0:
-        raise BadMediaError("empty file (0 bytes): the upload or copy did not complete")
-    if len(data) > max_bytes:
-        raise BadMediaError(
-            f"file too large: more than {max_bytes} bytes (MMRAG_MAX_OBJECT_BYTES); shrink it "
-            "or raise the limit"
-        )
-    mime = mime or sniff(data[:HEAD_BYTES])
-    if mime not in IMAGE_TYPES:
-        raise BadMediaError(
-            f"not an image: the bytes are {mime or 'unrecognised'}; mmrag decodes {SUPPORTED_WORDS}"
-        )
-    return mime
-
-
-def decode_image(
-    data: bytes, max_bytes: int, max_pixels: int, mime: str = "", max_side: int = 0
-) -> Image.Image:
-    """Decode and fully load an image as RGB, refusing bombs before allocating pixels.
-
-    ``mime`` (sniffed when empty) picks the only Pillow plugin allowed to parse the bytes.
-    ``max_side`` > 0 shrinks large images right after decoding (JPEGs already while
-    decoding, via DCT scaling): CLIP sees 224 px, and resizing a 40 Mpx photo with the
-    preprocessor's bicubic filter costs more than the model does.
-    """
-    mime = image_type(data, max_bytes, mime)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=_PIL_FORMATS[mime])
-            width, height = image.size
-            if width <= 0 or height <= 0:
-                raise BadMediaError(f"corrupt image: it declares a {width}x{height} size")
-            if width * height > max_pixels:
-                raise BadMediaError(
-                    f"image dimensions {width}x{height} exceed the {max_pixels}-pixel limit "
-                    "(decompression bomb guard, MMRAG_MAX_IMAGE_PIXELS); downscale it or "
-                    "raise the limit"
-                )
-            if max_side and mime == JPEG:
-                image.draft(image.mode, (max_side, max_side))
-            # Animated GIF/WebP and multi-page TIFF open on their first frame: that one is
-            # indexed (counting frames would read the whole file).
-            image.load()
-            rgb = to_rgb(image)
-            if max_side and max(rgb.size) > max_side:
-                rgb.thumbnail((max_side, max_side), Image.Resampling.BILINEAR, reducing_gap=2.0)
-            return rgb
-    except BadMediaError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        # Pillow's own, higher guard fired while parsing the header.
-        declared = re.search(r"\((\d+) pixels\)", str(e))
-        raise BadMediaError(
-            f"decompression bomb refused: the image declares "
-            f"{declared.group(1) if declared else 'too many'} pixels, more than the "
-            f"{max_pixels}-pixel limit (MMRAG_MAX_IMAGE_PIXELS); downscale it or raise the limit"
-        ) from e
-    except MemoryError as e:
-        raise BadMediaError("image needs more memory to decode than this worker has") from e
-    except Image.UnidentifiedImageError as e:
-        raise BadMediaError(
-            f"corrupt or truncated image ({mime}): its header starts like {mime} but the "
-            "decoder cannot parse it; re-export or re-upload the file"
-        ) from e
-    except Exception as e:  # Pillow raises many types for broken files
-        detail = re.sub(r" at 0x[0-9a-f]+", "", str(e))  # no memory addresses in reasons
-        raise BadMediaError(
-            f"corrupt or truncated image ({mime}): {type(e).__name__}: {detail}; re-export or "
-            "re-upload the file"
-        ) from e
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Apply EXIF orientation and convert any mode (CMYK, palette, 16-bit, alpha) to RGB.
-
-    Transparent pixels become white (what a viewer shows on a page); 16-bit and 32-bit
-    greyscale are scaled to 8 bits rather than clipped to white.
-    """
-    image = ImageOps.exif_transpose(image) or image
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode in ("P", "L", "RGB") and "transparency" in image.info
-    ):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        import numpy as np
-
-        arr = np.asarray(image, dtype=np.float64)
-        peak = float(arr.max()) if arr.size else 0.0
-        if image.mode == "F" and peak <= 1.0:
-            scale = 255.0  # float images in 0..1
-        elif peak <= 255:
-            scale = 1.0
-        elif peak <= 65535:
-            scale = 255.0 / 65535.0  # 16-bit range
-        else:
-            scale = 255.0 / peak
-        grey = np.clip(arr * scale, 0, 255).astype("uint8")
-        return Image.fromarray(grey, "L").convert("RGB")
-    return image.convert("RGB")
-
-
-def pad_square(image: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
-    """Pad to a square so CLIP's centre crop keeps the whole page or frame in view."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    canvas = Image.new("RGB", (side, side), colour)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
-
-
-def fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """(w, h) scaled down to fit ``max_side``, never up, each at least 1 pixel."""
-    scale = min(1.0, max_side / max(width, height, 1))
-    return max(1, round(width * scale)), max(1, round(height * scale))
+# What a decoder reads: the bytes, or the path of a local copy.
+MediaInput = bytes | str | os.PathLike[str]
 
 
 # -- text ----------------------------------------------------------------------------------
@@ -523,59 +386,7 @@ def has_words(text: str) -> bool:
     return sum(c.isalnum() for c in text) >= 4
 
 
-# -- the decoder entry point ---------------------------------------------------------------
-Source = bytes | str | os.PathLike[str]
-
-
-def iter_steps(
-    source: Source, mime: str, limits: MediaLimits, cursor: dict[str, Any] | None = None
-) -> Iterator[Step]:
-    """Decode ``source`` (bytes or a file path) of sniffed type ``mime`` into steps.
-
-    ``cursor`` is a step's cursor from an earlier, interrupted run: decoding resumes right
-    after that step. Raises only ``BadMediaError``, whatever the input.
-    """
-    try:
-        if mime in IMAGE_TYPES:
-            yield from _image_steps(source, mime, limits)
-        elif mime in PDF_TYPES:
-            from activities.pdf import iter_pdf
-
-            yield from iter_pdf(source, limits, cursor or {})
-        elif mime in VIDEO_TYPES:
-            from activities.video import iter_video
-
-            yield from iter_video(source, mime, limits, cursor or {})
-        else:
-            raise BadMediaError(
-                f"unsupported media type {mime or 'unrecognised'}: mmrag ingests {SUPPORTED_WORDS}"
-            )
-    except BadMediaError:
-        raise
-    except MemoryError as e:
-        raise BadMediaError(
-            f"{mime} needs more memory to decode than allowed (MMRAG_DECODE_MEMORY_MB)"
-        ) from e
-    except RecursionError as e:
-        raise BadMediaError(f"malformed {mime}: structure nested too deeply") from e
-    except Exception as e:  # a decoder library failing on input it did not expect
-        raise BadMediaError(f"malformed {mime}: {type(e).__name__}: {e}") from e
-
-
-def decode_all(source: Source, mime: str, limits: MediaLimits) -> list[MediaChunk]:
-    """Every chunk of a source, in order: for tests and small one-off decodes."""
-    return [chunk for step in iter_steps(source, mime, limits) for chunk in step.chunks]
-
-
-def _image_steps(source: Source, mime: str, limits: MediaLimits) -> Iterator[Step]:
-    data = source if isinstance(source, bytes) else _read_file(source, limits.max_object_bytes)
-    image = decode_image(
-        data, limits.max_object_bytes, limits.max_image_pixels, mime, limits.render_max_side
-    )
-    yield Step([MediaChunk("image", image=image)], {"done": True})
-
-
-def _read_file(path: str | os.PathLike[str], max_bytes: int) -> bytes:
+def read_file(path: str | os.PathLike[str], max_bytes: int) -> bytes:
     with Path(path).open("rb") as f:
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:

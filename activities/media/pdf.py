@@ -18,17 +18,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from activities.media import (
+from activities.media.formats import (
     BadMediaError,
     MediaChunk,
+    MediaInput,
     MediaLimits,
-    Source,
     Step,
     clean_text,
     finite_positive,
     has_words,
-    pad_square,
 )
+from activities.media.images import pad_square
 
 # PDFium is not thread-safe: one call into it at a time per process. (The sandbox runs one
 # document per process anyway; this guards in-process use such as the fuzz tests.)
@@ -53,7 +53,7 @@ _OPEN_ERRORS = {
 }
 
 
-def iter_pdf(source: Source, limits: MediaLimits, cursor: dict[str, Any]) -> Iterator[Step]:
+def iter_pdf(source: MediaInput, limits: MediaLimits, cursor: dict[str, Any]) -> Iterator[Step]:
     """One step per page from ``cursor["page"]`` (the number of pages already done)."""
     import pypdfium2 as pdfium
 

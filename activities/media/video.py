@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from activities.media import (
+from activities.media.formats import (
     AVI,
     MATROSKA,
     MP4,
@@ -43,13 +43,12 @@ from activities.media import (
     WEBM,
     BadMediaError,
     MediaChunk,
+    MediaInput,
     MediaLimits,
-    Source,
     Step,
     finite_positive,
-    fit_within,
-    pad_square,
 )
+from activities.media.images import fit_within, pad_square
 
 PROBE_GAP_S = 0.1  # scene-change probes: at most 10 per second of video
 MIN_SCENE_GAP_S = 0.5  # a scene change closer than this to the last kept frame is ignored
@@ -86,7 +85,7 @@ class _Detector:
 
 
 def iter_video(
-    source: Source, mime: str, limits: MediaLimits, cursor: dict[str, Any]
+    source: MediaInput, mime: str, limits: MediaLimits, cursor: dict[str, Any]
 ) -> Iterator[Step]:
     """One step per kept frame, resuming after ``cursor`` (an earlier step's cursor)."""
     import av

@@ -31,7 +31,7 @@ What the child holds, and what it can reach (docs/media.md, "Decoder sandbox"):
   The worker also marks itself non-dumpable, so a child that shares its user namespace
   still cannot read its memory or environment through ``/proc``.
 
-The child runs :func:`activities.media.iter_steps` and streams its steps back over a pipe:
+The child runs :func:`activities.media.decode.iter_steps` and streams its steps back over a pipe:
 a JSON header per step, then the raw RGB bytes of each image. No pickle crosses the pipe
 (a compromised child must not be able to run code in the worker), and the parent checks
 every size it is sent. Pipe back-pressure bounds what is buffered: the child decodes at
@@ -68,7 +68,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from activities.media import BadMediaError, MediaChunk, MediaLimits, Step, image_type
+from activities.media.formats import BadMediaError, MediaChunk, MediaLimits, Step
+from activities.media.images import image_type
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -213,7 +214,7 @@ class DecoderSandbox:
             "require_isolation": self.require_isolation,
         }
         proc = self._proc = subprocess.Popen(
-            [sys.executable, "-m", "activities.sandbox", json.dumps(config)],
+            [sys.executable, "-m", "activities.media.sandbox", json.dumps(config)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,  # relayed to the log: the child may write no file
@@ -851,9 +852,9 @@ def _main(config: dict[str, Any]) -> None:
     import pypdfium2  # noqa: F401
     from PIL import Image
 
-    import activities.pdf  # noqa: F401
-    import activities.video  # noqa: F401
-    from activities.media import iter_steps
+    import activities.media.pdf  # noqa: F401
+    import activities.media.video  # noqa: F401
+    from activities.media.decode import iter_steps
 
     Image.init()
     av.codec.Codec("h264", "r")
