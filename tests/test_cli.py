@@ -3,15 +3,20 @@ traceback) when a server is down."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
 import uuid
+from dataclasses import fields
 from pathlib import Path
 
 from settings import REPO_ROOT
 from starters.synthetic_corpus import write_corpus
 from tests.conftest import ServerStack, Workers
+from tests.helpers import registry_rows, wait_searchable
+from tests.llm_server import LlmTestServer
+from workflows.contracts import AskResult, Source
 
 
 def mmrag(
@@ -45,6 +50,44 @@ def test_ingest_wait_prints_a_summary_with_reasons(
     assert "broken.png" in out.stdout and "corrupt or truncated" in out.stdout
     again = mmrag(test_stack.env, "ingest", str(tmp_path / "c"), "--tenant", tenant, "--wait")
     assert "18 unchanged" in again.stdout
+
+
+def test_ask_json_prints_the_ask_result_contract(
+    test_stack: ServerStack, worker: Workers, llm: LlmTestServer, tmp_path: Path
+) -> None:
+    """`mmrag ask --json` prints exactly one JSON document on stdout: the ``AskResult``
+    contract, every field by its name, sources with every ``Source`` field, generated or
+    retrieval-only, so a script can read the answer and its citations."""
+    llm.set_mode("ok")
+    write_corpus(tmp_path / "c", per_class=1, seed=14)
+    tenant = f"cli-json-{uuid.uuid4().hex[:6]}"
+    ingest = mmrag(test_stack.env, "ingest", str(tmp_path / "c"), "--tenant", tenant, "--wait")
+    assert ingest.returncode == 0, ingest.stderr
+    wait_searchable(tenant, 18)
+    owned = {row.asset_id for row in registry_rows(tenant)}
+    for extra, kind in (((), "generated"), (("--no-generate",), "extractive")):
+        out = mmrag(
+            test_stack.env,
+            "ask",
+            "a red circle",
+            "--tenant",
+            tenant,
+            "--top-k",
+            "3",
+            "--json",
+            *extra,
+        )
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        assert set(result) == {f.name for f in fields(AskResult)}
+        assert result["answer_kind"] == kind and not result["degraded"]
+        assert result["encoder_model"] == "mmrag-tiny" and result["index_version"] >= 1
+        sources = result["sources"]
+        assert [s["id"] for s in sources] == ["S1", "S2", "S3"]
+        assert all(set(s) == {f.name for f in fields(Source)} for s in sources)
+        assert {s["asset_id"] for s in sources} <= owned
+        assert sources[0]["uri"].rsplit("/", 1)[-1].startswith("red-circle-")
+        assert "[S1]" in result["answer"]
 
 
 def test_temporal_down_is_one_line(test_stack: ServerStack, tmp_path: Path) -> None:
