@@ -14,6 +14,9 @@ the same images on the same threads, interleaved rounds:
 - one query image decoded on its own (what Ask's encode step adds), p50 in ms;
 - what starting a decoder child costs (its first decode).
 
+Images/s moves with whatever else runs on the machine; the CPU milliseconds per image (this
+process and its decoder children) hardly do, so both are reported.
+
     .venv/bin/python bench/decode_sandbox.py [--images 576] [--threads 4] [--rounds 3]
 
 The last line of output is one line of JSON with the figures.
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -63,26 +68,41 @@ def in_process(data: bytes) -> Image.Image:
     )
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time of this process (every thread) and of the given decoder children."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    total = usage.ru_utime + usage.ru_stime
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def rate(
     pool: ThreadPoolExecutor,
     decode: Callable[[bytes], Image.Image],
     items: list[bytes],
     encoder: ClipEncoder | None = None,
-) -> float:
-    """Images/s through ``decode`` on the pool, a micro-batch at a time; with ``encoder``,
-    each image is also preprocessed on the pool and each batch encoded."""
+    children: list[int] | None = None,
+) -> tuple[float, float]:
+    """(images/s, CPU ms per image) through ``decode`` on the pool, a micro-batch at a time;
+    with ``encoder``, each image is also preprocessed on the pool and each batch encoded.
+    CPU counts this process and ``children``: unlike images/s, it hardly moves when other
+    work shares the machine."""
 
     def prepare(data: bytes) -> object:
         image = decode(data)
         assert max(image.size) <= LIMITS.render_max_side
         return image if encoder is None else encoder.preprocess(image)
 
+    cpu = cpu_seconds(children or [])
     started = time.perf_counter()
     for start in range(0, len(items), BATCH):
         prepared = list(pool.map(prepare, items[start : start + BATCH]))
         if encoder is not None:
             encoder.encode_images(prepared)
-    return len(items) / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    return len(items) / elapsed, (cpu_seconds(children or []) - cpu) * 1000 / len(items)
 
 
 def throughput(
@@ -98,20 +118,26 @@ def throughput(
     with ThreadPoolExecutor(max_workers=args.threads) as pool:
         rate(pool, in_process, items[:BATCH], encoder)  # warm up (one child per thread)
         rate(pool, sandboxed, items[:BATCH], encoder)
+        children = sandboxes.pids()
         base, new = [], []
         for r in range(args.rounds):
             base.append(rate(pool, in_process, items, encoder))
-            new.append(rate(pool, sandboxed, items, encoder))
+            new.append(rate(pool, sandboxed, items, encoder, children))
             print(
-                f"{name} round {r}: in-process {base[-1]:.1f} img/s, sandbox {new[-1]:.1f} img/s",
+                f"{name} round {r}: in-process {base[-1][0]:.1f} img/s {base[-1][1]:.2f} ms "
+                f"CPU/img, sandbox {new[-1][0]:.1f} img/s {new[-1][1]:.2f} ms CPU/img",
                 flush=True,
             )
-    b, n = statistics.median(base), statistics.median(new)
+    b, n = (statistics.median(r[0] for r in base), statistics.median(r[0] for r in new))
+    b_cpu, n_cpu = (statistics.median(r[1] for r in base), statistics.median(r[1] for r in new))
     return {
         "images": len(items),
         "in_process_ips": round(b, 1),
         "sandbox_ips": round(n, 1),
         "ratio": round(n / b, 3),
+        "in_process_cpu_ms": round(b_cpu, 3),
+        "sandbox_cpu_ms": round(n_cpu, 3),
+        "cpu_ratio": round(n_cpu / b_cpu, 3),
     }
 
 

@@ -578,6 +578,11 @@ class SandboxPool:
         with self.lease() as sandbox:
             return sandbox.decode_image(data, mime, limits, time_limit_s)
 
+    def pids(self) -> list[int]:
+        """The idle children's process ids (for benchmarks and diagnostics)."""
+        with self._lock:
+            return [box.pid for box in self._idle if box.pid is not None]
+
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
