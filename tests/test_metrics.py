@@ -15,20 +15,22 @@ import urllib.request
 import uuid
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import pytest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle
 
 from activities.runtime import metrics
 from settings import REPO_ROOT, Settings
 from starters.ask import ask
 from starters.ingest import start_ingest
 from starters.synthetic_corpus import write_corpus
-from tests.conftest import TEST_MAX_OBJECT_BYTES, ServerStack, Workers
+from tests.conftest import TEST_MAX_OBJECT_BYTES, ServerStack, Workers, free_port
 from tests.helpers import milvus_pks, wait_searchable, write_bad_corpus
 from tests.llm_server import LlmTestServer
-from workers.telemetry import record_activity_result, tracing_exporter
-from workflows.contracts import AskInput
+from workers.telemetry import record_activity_result, tracing_exporter, worker_runtime
+from workflows.activities.ingest import ENCODE_BATCH, EncodeBatchInput
+from workflows.contracts import AskInput, AssetOutcome, IndexTarget, ObjectRef
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -105,13 +107,15 @@ async def test_metrics_endpoint_serves_sdk_and_mmrag_series_after_ingest_and_ask
         "encode",
         "generate",
     }
-    # mmrag's own series.
+    # mmrag's own series: exactly what this ingest and this Ask did.
+    encodes = await encode_batches(handle)
+    assert encodes >= 3  # 18 good objects in batches of 8, the bad ones among them
     assert grew("mmrag_images_encoded_total", 18) == 18
-    grew("mmrag_assets_total", 18, status="ingested")
-    grew("mmrag_assets_total", result.failed, status="failed")
-    grew("mmrag_encode_batch_size_count")
+    assert grew("mmrag_assets_total", 18, status="ingested") == 18
+    assert grew("mmrag_assets_total", result.failed, status="failed") == result.failed
+    assert grew("mmrag_encode_batch_size_count", encodes) == encodes
+    assert grew("mmrag_encode_seconds_count", encodes) == encodes
     assert grew("mmrag_encode_batch_size_sum", 18) >= 18
-    grew("mmrag_encode_seconds_count")
     assert grew("mmrag_assets_failed_total", result.failed) == result.failed
     for category in ("empty", "corrupt", "bomb", "too_large"):
         grew("mmrag_assets_failed_total", 1, reason=category)
@@ -121,11 +125,25 @@ async def test_metrics_endpoint_serves_sdk_and_mmrag_series_after_ingest_and_ask
     )
     for lab, _ in after["mmrag_assets_failed_total"]:
         assert lab["reason"] in {c for c, _ in metrics.FAILURE_CATEGORIES} | {metrics.OTHER}
-    grew("mmrag_retrieval_seconds_count")
-    grew("mmrag_llm_seconds_count")
-    grew("mmrag_answers_total", kind="generated")
-    assert "mmrag_degraded_answers_total" in after  # exported from the start, at zero
+    # One Ask: one retrieval, one LLM call, one generated answer, nothing degraded.
+    assert grew("mmrag_retrieval_seconds_count") == 1
+    assert grew("mmrag_llm_seconds_count") == 1
+    assert grew("mmrag_answers_total", kind="generated") == 1
+    assert grew("mmrag_answers_total", by=0, kind="extractive") == 0
+    assert grew("mmrag_degraded_answers_total", by=0) == 0
     assert [v for _, v in after["mmrag_llm_breaker_state"]] == [0.0]  # closed
+    assert grew("temporal_workflow_completed", 2) >= 2  # the ingest and the Ask
+
+
+async def encode_batches(handle: WorkflowHandle[Any, Any]) -> int:
+    """How many encode_batch activities an ingest ran (each ran once: no faults here)."""
+    history = await handle.fetch_history()
+    scheduled = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
+    return scheduled.count(ENCODE_BATCH)
 
 
 def test_failure_reasons_map_to_fixed_categories(tmp_path: Path) -> None:
@@ -153,15 +171,55 @@ def test_failure_reasons_map_to_fixed_categories(tmp_path: Path) -> None:
         assert metrics.failure_category(reason) == category, reason
 
 
-def test_metric_calls_are_no_ops_when_metrics_are_off() -> None:
-    metrics.configure(None)
-    assert not metrics.enabled()
+def record_one_of_each() -> None:
+    """One call of every recording entry point, as the workers make them."""
     metrics.images_encoded(3)
+    metrics.asset_outcome("failed", "empty file (0 bytes)")
     metrics.observe("llm_seconds", 0.5)
     metrics.observe("no_such_histogram", 1.0)  # logged once, never raised
     metrics.breaker_state("open")
     metrics.answer("generated", degraded=True)
-    record_activity_result("encode_batch", [], [], 0.1)
+    objects = [ObjectRef(f"file:///x/{i}.png", "1", 10) for i in range(2)]
+    outcomes = [AssetOutcome(o.uri, "a", "ingested") for o in objects]
+    record_activity_result(ENCODE_BATCH, [EncodeBatchInput("t", TARGET, objects)], outcomes, 0.2)
+
+
+TARGET = IndexTarget(1, "c", "m", "", 8)
+
+
+def test_metric_calls_record_when_on_and_nothing_when_off() -> None:
+    """Each call lands in its series with its value through a worker's metrics Runtime;
+    once metrics are off (the CLI, benches, activities called directly) the same calls
+    record nothing and never raise."""
+    port = free_port()
+    runtime = worker_runtime(Settings(metrics_port=port, metrics_host="127.0.0.1"), "test")
+    assert runtime is not None and metrics.enabled()
+    try:
+        start = parse(scrape(port))
+        assert total(start, "mmrag_images_encoded_total") == 0  # exported at zero from start
+        record_one_of_each()
+        on = parse(scrape(port))
+        assert total(on, "mmrag_images_encoded_total", mmrag_role="test") == 3 + 2
+        assert total(on, "mmrag_assets_total", status="failed") == 1
+        assert total(on, "mmrag_assets_total", status="ingested") == 2
+        assert total(on, "mmrag_assets_failed_total", reason="empty") == 1
+        assert total(on, "mmrag_llm_seconds_count") == 1
+        assert total(on, "mmrag_llm_seconds_sum") == 0.5
+        assert total(on, "mmrag_llm_seconds_bucket", le="0.5") == 1
+        assert total(on, "mmrag_llm_seconds_bucket", le="0.25") == 0
+        assert total(on, "mmrag_encode_batch_size_sum") == 2
+        assert total(on, "mmrag_encode_seconds_count") == 1
+        assert total(on, "mmrag_llm_breaker_state") == 2  # open
+        assert total(on, "mmrag_answers_total", kind="generated") == 1
+        assert total(on, "mmrag_degraded_answers_total") == 1
+        assert "no_such_histogram" not in scrape(port)
+
+        metrics.configure(None)
+        assert not metrics.enabled()
+        record_one_of_each()
+        assert parse(scrape(port)) == on  # nothing recorded
+    finally:
+        metrics.configure(None)
 
 
 def test_tracing_exporter_setting_is_checked() -> None:
