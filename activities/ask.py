@@ -8,7 +8,6 @@ import hashlib
 import time
 
 from sqlalchemy.orm import Session
-from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.rag.fusion import SourceChunk, extractive_answer, fuse_prompt, redacted_chunk
@@ -20,10 +19,9 @@ from activities.runtime.run_context import workflow_ids
 from activities.store import registry
 from activities.store.vectors import BadFilter, compile_filters, get_store
 from settings import Settings
-from workflows.activity_payloads import (
-    FINALIZE_ANSWER,
-    RETRIEVE,
-    RETRIEVE_AND_ANSWER,
+from workflows.activities import ask as ask_stubs
+from workflows.activities import implements
+from workflows.activities.ask import (
     FinalAnswer,
     FinalizeInput,
     Fusion,
@@ -48,7 +46,7 @@ class AskActivities:
     def engine(self):  # type: ignore[no-untyped-def]
         return registry.get_engine(self.settings.database_endpoint())
 
-    @activity.defn(name=RETRIEVE)
+    @implements(ask_stubs.retrieve)
     def retrieve(self, inp: RetrieveInput) -> Retrieval:
         started = time.perf_counter()
         if not inp.collection:
@@ -133,7 +131,7 @@ class AskActivities:
             fusion=fusion,
         )
 
-    @activity.defn(name=RETRIEVE_AND_ANSWER)
+    @implements(ask_stubs.retrieve_and_answer)
     def retrieve_and_answer(self, inp: RetrieveAndAnswerInput) -> RetrievedAnswer:
         """``retrieve`` then ``finalize_answer`` for an Ask that does not generate: the
         extractive answer (or "no match"), cited and audited, in one call."""
@@ -155,7 +153,7 @@ class AskActivities:
         )
         return RetrievedAnswer(retrieval.index_version, retrieval.sources, retrieval.ms, final)
 
-    @activity.defn(name=FINALIZE_ANSWER)
+    @implements(ask_stubs.finalize_answer)
     def finalize_answer(self, inp: FinalizeInput) -> FinalAnswer:
         """Validate a generated answer, insert citations, write the audit row (no raw PII).
 

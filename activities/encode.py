@@ -68,17 +68,16 @@ from activities.store.roots import (
 )
 from activities.store.vectors import MAX_SNIPPET, ChunkRow, VectorStore, get_store
 from settings import Settings
-from workflows.activity_payloads import (
-    DESCRIBE_ENCODER,
-    DESCRIBE_MODEL,
-    ENCODE_BATCH,
-    ENCODE_QUERY,
+from workflows.activities import ask as ask_stubs
+from workflows.activities import implements
+from workflows.activities import ingest as ingest_stubs
+from workflows.activities import lifecycle as lifecycle_stubs
+from workflows.activities.ask import EncodeQueryInput, QueryVector
+from workflows.activities.ingest import (
     EncodeBatchInput,
-    EncodeQueryInput,
     EncoderInfo,
-    ModelSpec,
-    QueryVector,
 )
+from workflows.activities.lifecycle import ModelSpec
 from workflows.contracts import (
     FAILED,
     INGESTED,
@@ -217,7 +216,7 @@ class EncodeActivities:
             self.settings.milvus_endpoint(), self.settings.milvus_token.get_secret_value()
         )
 
-    @activity.defn(name=DESCRIBE_ENCODER)
+    @implements(ingest_stubs.describe_encoder)
     def describe_encoder(self) -> EncoderInfo:
         enc = self.encoder
         checkpoint = self.settings.resolved_checkpoint()
@@ -225,7 +224,7 @@ class EncodeActivities:
             enc.model_name, enc.pretrained, enc.dim, str(enc.device), str(checkpoint or "")
         )
 
-    @activity.defn(name=DESCRIBE_MODEL)
+    @implements(lifecycle_stubs.describe_model)
     def describe_model(self, spec: ModelSpec) -> EncoderInfo:
         """Load (and so validate) a model a re-index asks for; report its dimension. Only
         models on the allow-list are loaded (activities/clip/model_policy.py)."""
@@ -242,7 +241,7 @@ class EncodeActivities:
         )
 
     # -- ingest ---------------------------------------------------------------------------
-    @activity.defn(name=ENCODE_BATCH)
+    @implements(ingest_stubs.encode_batch)
     def encode_batch(self, inp: EncodeBatchInput) -> list[AssetOutcome]:
         """Decode each object once; encode and write it into every target index version."""
         progress = BatchProgress()
@@ -590,7 +589,7 @@ class EncodeActivities:
             Path(name).unlink(missing_ok=True)
 
     # -- queries --------------------------------------------------------------------------
-    @activity.defn(name=ENCODE_QUERY)
+    @implements(ask_stubs.encode_query)
     def encode_query(self, inp: EncodeQueryInput) -> QueryVector:
         """Text, image or hybrid (weighted mean of the normalised vectors, re-normalised)."""
         started = time.perf_counter()

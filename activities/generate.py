@@ -21,7 +21,6 @@ import logging
 import time
 from datetime import timedelta
 
-from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.llm.client import (
@@ -42,7 +41,9 @@ from activities.runtime.bounds import clamp_answer_tokens
 from activities.store.objects import ObjectMissingError, UnsupportedUriError, store_for
 from activities.store.roots import OutsideRootsError, StorageRoots
 from settings import Settings, get_settings
-from workflows.activity_payloads import GENERATE, Fusion, GenerateInput, Generation
+from workflows.activities import ask as ask_stubs
+from workflows.activities import implements
+from workflows.activities.ask import Fusion, GenerateInput, Generation
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class GenerateActivities:
                 log.info("chunk %s: extractive summary (%s)", sid, r.reason)
         return prompt, results
 
-    @activity.defn(name=GENERATE)
+    @implements(ask_stubs.generate)
     def generate(self, inp: GenerateInput) -> Generation:
         started = time.perf_counter()
         if self.generator is None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.media.formats import HEAD_BYTES, BadMediaError, check_object
@@ -22,11 +21,9 @@ from activities.store.objects import (
 from activities.store.roots import OutsideRootsError, StorageRoots, TenantRoots
 from activities.store.vectors import get_store, model_of
 from settings import Settings
-from workflows.activity_payloads import (
-    CREATE_FIRST_INDEX,
-    RECORD_OUTCOMES,
-    RESOLVE_INDEX,
-    SCAN_PAGE,
+from workflows.activities import implements
+from workflows.activities import ingest as ingest_stubs
+from workflows.activities.ingest import (
     CreateIndexInput,
     RecordOutcomesInput,
     ScanPageInput,
@@ -56,12 +53,12 @@ class IngestActivities:
     def engine(self):  # type: ignore[no-untyped-def]
         return registry.get_engine(self.settings.database_endpoint())
 
-    @activity.defn(name=RESOLVE_INDEX)
+    @implements(ingest_stubs.resolve_index)
     def resolve_index(self) -> IndexTarget | None:
         """The active index version, or None when nothing was ever indexed."""
         return registry.active_index(self.engine)
 
-    @activity.defn(name=CREATE_FIRST_INDEX)
+    @implements(ingest_stubs.create_first_index)
     def create_first_index(self, inp: CreateIndexInput) -> IndexTarget:
         """Create version 1 (collection + alias) for the encoder's model; idempotent."""
         target = index_versions.create_version(
@@ -81,7 +78,7 @@ class IngestActivities:
         store.point_alias(self.settings.collection_prefix, target.collection)
         return target
 
-    @activity.defn(name=SCAN_PAGE)
+    @implements(ingest_stubs.scan_page)
     def scan_page(self, inp: ScanPageInput) -> ScanPageResult:
         """List one page of a source and sort it into encode / unchanged / rejected."""
         roots = self.roots.for_tenant(inp.tenant)
@@ -174,7 +171,7 @@ class IngestActivities:
             return str(e)
         return ""
 
-    @activity.defn(name=RECORD_OUTCOMES)
+    @implements(ingest_stubs.record_outcomes)
     def record_outcomes(self, inp: RecordOutcomesInput) -> None:
         workflow_id, run_id = workflow_ids()
         try:

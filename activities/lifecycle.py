@@ -18,13 +18,9 @@ from activities.store.objects import ObjectMissingError, store_for
 from activities.store.roots import OutsideRootsError, StorageRoots, TenantRoots
 from activities.store.vectors import VectorStore, get_store, model_of
 from settings import Settings
-from workflows.activity_payloads import (
-    BEGIN_REINDEX,
-    FINISH_REINDEX,
-    FORGET_PAGE,
-    RECONCILE_INDEX,
-    REINDEX_PAGE,
-    SWAP_INDEX,
+from workflows.activities import implements
+from workflows.activities import lifecycle as lifecycle_stubs
+from workflows.activities.lifecycle import (
     BeginReindexInput,
     FinishReindexInput,
     ForgetPageInput,
@@ -56,7 +52,7 @@ class LifecycleActivities:
         return get_store(s.milvus_endpoint(), s.milvus_token.get_secret_value())
 
     # -- re-index -------------------------------------------------------------------
-    @activity.defn(name=BEGIN_REINDEX)
+    @implements(lifecycle_stubs.begin_reindex)
     def begin_reindex(self, inp: BeginReindexInput) -> IndexTarget:
         """Drop expired versions, take the scope's lock, and pick the target version."""
         workflow_id = workflow_ids()[0]
@@ -118,7 +114,7 @@ class LifecycleActivities:
         if expired:
             index_versions.mark(self.engine, [t.version for t in expired], "dropped", actor)
 
-    @activity.defn(name=REINDEX_PAGE)
+    @implements(lifecycle_stubs.reindex_page)
     def reindex_page(self, inp: ReindexPageInput) -> ReindexPage:
         """One page of the registry in scope: what to re-embed (full: everything live;
         incremental: changed objects, failed assets, assets of an older version)."""
@@ -159,7 +155,7 @@ class LifecycleActivities:
                 page.unchanged += 1
         return page
 
-    @activity.defn(name=RECONCILE_INDEX)
+    @implements(lifecycle_stubs.reconcile_index)
     def reconcile_index(self, inp: ReconcileInput) -> ReconcileResult:
         """Compare the target collection with the registry: delete vectors of assets that
         are no longer live (forgotten during the run), and list assets to (re-)embed
@@ -185,7 +181,7 @@ class LifecycleActivities:
             index_assets=len(indexed) - len(extra),
         )
 
-    @activity.defn(name=SWAP_INDEX)
+    @implements(lifecycle_stubs.swap_index)
     def swap_index(self, inp: SwapInput) -> SwapResult:
         """Point the query alias at the new version and retire the old one, in one step."""
         workflow_id = workflow_ids()[0]
@@ -199,7 +195,7 @@ class LifecycleActivities:
         index_versions.finish_run(self.engine, workflow_id, "succeeded")
         return SwapResult(swap.previous.version if swap.previous else 0, swap.active.version)
 
-    @activity.defn(name=FINISH_REINDEX)
+    @implements(lifecycle_stubs.finish_reindex)
     def finish_reindex(self, inp: FinishReindexInput) -> None:
         actor = workflow_ids()[0]
         index_versions.finish_run(self.engine, actor, inp.state)
@@ -207,7 +203,7 @@ class LifecycleActivities:
             index_versions.mark(self.engine, [inp.failed_version], "failed", actor)
 
     # -- forget ---------------------------------------------------------------------
-    @activity.defn(name=FORGET_PAGE)
+    @implements(lifecycle_stubs.forget_page)
     def forget_page(self, inp: ForgetPageInput) -> ForgetPageResult:
         """Forget one page of matching assets: vectors in every index version, optionally
         the objects, then the registry row is wiped and a tombstone written."""

@@ -9,18 +9,18 @@ activities that use knobs directly (retrieve, generate).
 
 from __future__ import annotations
 
-from temporalio import activity
-
 from activities.runtime.bounds import bounded
 from settings import Settings
-from workflows.limits import BOUND_KNOBS, Knobs
+from workflows.activities import implements
+from workflows.activities import limits as limits_stubs
+from workflows.activities.limits import Knobs
 
 
 class LimitActivities:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    @activity.defn(name=BOUND_KNOBS)
+    @implements(limits_stubs.bound_knobs)
     def bound_knobs(self, knobs: Knobs) -> Knobs:
         """The caller's knobs as this worker allows them (a local activity)."""
         return bounded(knobs, self.settings)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from temporalio import activity
-
 from activities.ask import AskActivities
 from activities.encode import EncodeActivities
-from workflows.activity_payloads import (
-    ENCODE_AND_RETRIEVE,
+from workflows.activities import ask as ask_stubs
+from workflows.activities import implements
+from workflows.activities.ask import (
     EncodeAndRetrieveInput,
     EncodedRetrieval,
     RetrieveAndAnswerInput,
@@ -26,7 +25,7 @@ class QueryActivities:
         self.encode = encode
         self.ask = ask
 
-    @activity.defn(name=ENCODE_AND_RETRIEVE)
+    @implements(ask_stubs.encode_and_retrieve)
     def encode_and_retrieve(self, inp: EncodeAndRetrieveInput) -> EncodedRetrieval:
         query = self.encode.encode_query(inp.encode)
         retrieve = dataclasses.replace(

@@ -65,7 +65,7 @@ from temporalio.exceptions import ActivityError  # noqa: E402
 from settings import TINY_MODEL_DIR, get_settings  # noqa: E402
 from stack.servers import LATENCY_DYNAMIC_CONFIG, Temporal  # noqa: E402
 from stack.services import Stack, StackPorts  # noqa: E402
-from workflows.activity_payloads import (  # noqa: E402
+from workflows.activities.ask import (
     ENCODE_QUERY,
     FINALIZE_ANSWER,
     GENERATE,

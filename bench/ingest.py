@@ -47,7 +47,7 @@ def bare_loop(tenant: str, corpus: Path, batch_size: int) -> float:
     from activities.encode import EncodeActivities
     from activities.ingest import IngestActivities
     from activities.store import registry
-    from workflows.activity_payloads import EncodeBatchInput, ScanPageInput
+    from workflows.activities.ingest import EncodeBatchInput, ScanPageInput
 
     settings = get_settings()
     encode = EncodeActivities(settings)

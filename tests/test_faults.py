@@ -29,7 +29,9 @@ from tests.helpers import (
 )
 from tests.llm_server import LlmTestServer
 from tests.test_cli import mmrag
-from workflows.activity_payloads import ENCODE_QUERY, FORGET_PAGE, GENERATE, RECORD_OUTCOMES
+from workflows.activities.ask import ENCODE_QUERY, GENERATE
+from workflows.activities.ingest import RECORD_OUTCOMES
+from workflows.activities.lifecycle import FORGET_PAGE
 from workflows.contracts import (
     ASK_WORKFLOW,
     ENCODE_TASK_QUEUE,

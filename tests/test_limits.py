@@ -31,7 +31,8 @@ from starters.synthetic_corpus import write_corpus
 from tests.conftest import Workers
 from tests.helpers import engine, registry_rows, store, wait_searchable
 from tests.llm_server import LlmTestServer
-from workflows.activity_payloads import ScanPageInput
+from workflows.activities.ingest import ScanPageInput
+from workflows.activities.limits import Knobs
 from workflows.contracts import (
     ASK_WORKFLOW,
     TASK_QUEUE,
@@ -41,7 +42,7 @@ from workflows.contracts import (
     IngestResult,
     WatchPrefixInput,
 )
-from workflows.limits import MAX_TAGS, Knobs, filters_problem, tags_problem
+from workflows.limits import MAX_TAGS, filters_problem, tags_problem
 
 ABSURD = 10**9
 MANY_TAGS = {f"k{i:02d}": "v" for i in range(MAX_TAGS + 1)}

@@ -514,7 +514,7 @@ async def test_interrupted_video_resumes_after_its_last_written_group(
     from activities.encode import BatchProgress
     from activities.store.vectors import ChunkRow
     from tests.helpers import milvus_pks, store
-    from workflows.activity_payloads import EncodeBatchInput
+    from workflows.activities.ingest import EncodeBatchInput
     from workflows.contracts import INGESTED
 
     index = await _index(client, tenant, tmp_path)
@@ -581,7 +581,8 @@ async def test_an_image_that_decodes_for_minutes_fails_alone_and_fails_an_ask_at
     from activities.encode import BatchProgress
     from tests.helpers import milvus_pks
     from tests.test_sandbox import many_scan_jpeg
-    from workflows.activity_payloads import EncodeBatchInput, EncodeQueryInput
+    from workflows.activities.ask import EncodeQueryInput
+    from workflows.activities.ingest import EncodeBatchInput
     from workflows.contracts import FAILED, INGESTED
 
     index = await _index(client, tenant, tmp_path)
@@ -620,7 +621,7 @@ async def test_outcomes_note_a_name_that_disagrees_with_the_bytes(
     worker: Any, client: Any, tenant: str, tmp_path: Path
 ) -> None:
     from activities.encode import BatchProgress
-    from workflows.activity_payloads import EncodeBatchInput
+    from workflows.activities.ingest import EncodeBatchInput
 
     index = await _index(client, tenant, tmp_path)
     (tmp_path / "really-a-png.jpg").write_bytes(png_bytes())

@@ -31,7 +31,7 @@ from tests.conftest import LLM_API_KEY, LLM_ENV, ServerStack, Workers
 from tests.helpers import milvus_pks, wait_searchable
 from tests.llm_server import LlmTestServer, summary_answer, user_text
 from workers.temporal_client import data_converter
-from workflows.activity_payloads import Fusion, FusionChunk, GenerateInput
+from workflows.activities.ask import Fusion, FusionChunk, GenerateInput
 from workflows.ask import Ask
 from workflows.contracts import ASK_WORKFLOW, TASK_QUEUE, AskFilters, AskInput, AskResult
 

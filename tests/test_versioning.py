@@ -31,7 +31,7 @@ from temporalio.worker import Replayer, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 from temporalio.workflow import NondeterminismError
 
-from workflows.activity_payloads import DESCRIBE_ENCODER, EncoderInfo
+from workflows.activities.ingest import DESCRIBE_ENCODER, EncoderInfo
 from workflows.contracts import (
     ENCODE_TASK_QUEUE,
     INGEST_BATCH_WORKFLOW,

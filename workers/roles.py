@@ -3,7 +3,8 @@
 Kept apart from ``workers/run.py`` (how a worker is built and stopped) so adding a
 workflow or an activity touches one list here.
 
-Milvus access per role (``MILVUS_ACCESS``) is what ``workers/milvus_rbac.py`` grants: each
+Milvus access per role (``MILVUS_ACCESS``, derived from the ``milvus`` flag of each
+activity's home in ``workflows/activities/``) is what ``workers/milvus_rbac.py`` grants: each
 role's activities connect with ``Settings.for_milvus_role(role)``, i.e. the role's own token
 (``MMRAG_MILVUS_TOKEN_CPU`` / ``_ENCODE``) when set, else ``MMRAG_MILVUS_TOKEN``. Change an
 activity's Milvus calls and this table, the RBAC roles and tests/test_milvus_rbac.py change
@@ -24,6 +25,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from settings import Settings
+from workflows.activities import (
+    MILVUS_LEVELS,
+    MILVUS_MANAGE,
+    MILVUS_NONE,
+    MILVUS_READ,
+    MILVUS_WRITE,
+    home_of,
+    implementations,
+)
+from workflows.activities import ask as ask_stubs
+from workflows.activities import ingest as ingest_stubs
+from workflows.activities import lifecycle as lifecycle_stubs
+from workflows.activities import limits as limits_stubs
 from workflows.contracts import (
     ENCODE_TASK_QUEUE,
     GENERATE_TASK_QUEUE,
@@ -50,24 +64,71 @@ class MilvusAccess:
     why: str
 
 
-MILVUS_ACCESS: dict[str, MilvusAccess] = {
-    # One task queue runs ingest, re-index and forget (create collections, swap the alias,
-    # delete vectors) next to Ask's retrieve (search): the writer's user. Ask's own calls
-    # (search; the alias's description) need only mmrag_query's privileges.
-    "cpu": MilvusAccess(
-        "mmrag_ingest",
-        "ingest/re-index/forget create collections, point the alias and delete vectors; "
-        "Ask's retrieve searches",
+# What each role runs: the activities' stubs (workflows/activities/), whose homes carry the
+# flags read here and in workers/run.py. The role builders below supply the implementations;
+# build_workers checks that they implement exactly these.
+ROLE_ACTIVITIES: dict[str, tuple[Callable[..., Any], ...]] = {
+    # One task queue runs ingest, re-index and forget next to Ask's retrieve and finalise.
+    "cpu": (
+        ingest_stubs.resolve_index,
+        ingest_stubs.create_first_index,
+        ingest_stubs.scan_page,
+        ingest_stubs.record_outcomes,
+        ask_stubs.retrieve,
+        ask_stubs.retrieve_and_answer,
+        ask_stubs.finalize_answer,
+        lifecycle_stubs.begin_reindex,
+        lifecycle_stubs.reindex_page,
+        lifecycle_stubs.reconcile_index,
+        lifecycle_stubs.swap_index,
+        lifecycle_stubs.finish_reindex,
+        lifecycle_stubs.forget_page,
+        limits_stubs.bound_knobs,  # local: the workflows' load knobs, clamped to MMRAG_MAX_*
     ),
-    # encode_batch writes vectors into existing collections; encode_query reads the alias's
-    # model from the collection description. No collection or alias management.
-    "encode": MilvusAccess(
-        "mmrag_encode", "encode_batch inserts/deletes vectors; encode_query reads the alias"
+    "encode": (
+        ingest_stubs.describe_encoder,
+        lifecycle_stubs.describe_model,
+        ingest_stubs.encode_batch,
+        ask_stubs.encode_query,
     ),
-    "generate": MilvusAccess("", "no Milvus access"),
-    # Ask on the query queue: encode_query reads the alias's model, retrieve searches.
-    "query": MilvusAccess("mmrag_query", "Ask's encode_query reads the alias; retrieve searches"),
+    "generate": (ask_stubs.generate,),
+    # Ask on the query queue: encode + search in one local activity, then finalise.
+    "query": (ask_stubs.encode_and_retrieve, ask_stubs.finalize_answer),
 }
+
+# The Milvus user whose privileges cover each level an activity declares (milvus_rbac.py:
+# mmrag_query < mmrag_encode < mmrag_ingest).
+MILVUS_USERS = {
+    MILVUS_NONE: "",
+    MILVUS_READ: "mmrag_query",
+    MILVUS_WRITE: "mmrag_encode",
+    MILVUS_MANAGE: "mmrag_ingest",
+}
+
+
+def milvus_access(role: str) -> MilvusAccess:
+    """The least Milvus user that covers every activity of ``role``, and which activities
+    need what (from their homes' ``milvus`` flags)."""
+    homes = [home_of(a) for a in ROLE_ACTIVITIES[role]]
+    level = max((h.milvus for h in homes), key=MILVUS_LEVELS.index)
+    needs = [f"{h.name} ({h.milvus})" for h in homes if h.milvus != MILVUS_NONE]
+    return MilvusAccess(MILVUS_USERS[level], ", ".join(needs) or "no Milvus access")
+
+
+MILVUS_ACCESS: dict[str, MilvusAccess] = {role: milvus_access(role) for role in ROLE_ACTIVITIES}
+
+
+def bind(role: str, *objects: object) -> list[Callable[..., Any]]:
+    """The methods of ``objects`` that implement ``role``'s activities (ROLE_ACTIVITIES), in
+    that order. A stub none of them implements is a wiring error, found at worker start."""
+    found: dict[str, Callable[..., Any]] = {}
+    for obj in objects:
+        found.update(implementations(obj))
+    names = [home_of(stub).name for stub in ROLE_ACTIVITIES[role]]
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise RuntimeError(f"the {role} role has no implementation of {', '.join(missing)}")
+    return [found[n] for n in names]
 
 
 def cpu_role(settings: Settings) -> RoleContent:
@@ -89,22 +150,7 @@ def cpu_role(settings: Settings) -> RoleContent:
     return RoleContent(
         TASK_QUEUE,
         workflows=[IngestBatch, IngestAsset, Ask, Reindex, Forget, WatchPrefix],
-        activities=[
-            ingest.resolve_index,
-            ingest.create_first_index,
-            ingest.scan_page,
-            ingest.record_outcomes,
-            ask.retrieve,
-            ask.retrieve_and_answer,
-            ask.finalize_answer,
-            lifecycle.begin_reindex,
-            lifecycle.reindex_page,
-            lifecycle.reconcile_index,
-            lifecycle.swap_index,
-            lifecycle.finish_reindex,
-            lifecycle.forget_page,
-            limits.bound_knobs,  # local: the workflows' load knobs, clamped to MMRAG_MAX_*
-        ],
+        activities=bind("cpu", ingest, ask, lifecycle, limits),
         max_concurrent_activities=settings.max_concurrent_activities,
     )
 
@@ -120,12 +166,7 @@ def encode_role(settings: Settings) -> RoleContent:
     )
     return RoleContent(
         ENCODE_TASK_QUEUE,
-        activities=[
-            encode.describe_encoder,
-            encode.describe_model,
-            encode.encode_batch,
-            encode.encode_query,
-        ],
+        activities=bind("encode", encode),
         max_concurrent_activities=settings.max_concurrent_encode_activities,
     )
 
@@ -139,7 +180,7 @@ def generate_role(settings: Settings) -> RoleContent:
     log.info("LLM: %s", llm)
     return RoleContent(
         GENERATE_TASK_QUEUE,
-        activities=[generate.generate],
+        activities=bind("generate", generate),
         max_concurrent_activities=settings.max_concurrent_activities,
     )
 
@@ -164,7 +205,7 @@ def query_role(settings: Settings) -> RoleContent:
     return RoleContent(
         QUERY_TASK_QUEUE,
         workflows=[Ask],
-        activities=[query.encode_and_retrieve, ask.finalize_answer],
+        activities=bind("query", query, ask),
         max_concurrent_activities=settings.max_concurrent_activities,
     )
 

@@ -1,6 +1,6 @@
 """Worker entry point: one role per task queue, or all of them in one process for development.
 
-Roles (see DESIGN.md): ``cpu`` runs the workflows and the storage / Milvus / Postgres
+Roles (docs/architecture.md): ``cpu`` runs the workflows and the storage / Milvus / Postgres
 activities on ``mmrag``; ``encode`` runs CLIP on ``mmrag-gpu-encode`` with the model
 loaded before polling starts; ``generate`` runs LLM generation on ``mmrag-gpu-generate``;
 ``query`` runs ``Ask`` on ``mmrag-query`` with its own warm model (optional fast path).
@@ -43,7 +43,7 @@ from temporalio.worker import (
 
 from settings import Settings, get_settings
 from workers.auth import AuthAudit, AuthInterceptor, policy_from_settings
-from workers.roles import ROLE_BUILDERS
+from workers.roles import ROLE_ACTIVITIES, ROLE_BUILDERS
 from workers.telemetry import (
     configure_tracing,
     metrics_address,
@@ -51,36 +51,20 @@ from workers.telemetry import (
     worker_runtime,
 )
 from workers.temporal_client import connect
-from workflows.activity_payloads import (
-    BEGIN_REINDEX,
-    DESCRIBE_MODEL,
-    FINISH_REINDEX,
-    FORGET_PAGE,
-    GENERATE,
-    RECONCILE_INDEX,
-    RECORD_OUTCOMES,
-    REINDEX_PAGE,
-    SWAP_INDEX,
-)
+from workflows.activities import home_of
 
 ROLES = ("all", "cpu", "encode", "generate", "query")
 log = logging.getLogger("mmrag.worker")
 
 # Activities that spend their time in one blocking call (a Milvus delete, a registry page,
-# a model load, an LLM request) and report no progress of their own. Not encode_batch: it
-# heartbeats its resume cursor itself, which an empty liveness heartbeat would overwrite.
+# a model load, an LLM request) and report no progress of their own: those whose home
+# (workflows/activities/) sets liveness_heartbeat. Not encode_batch: it heartbeats its resume
+# cursor itself, which an empty liveness heartbeat would overwrite.
 LIVENESS_HEARTBEAT = frozenset(
-    {
-        BEGIN_REINDEX,
-        DESCRIBE_MODEL,
-        FINISH_REINDEX,
-        FORGET_PAGE,
-        GENERATE,
-        RECONCILE_INDEX,
-        RECORD_OUTCOMES,
-        REINDEX_PAGE,
-        SWAP_INDEX,
-    }
+    home_of(stub).name
+    for stubs in ROLE_ACTIVITIES.values()
+    for stub in stubs
+    if home_of(stub).liveness_heartbeat
 )
 
 

@@ -37,7 +37,7 @@ from temporalio.worker import (
 
 from activities.runtime import metrics
 from settings import Settings
-from workflows.activity_payloads import ENCODE_BATCH, SCAN_PAGE
+from workflows.activities.ingest import ENCODE_BATCH, SCAN_PAGE
 
 log = logging.getLogger("mmrag.telemetry")
 

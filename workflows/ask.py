@@ -21,25 +21,22 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from workflows.activity_payloads import (
-        ENCODE_AND_RETRIEVE,
-        ENCODE_QUERY,
-        FINALIZE_ANSWER,
-        GENERATE,
-        RETRIEVE,
-        RETRIEVE_AND_ANSWER,
+    from workflows.activities.ask import (
         EncodeAndRetrieveInput,
-        EncodedRetrieval,
         EncodeQueryInput,
         FinalAnswer,
         FinalizeInput,
         GenerateInput,
-        Generation,
         QueryVector,
-        Retrieval,
         RetrieveAndAnswerInput,
         RetrievedAnswer,
         RetrieveInput,
+        encode_and_retrieve,
+        encode_query,
+        finalize_answer,
+        generate,
+        retrieve,
+        retrieve_and_answer,
     )
     from workflows.common import INDEX_VERSION_KEY, LIVENESS_TIMEOUT, OUTCOME_KEY, TENANT_KEY
     from workflows.contracts import (
@@ -108,14 +105,13 @@ class Ask:
         )
         if _encodes_locally():
             step = await workflow.execute_local_activity(
-                ENCODE_AND_RETRIEVE,
+                encode_and_retrieve,
                 EncodeAndRetrieveInput(
                     encode_input, _retrieve_input(inp), not inp.generate, _ms_since(started)
                 ),
                 start_to_close_timeout=timedelta(seconds=30),
                 schedule_to_close_timeout=VECTOR_STORE_WAIT,
                 retry_policy=VECTOR_STORE_RETRY,
-                result_type=EncodedRetrieval,
                 summary="encode query + search + re-rank + prompt fusion (local)",
             )
             query = step.query
@@ -125,34 +121,31 @@ class Ask:
             retrieval = step.retrieval
         else:
             query = await workflow.execute_activity(
-                ENCODE_QUERY,
+                encode_query,
                 encode_input,
                 task_queue=ENCODE_TASK_QUEUE,
                 start_to_close_timeout=timedelta(seconds=30),
                 schedule_to_start_timeout=timedelta(seconds=inp.encode_schedule_to_start_s or 30),
                 schedule_to_close_timeout=VECTOR_STORE_WAIT,
                 retry_policy=VECTOR_STORE_RETRY,
-                result_type=QueryVector,
                 summary="encode query",
             )
             if not inp.generate and workflow.patched(RETRIEVAL_ONLY_IN_ONE_STEP):
                 done = await workflow.execute_local_activity(
-                    RETRIEVE_AND_ANSWER,
+                    retrieve_and_answer,
                     RetrieveAndAnswerInput(_retrieve_input(inp, query), _ms_since(started)),
                     start_to_close_timeout=timedelta(seconds=10),
                     schedule_to_close_timeout=VECTOR_STORE_WAIT,
                     retry_policy=VECTOR_STORE_RETRY,
-                    result_type=RetrievedAnswer,
                     summary="search + re-rank + extractive answer + cite + audit",
                 )
                 return _answered(inp, started, query, done)
             retrieval = await workflow.execute_local_activity(
-                RETRIEVE,
+                retrieve,
                 _retrieve_input(inp, query),
                 start_to_close_timeout=timedelta(seconds=10),
                 schedule_to_close_timeout=VECTOR_STORE_WAIT,
                 retry_policy=VECTOR_STORE_RETRY,
-                result_type=Retrieval,
                 summary="search + re-rank + prompt fusion",
             )
         stage_ms = {"encode": query.ms, "retrieve": retrieval.ms}
@@ -163,7 +156,7 @@ class Ask:
         elif inp.generate:
             try:
                 generation = await workflow.execute_activity(
-                    GENERATE,
+                    generate,
                     GenerateInput(
                         system_prompt=retrieval.system_prompt,
                         user_prompt=retrieval.user_prompt,
@@ -182,7 +175,6 @@ class Ask:
                     # worker's call is retried after 20 s, not after start_to_close.
                     heartbeat_timeout=LIVENESS_TIMEOUT,
                     retry_policy=LLM_RETRY,
-                    result_type=Generation,
                     summary="LLM generation",
                 )
                 stage_ms["generate"] = generation.ms
@@ -199,7 +191,7 @@ class Ask:
                 answer = f"{UNAVAILABLE}: {reason}. The most relevant sources are listed below."
                 kind = "degraded"
         final = await workflow.execute_local_activity(
-            FINALIZE_ANSWER,
+            finalize_answer,
             FinalizeInput(
                 inp.tenant,
                 inp.text,
@@ -214,7 +206,6 @@ class Ask:
             ),
             start_to_close_timeout=timedelta(seconds=10),
             retry_policy=QUICK_RETRY,
-            result_type=FinalAnswer,
             summary="validate + cite + audit",
         )
         return _result(

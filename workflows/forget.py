@@ -14,7 +14,10 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from workflows.activity_payloads import FORGET_PAGE, ForgetPageInput, ForgetPageResult
+    from workflows.activities.lifecycle import (
+        ForgetPageInput,
+        forget_page,
+    )
     from workflows.common import (
         ASSET_ID_KEY,
         DB_RETRY,
@@ -44,7 +47,7 @@ class Forget:
         after = ""
         while True:
             page = await workflow.execute_activity(
-                FORGET_PAGE,
+                forget_page,
                 ForgetPageInput(
                     inp.tenant,
                     inp.asset_id,
@@ -59,7 +62,6 @@ class Forget:
                 start_to_close_timeout=timedelta(minutes=5),
                 heartbeat_timeout=LIVENESS_TIMEOUT,  # a killed worker's page is retried soon
                 retry_policy=DB_RETRY,
-                result_type=ForgetPageResult,
                 summary="delete vectors everywhere, tombstone",
             )
             result.forgotten += page.forgotten

@@ -10,25 +10,24 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 from datetime import timedelta
-from typing import Optional
 
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from workflows.activity_payloads import (
-        CREATE_FIRST_INDEX,
-        DESCRIBE_ENCODER,
-        ENCODE_BATCH,
-        RECORD_OUTCOMES,
-        RESOLVE_INDEX,
-        SCAN_PAGE,
+    from workflows.activities.ingest import (
         CreateIndexInput,
         EncodeBatchInput,
-        EncoderInfo,
         RecordOutcomesInput,
         ScanPageInput,
         ScanPageResult,
+        create_first_index,
+        describe_encoder,
+        encode_batch,
+        record_outcomes,
+        resolve_index,
+        scan_page,
     )
+    from workflows.activities.limits import Knobs
     from workflows.common import (
         ASSET_ID_KEY,
         DB_RETRY,
@@ -55,41 +54,37 @@ with workflow.unsafe.imports_passed_through():
         IngestTotals,
         ObjectRef,
     )
-    from workflows.limits import BAD_INPUT, Knobs, bounded_knobs, refuse_if, tags_problem
+    from workflows.limits import BAD_INPUT, bounded_knobs, refuse_if, tags_problem
 
 # Pages processed per run before continuing as new: keeps histories far below the
 # suggested limit even for very large buckets.
 PAGES_PER_RUN = 20
 
 
-async def resolve_index() -> IndexTarget:
+async def active_or_first_index() -> IndexTarget:
     """The active index version, creating version 1 from the encoder's model if none exists."""
-    target = await workflow.execute_activity(  # type: ignore[call-overload]
-        RESOLVE_INDEX,
+    target = await workflow.execute_activity(
+        resolve_index,
         start_to_close_timeout=timedelta(seconds=30),
         retry_policy=DB_RETRY,
-        # A runtime type for the converter (None: nothing indexed yet); typeshed wants a class.
-        result_type=Optional[IndexTarget],  # noqa: UP045
         summary="active index version",
     )
     if target is not None:
         return target
     info = await workflow.execute_activity(
-        DESCRIBE_ENCODER,
+        describe_encoder,
         task_queue=ENCODE_TASK_QUEUE,
         start_to_close_timeout=timedelta(minutes=10),  # may load the model the first time
         retry_policy=ENCODE_RETRY,
-        result_type=EncoderInfo,
         summary="encoder model and dimension",
     )
     return await workflow.execute_activity(
-        CREATE_FIRST_INDEX,
+        create_first_index,
         CreateIndexInput(
             model=info.model, pretrained=info.pretrained, dim=info.dim, checkpoint=info.checkpoint
         ),
         start_to_close_timeout=timedelta(minutes=2),
         retry_policy=DB_RETRY,
-        result_type=IndexTarget,
         summary="create index version 1",
     )
 
@@ -105,13 +100,12 @@ async def scan(
     allow_forgotten: bool = False,
 ) -> ScanPageResult:
     return await workflow.execute_activity(
-        SCAN_PAGE,
+        scan_page,
         ScanPageInput(
             tenant, source, token, page_size, index.version, force, single_object, allow_forgotten
         ),
         start_to_close_timeout=timedelta(minutes=5),
         retry_policy=DB_RETRY,
-        result_type=ScanPageResult,
         summary=f"list + check {source}",
     )
 
@@ -125,7 +119,7 @@ async def encode_and_record(
     extra_targets: list[IndexTarget],
 ) -> list[AssetOutcome]:
     outcomes = await workflow.execute_activity(
-        ENCODE_BATCH,
+        encode_batch,
         EncodeBatchInput(
             tenant=tenant, index=index, objects=objects, tags=tags, extra_targets=extra_targets
         ),
@@ -133,7 +127,6 @@ async def encode_and_record(
         start_to_close_timeout=timedelta(minutes=30),
         heartbeat_timeout=heartbeat_timeout,
         retry_policy=ENCODE_RETRY,
-        result_type=list[AssetOutcome],
         summary=f"encode {len(objects)} objects",
     )
     await record(tenant, index, objects, outcomes, tags)
@@ -150,7 +143,7 @@ async def record(
     if not any(o.status in (INGESTED, FAILED) for o in outcomes):
         return
     await workflow.execute_activity(
-        RECORD_OUTCOMES,
+        record_outcomes,
         RecordOutcomesInput(tenant, index.version, objects, outcomes, tags),
         start_to_close_timeout=timedelta(minutes=2),
         retry_policy=DB_RETRY,
@@ -215,7 +208,7 @@ class IngestBatch:
                 heartbeat_timeout_s=inp.encode_heartbeat_timeout_s,
             )
         )
-        index = await resolve_index()
+        index = await active_or_first_index()
         workflow.upsert_search_attributes(
             [
                 TENANT_KEY.value_set(inp.tenant),
@@ -302,7 +295,7 @@ class IngestAsset:
     @workflow.run
     async def run(self, inp: IngestAssetInput) -> IngestResult:
         refuse_if(tags_problem(inp.tags), BAD_INPUT)
-        index = await resolve_index()
+        index = await active_or_first_index()
         workflow.upsert_search_attributes(
             [
                 TENANT_KEY.value_set(inp.tenant),

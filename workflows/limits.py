@@ -18,12 +18,12 @@ Two kinds of caller-supplied values, treated differently on purpose:
 Standard library and temporalio only: workflows import it passed through the sandbox.
 """
 
-from dataclasses import dataclass
 from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
+from workflows.activities.limits import Knobs, bound_knobs
 from workflows.contracts import AskFilters
 
 #: Tags per asset: the ``tags`` ARRAY field of a collection (``max_capacity``).
@@ -40,7 +40,6 @@ MAX_FILTER_VALUE_CHARS = 256
 
 BAD_INPUT = "BadInput"
 BAD_QUERY = "BadQuery"
-BOUND_KNOBS = "bound_knobs"
 
 
 def tags_problem(tags: object, field: str = "tags") -> str:
@@ -106,20 +105,6 @@ def filters_problem(filters: AskFilters) -> str:
     )
 
 
-@dataclass
-class Knobs:
-    """Load knobs a caller passed to a workflow; 0 where the workflow does not use one.
-
-    ``bound_knobs`` returns them clamped to the worker's maxima (0 in, default out where a
-    0 means "the worker's default")."""
-
-    page_size: int = 0
-    batch_size: int = 0
-    max_concurrent_batches: int = 0
-    heartbeat_timeout_s: int = 0
-    interval_s: int = 0
-
-
 def refuse_if(problem: str, error_type: str) -> None:
     """Fail the run at once, non-retryably, when a check above found a ``problem``."""
     if problem:
@@ -136,9 +121,8 @@ async def bounded_knobs(knobs: Knobs) -> Knobs:
     if not workflow.patched(KNOBS_BOUNDED):
         return knobs
     return await workflow.execute_local_activity(
-        BOUND_KNOBS,
+        bound_knobs,
         knobs,
         start_to_close_timeout=timedelta(seconds=10),
-        result_type=Knobs,
         summary="bound the caller's load knobs",
     )

@@ -24,30 +24,30 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from workflows.activity_payloads import (
-        BEGIN_REINDEX,
-        DESCRIBE_MODEL,
-        ENCODE_BATCH,
-        FINISH_REINDEX,
-        RECONCILE_INDEX,
-        RECORD_OUTCOMES,
-        REINDEX_PAGE,
-        RESOLVE_INDEX,
-        SWAP_INDEX,
-        BeginReindexInput,
+    from workflows.activities.ingest import (
         EncodeBatchInput,
-        EncoderInfo,
+        RecordOutcomesInput,
+        encode_batch,
+        record_outcomes,
+        resolve_index,
+    )
+    from workflows.activities.lifecycle import (
+        BeginReindexInput,
         FinishReindexInput,
         ModelSpec,
         ReconcileInput,
         ReconcileResult,
-        RecordOutcomesInput,
         ReindexItem,
-        ReindexPage,
         ReindexPageInput,
         SwapInput,
-        SwapResult,
+        begin_reindex,
+        describe_model,
+        finish_reindex,
+        reconcile_index,
+        reindex_page,
+        swap_index,
     )
+    from workflows.activities.limits import Knobs
     from workflows.common import (
         DB_RETRY,
         ENCODE_RETRY,
@@ -62,13 +62,12 @@ with workflow.unsafe.imports_passed_through():
         FULL,
         INCREMENTAL,
         REINDEX_WORKFLOW,
-        AssetOutcome,
         IndexTarget,
         ReindexInput,
         ReindexProgress,
         ReindexResult,
     )
-    from workflows.limits import Knobs, bounded_knobs
+    from workflows.limits import bounded_knobs
 
 ROLLBACK = "rollback"
 PAGE_SIZE = 256
@@ -117,7 +116,7 @@ class Reindex:
             # by the next run.
             failed_version = target.version if inp.mode == FULL else 0
             await workflow.execute_activity(
-                FINISH_REINDEX,
+                finish_reindex,
                 FinishReindexInput("failed", failed_version),
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=DB_RETRY,
@@ -132,32 +131,30 @@ class Reindex:
         if inp.mode == FULL and not inp.target_version:
             if not inp.model:  # same model as the active version: a rebuild
                 active = await workflow.execute_activity(
-                    RESOLVE_INDEX,
+                    resolve_index,
                     start_to_close_timeout=timedelta(seconds=30),
                     retry_policy=DB_RETRY,
-                    result_type=IndexTarget,
                     summary="active index version",
                 )
+                assert active is not None, "a rebuild needs an active index version"
                 spec = ModelSpec(active.model, active.pretrained, active.checkpoint)
             info = await workflow.execute_activity(
-                DESCRIBE_MODEL,
+                describe_model,
                 spec,
                 task_queue=ENCODE_TASK_QUEUE,
                 start_to_close_timeout=timedelta(minutes=10),
                 heartbeat_timeout=LIVENESS_TIMEOUT,
                 retry_policy=ENCODE_RETRY,
-                result_type=EncoderInfo,
                 summary=f"load {spec.model}",
             )
             dim = info.dim
         self._inp.phase = self._inp.phase or "embedding"
         return await workflow.execute_activity(
-            BEGIN_REINDEX,
+            begin_reindex,
             BeginReindexInput(inp.mode, inp.tenant, spec, dim, inp.target_version),
             start_to_close_timeout=timedelta(minutes=2),
             heartbeat_timeout=LIVENESS_TIMEOUT,
             retry_policy=DB_RETRY,
-            result_type=IndexTarget,
             summary="lock scope, create or pick the target version",
         )
 
@@ -167,12 +164,11 @@ class Reindex:
         cursor = inp.cursor
         while True:
             page = await workflow.execute_activity(
-                REINDEX_PAGE,
+                reindex_page,
                 ReindexPageInput(inp.mode, inp.tenant, cursor, PAGE_SIZE, target),
                 start_to_close_timeout=timedelta(minutes=5),
                 heartbeat_timeout=LIVENESS_TIMEOUT,
                 retry_policy=DB_RETRY,
-                result_type=ReindexPage,
                 summary="next registry page",
             )
             if not cursor:
@@ -208,13 +204,12 @@ class Reindex:
                 tenant, tags = batch[0].tenant, batch[0].tags
                 objects = [item.ref for item in batch]
                 outcomes = await workflow.execute_activity(
-                    ENCODE_BATCH,
+                    encode_batch,
                     EncodeBatchInput(tenant, target, objects, tags, extra_targets=extra),
                     task_queue=ENCODE_TASK_QUEUE,
                     start_to_close_timeout=timedelta(minutes=30),
                     heartbeat_timeout=timedelta(seconds=30),
                     retry_policy=ENCODE_RETRY,
-                    result_type=list[AssetOutcome],
                     summary=f"re-embed {len(objects)} assets into v{target.version}",
                 )
                 # Full: the registry moves to the new version at the swap; only failures are
@@ -226,7 +221,7 @@ class Reindex:
                 )
                 if to_record:
                     await workflow.execute_activity(
-                        RECORD_OUTCOMES,
+                        record_outcomes,
                         RecordOutcomesInput(tenant, target.version, objects, to_record, tags),
                         start_to_close_timeout=timedelta(minutes=2),
                         heartbeat_timeout=LIVENESS_TIMEOUT,
@@ -244,7 +239,7 @@ class Reindex:
         inp = self._inp
         if inp.mode == INCREMENTAL:
             await workflow.execute_activity(
-                FINISH_REINDEX,
+                finish_reindex,
                 FinishReindexInput("succeeded"),
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=DB_RETRY,
@@ -265,12 +260,11 @@ class Reindex:
         check = ReconcileResult()
         for _ in range(MAX_RECONCILE_ROUNDS):
             check = await workflow.execute_activity(
-                RECONCILE_INDEX,
+                reconcile_index,
                 ReconcileInput(inp.tenant, target),
                 start_to_close_timeout=timedelta(minutes=10),
                 heartbeat_timeout=LIVENESS_TIMEOUT,
                 retry_policy=DB_RETRY,
-                result_type=ReconcileResult,
                 summary=f"verify v{target.version} against the registry",
             )
             if not check.to_embed:
@@ -285,12 +279,11 @@ class Reindex:
             )
         inp.phase = "swapping"
         swap = await workflow.execute_activity(
-            SWAP_INDEX,
+            swap_index,
             SwapInput(target.version, inp.grace_period_hours),
             start_to_close_timeout=timedelta(minutes=2),
             heartbeat_timeout=LIVENESS_TIMEOUT,
             retry_policy=DB_RETRY,
-            result_type=SwapResult,
             summary=f"swap alias to v{target.version}",
         )
         inp.phase = "done"
@@ -308,12 +301,11 @@ class Reindex:
 
     async def _rollback(self) -> ReindexResult:
         swap = await workflow.execute_activity(
-            SWAP_INDEX,
+            swap_index,
             SwapInput(0, self._inp.grace_period_hours),  # 0: the rollback target
             start_to_close_timeout=timedelta(minutes=2),
             heartbeat_timeout=LIVENESS_TIMEOUT,
             retry_policy=DB_RETRY,
-            result_type=SwapResult,
             summary="roll the alias back",
         )
         workflow.upsert_search_attributes([OUTCOME_KEY.value_set("rolled_back")])

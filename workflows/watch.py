@@ -16,6 +16,7 @@ from datetime import timedelta
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
+    from workflows.activities.limits import Knobs
     from workflows.common import TENANT_KEY, source_attribute
     from workflows.contracts import (
         INGEST_BATCH_WORKFLOW,
@@ -24,7 +25,7 @@ with workflow.unsafe.imports_passed_through():
         IngestResult,
         WatchPrefixInput,
     )
-    from workflows.limits import BAD_INPUT, Knobs, bounded_knobs, refuse_if, tags_problem
+    from workflows.limits import BAD_INPUT, bounded_knobs, refuse_if, tags_problem
 
 
 @workflow.defn(name=WATCH_PREFIX_WORKFLOW)

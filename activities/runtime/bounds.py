@@ -6,7 +6,7 @@ take a knob directly (retrieve's top_k, generate's answer tokens)."""
 from __future__ import annotations
 
 from settings import Settings
-from workflows.limits import Knobs
+from workflows.activities.limits import Knobs
 
 DEFAULT_PAGE_SIZE = 256  # IngestBatchInput.page_size's default
 DEFAULT_HEARTBEAT_S = 30  # IngestBatchInput.encode_heartbeat_timeout_s's default

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from activities.store import audit_privacy
 from activities.store.orm import Asset, AuditEvent, IndexVersion
-from workflows.activity_payloads import ReindexItem
+from workflows.activities.lifecycle import ReindexItem
 from workflows.contracts import FAILED, INGESTED, AssetOutcome, IndexTarget, ObjectRef
 
 FORGOTTEN = "forgotten"

@@ -1,83 +1,11 @@
-"""Activity names and payloads shared by workflows and activity implementations.
-
-Internal API (between mmrag's own workflows and workers), unlike ``contracts``. Standard
-library only, so workflows can import it inside the sandbox. No ``from __future__ import
-annotations`` here or in ``contracts``: the data converter resolves a dataclass's type
-hints on every payload it decodes, and string annotations made that ~3x slower.
-"""
+"""The Ask activities' homes: encode the query, retrieve, generate, finalise, and the
+one-step forms (retrieve_and_answer, encode_and_retrieve)."""
 
 from dataclasses import dataclass, field
 
-from workflows.contracts import AskFilters, AssetOutcome, IndexTarget, ObjectRef, Source
+from workflows.activities import MILVUS_READ, not_here, stub
+from workflows.contracts import AskFilters, Source
 
-# Activity type names.
-RESOLVE_INDEX = "resolve_index"
-DESCRIBE_ENCODER = "describe_encoder"
-CREATE_FIRST_INDEX = "create_first_index"
-SCAN_PAGE = "scan_page"
-ENCODE_BATCH = "encode_batch"
-RECORD_OUTCOMES = "record_outcomes"
-
-
-@dataclass
-class EncoderInfo:
-    model: str
-    pretrained: str
-    dim: int
-    device: str
-    checkpoint: str = ""
-
-
-@dataclass
-class CreateIndexInput:
-    model: str
-    pretrained: str
-    dim: int
-    checkpoint: str = ""
-
-
-@dataclass
-class ScanPageInput:
-    tenant: str
-    source: str
-    page_token: str
-    page_size: int
-    index_version: int
-    force: bool = False
-    single_object: bool = False  # the source must be exactly one object, not a prefix
-    allow_forgotten: bool = False
-
-
-@dataclass
-class ScanPageResult:
-    to_encode: list[ObjectRef] = field(default_factory=list)
-    unchanged: list[AssetOutcome] = field(default_factory=list)
-    rejected: list[AssetOutcome] = field(default_factory=list)
-    next_token: str = ""
-    # Index versions besides the active one that must receive the same writes (a re-index
-    # building, a retired version kept for rollback).
-    extra_targets: list[IndexTarget] = field(default_factory=list)
-
-
-@dataclass
-class EncodeBatchInput:
-    tenant: str
-    index: IndexTarget
-    objects: list[ObjectRef]
-    tags: dict[str, str] = field(default_factory=dict)
-    extra_targets: list[IndexTarget] = field(default_factory=list)
-
-
-@dataclass
-class RecordOutcomesInput:
-    tenant: str
-    index_version: int
-    objects: list[ObjectRef]
-    outcomes: list[AssetOutcome]
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-# -- Ask ------------------------------------------------------------------------------
 ENCODE_QUERY = "encode_query"
 RETRIEVE = "retrieve"
 GENERATE = "generate"
@@ -241,109 +169,37 @@ class EncodedRetrieval:
     answered: RetrievedAnswer | None = None  # answer=True
 
 
-# -- Lifecycle ------------------------------------------------------------------------
-DESCRIBE_MODEL = "describe_model"
-BEGIN_REINDEX = "begin_reindex"
-REINDEX_PAGE = "reindex_page"
-RECONCILE_INDEX = "reconcile_index"
-SWAP_INDEX = "swap_index"
-FINISH_REINDEX = "finish_reindex"
-FORGET_PAGE = "forget_page"
+@stub(ENCODE_QUERY, milvus=MILVUS_READ)
+def encode_query(inp: EncodeQueryInput) -> QueryVector:
+    """Embed the query (text, image or both) with the model of the index the alias names."""
+    raise not_here(ENCODE_QUERY)
 
 
-@dataclass
-class ModelSpec:
-    model: str
-    pretrained: str = ""
-    checkpoint: str = ""
+@stub(RETRIEVE, milvus=MILVUS_READ)
+def retrieve(inp: RetrieveInput) -> Retrieval:
+    """Search, re-rank and fuse the prompt (a local activity)."""
+    raise not_here(RETRIEVE)
 
 
-@dataclass
-class BeginReindexInput:
-    mode: str
-    tenant: str
-    spec: ModelSpec
-    dim: int = 0
-    target_version: int = 0  # set when continuing as new
+@stub(GENERATE, liveness_heartbeat=True)
+def generate(inp: GenerateInput) -> Generation:
+    """Ask the LLM (or answer extractively when none is configured)."""
+    raise not_here(GENERATE)
 
 
-@dataclass
-class ReindexItem:
-    tenant: str
-    ref: ObjectRef
-    tags: dict[str, str] = field(default_factory=dict)
+@stub(FINALIZE_ANSWER)
+def finalize_answer(inp: FinalizeInput) -> FinalAnswer:
+    """Validate the answer, put in the citations, write the audit row (a local activity)."""
+    raise not_here(FINALIZE_ANSWER)
 
 
-@dataclass
-class ReindexPageInput:
-    mode: str
-    tenant: str
-    cursor: str
-    page_size: int
-    target: IndexTarget
+@stub(RETRIEVE_AND_ANSWER, milvus=MILVUS_READ)
+def retrieve_and_answer(inp: RetrieveAndAnswerInput) -> RetrievedAnswer:
+    """A retrieval-only Ask in one local activity: retrieve, answer, audit."""
+    raise not_here(RETRIEVE_AND_ANSWER)
 
 
-@dataclass
-class ReindexPage:
-    items: list[ReindexItem] = field(default_factory=list)
-    unchanged: int = 0
-    failures: list[AssetOutcome] = field(default_factory=list)
-    next_cursor: str = ""
-    total: int = 0  # assets in scope (first page only)
-    extra_targets: list[IndexTarget] = field(default_factory=list)
-
-
-@dataclass
-class ReconcileInput:
-    tenant: str
-    target: IndexTarget
-    limit: int = 2000
-
-
-@dataclass
-class ReconcileResult:
-    to_embed: list[ReindexItem] = field(default_factory=list)
-    deleted: int = 0
-    registry_assets: int = 0
-    index_assets: int = 0
-
-
-@dataclass
-class SwapInput:
-    version: int
-    grace_period_hours: float
-
-
-@dataclass
-class SwapResult:
-    previous_version: int
-    active_version: int
-
-
-@dataclass
-class FinishReindexInput:
-    state: str  # succeeded | failed
-    failed_version: int = 0  # a full run's building version to retire as failed
-
-
-@dataclass
-class ForgetPageInput:
-    tenant: str
-    asset_id: str
-    uri_prefix: str
-    tags: dict[str, str]
-    reason: str
-    delete_object: bool
-    allow_reingest: bool
-    if_generation: str
-    after: str = ""
-    limit: int = 500
-
-
-@dataclass
-class ForgetPageResult:
-    forgotten: int = 0
-    objects_deleted: int = 0
-    versions: list[int] = field(default_factory=list)
-    next_after: str = ""
-    objects_kept: int = 0  # asked to delete, but not ingested, outside the roots, or changed
+@stub(ENCODE_AND_RETRIEVE, milvus=MILVUS_READ)
+def encode_and_retrieve(inp: EncodeAndRetrieveInput) -> EncodedRetrieval:
+    """The query worker's first step: encode and retrieve in one local activity."""
+    raise not_here(ENCODE_AND_RETRIEVE)
