@@ -473,7 +473,7 @@ PT_DATA_QUEUE = "mmrag-bench-ptdata"
 PT_QUEUE = "mmrag-bench-pt"  # also the prefix of the worker-tuning queues
 UNSANDBOXED_QUEUE = "mmrag-bench-unsandboxed"
 VARIANT_QUEUE = "mmrag-bench-pt-variant"  # passthrough runner + AskVariant
-DATA_MODULES = ("workflows.contracts", "workflows.activity_payloads")
+DATA_MODULES = ("workflows.contracts", "workflows.activities")
 RUNNERS = {
     PT_DATA_QUEUE: DATA_MODULES,
     # + workflows.ingest: what workflows/ask.py imports only for three search-attribute keys.

@@ -1,8 +1,8 @@
 """Search attribute keys and retry policies shared by the workflows.
 
-Stateless and deterministic, so the workflow modules import it (with ``contracts`` and
-``activity_payloads``) passed through the sandbox: re-importing these modules for every
-workflow run cost ~40 ms per ``Ask`` (bench/ask.py).
+Stateless and deterministic, so the workflow modules import it (with ``contracts`` and the
+activity homes, ``workflows/activities/``) passed through the sandbox: re-importing these
+modules for every workflow run cost ~40 ms per ``Ask`` (bench/ask.py).
 """
 
 from __future__ import annotations
