@@ -15,6 +15,7 @@ from activities.rag.guardrails import I_DONT_KNOW, insert_citations, redact_pii,
 from activities.rag.rerank import RERANK_POOL, caption_of, rerank
 from activities.runtime import metrics
 from activities.runtime.bounds import clamp_top_k
+from activities.runtime.metrics import ms_since
 from activities.runtime.run_context import workflow_ids
 from activities.store import registry
 from activities.store.vectors import BadFilter, compile_filters, get_store
@@ -34,10 +35,6 @@ from workflows.activities.ask import (
 from workflows.contracts import Source
 
 
-def _ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 2)
-
-
 class AskActivities:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -50,7 +47,7 @@ class AskActivities:
     def retrieve(self, inp: RetrieveInput) -> Retrieval:
         started = time.perf_counter()
         if not inp.collection:
-            return Retrieval(0, [], "", "", 0, "Nothing has been ingested yet.", _ms(started))
+            return Retrieval(0, [], "", "", 0, "Nothing has been ingested yet.", ms_since(started))
         f = inp.filters
         try:
             expr = compile_filters(
@@ -126,7 +123,7 @@ class AskActivities:
             user_prompt=prompt.user,
             prompt_tokens=prompt.tokens,
             extractive_answer=extractive_answer(inp.question, chunks) if chunks else "",
-            ms=_ms(started),
+            ms=ms_since(started),
             context=prompt.context,
             fusion=fusion,
         )
@@ -147,7 +144,7 @@ class AskActivities:
                 retrieval.context,
                 False,
                 "",
-                inp.elapsed_ms + _ms(started),
+                inp.elapsed_ms + ms_since(started),
                 retrieval.index_version,
             )
         )
@@ -196,4 +193,4 @@ class AskActivities:
                 ],
             )
         metrics.answer(kind, inp.degraded)
-        return FinalAnswer(answer=answer, answer_kind=kind, ms=_ms(started))
+        return FinalAnswer(answer=answer, answer_kind=kind, ms=ms_since(started))

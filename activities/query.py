@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from activities.ask import AskActivities
-from activities.encode import EncodeActivities
+from activities.encode_query import QueryEncodeActivities
 from workflows.activities import ask as ask_stubs
 from workflows.activities import implements
 from workflows.activities.ask import (
@@ -21,7 +21,7 @@ from workflows.activities.ask import (
 
 
 class QueryActivities:
-    def __init__(self, encode: EncodeActivities, ask: AskActivities) -> None:
+    def __init__(self, encode: QueryEncodeActivities, ask: AskActivities) -> None:
         self.encode = encode
         self.ask = ask
 

@@ -246,11 +246,11 @@ class InProcess:
         from temporalio.testing import ActivityEnvironment
 
         from activities.ask import AskActivities
-        from activities.encode import EncodeActivities
+        from activities.encode_query import QueryEncodeActivities
         from activities.generate import GenerateActivities
 
         settings = get_settings()
-        self.encode = EncodeActivities(settings)
+        self.encode = QueryEncodeActivities(settings)
         self.ask = AskActivities(settings)
         self.generate = GenerateActivities()
         self.env = ActivityEnvironment()

@@ -44,13 +44,13 @@ MODELS = {
 
 def bare_loop(tenant: str, corpus: Path, batch_size: int) -> float:
     """The same steps, in process: list, check, decode+encode+store, registry + audit."""
-    from activities.encode import EncodeActivities
+    from activities.encode_batch import BatchEncodeActivities
     from activities.ingest import IngestActivities
     from activities.store import registry
     from workflows.activities.ingest import EncodeBatchInput, ScanPageInput
 
     settings = get_settings()
-    encode = EncodeActivities(settings)
+    encode = BatchEncodeActivities(settings)
     ingest = IngestActivities(settings)
     index = registry.active_index(ingest.engine)
     assert index is not None

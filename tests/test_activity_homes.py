@@ -8,7 +8,8 @@ import inspect
 import typing
 
 from activities.ask import AskActivities
-from activities.encode import EncodeActivities
+from activities.encode_batch import BatchEncodeActivities
+from activities.encode_query import QueryEncodeActivities
 from activities.generate import GenerateActivities
 from activities.ingest import IngestActivities
 from activities.lifecycle import LifecycleActivities
@@ -20,7 +21,8 @@ from workflows.activities import home_of, implementations
 
 IMPLEMENTATIONS = (
     AskActivities,
-    EncodeActivities,
+    BatchEncodeActivities,
+    QueryEncodeActivities,
     GenerateActivities,
     IngestActivities,
     LifecycleActivities,

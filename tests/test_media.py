@@ -468,10 +468,18 @@ async def test_ask_returns_pdf_pages_and_video_frames_with_locators(
 
 def _direct_encoder(**overrides: Any) -> Any:
     """An encode activity object in this process, on the test stack's Milvus."""
-    from activities.encode import EncodeActivities
+    from activities.encode_batch import BatchEncodeActivities
     from settings import get_settings
 
-    return EncodeActivities(get_settings().model_copy(update=overrides))
+    return BatchEncodeActivities(get_settings().model_copy(update=overrides))
+
+
+def _direct_query_encoder(**overrides: Any) -> Any:
+    """A query encode activity object in this process, on the test stack's Milvus."""
+    from activities.encode_query import QueryEncodeActivities
+    from settings import get_settings
+
+    return QueryEncodeActivities(get_settings().model_copy(update=overrides))
 
 
 def _ref(tenant: str, path: Path, mime: str) -> Any:
@@ -511,7 +519,7 @@ async def test_interrupted_video_resumes_after_its_last_written_group(
 
     import numpy as np
 
-    from activities.encode import BatchProgress
+    from activities.encode_batch import BatchProgress
     from activities.store.vectors import ChunkRow
     from tests.helpers import milvus_pks, store
     from workflows.activities.ingest import EncodeBatchInput
@@ -546,7 +554,7 @@ async def test_interrupted_video_resumes_after_its_last_written_group(
     with pytest.raises(WorkerDied):
         encode.encode_objects(inp, BatchProgress(), dies_after_eight_frames)
     # The abandoned decode was stopped before its sandbox went back to the pool.
-    assert [box.pid for box in encode._sandboxes._idle] == [None]
+    assert [box.pid for box in encode.sandboxes._idle] == [None]
     last = beats[-1]
     pks = milvus_pks(tenant)
     assert stale in pks, "old vectors keep answering until the new version is complete"
@@ -578,7 +586,7 @@ async def test_an_image_that_decodes_for_minutes_fails_alone_and_fails_an_ask_at
 
     from temporalio.exceptions import ApplicationError
 
-    from activities.encode import BatchProgress
+    from activities.encode_batch import BatchProgress
     from tests.helpers import milvus_pks
     from tests.test_sandbox import many_scan_jpeg
     from workflows.activities.ask import EncodeQueryInput
@@ -586,7 +594,9 @@ async def test_an_image_that_decodes_for_minutes_fails_alone_and_fails_an_ask_at
     from workflows.contracts import FAILED, INGESTED
 
     index = await _index(client, tenant, tmp_path)
-    encode = _direct_encoder(image_decode_time_limit_s=1.0, max_image_pixels=40_000_000)
+    limits = {"image_decode_time_limit_s": 1.0, "max_image_pixels": 40_000_000}
+    encode = _direct_encoder(**limits)
+    query = _direct_query_encoder(**limits)
     slow = many_scan_jpeg()
     paths = [tmp_path / "red.png", tmp_path / "slow.jpg", tmp_path / "blue.png"]
     paths[0].write_bytes(png_bytes((64, 64), (220, 20, 20)))
@@ -605,22 +615,23 @@ async def test_an_image_that_decodes_for_minutes_fails_alone_and_fails_an_ask_at
         assert milvus_pks(tenant) == sorted(f"{r.asset_id}:image" for r in (refs[0], refs[2]))
 
         with pytest.raises(ApplicationError) as refused:
-            encode.encode_query(
+            query.encode_query(
                 EncodeQueryInput(image_base64=base64.b64encode(slow).decode(), tenant=tenant)
             )
         assert (refused.value.type, refused.value.non_retryable) == ("BadQuery", True)
         assert "MMRAG_IMAGE_DECODE_TIME_LIMIT_S" in str(refused.value)
         # The same decoders still answer a well-formed query image.
         inline = base64.b64encode(png_bytes((64, 64), (220, 20, 20))).decode()
-        assert encode.encode_query(EncodeQueryInput(image_base64=inline, tenant=tenant)).vector
+        assert query.encode_query(EncodeQueryInput(image_base64=inline, tenant=tenant)).vector
     finally:
         encode.close()
+        query.close()
 
 
 async def test_outcomes_note_a_name_that_disagrees_with_the_bytes(
     worker: Any, client: Any, tenant: str, tmp_path: Path
 ) -> None:
-    from activities.encode import BatchProgress
+    from activities.encode_batch import BatchProgress
     from workflows.activities.ingest import EncodeBatchInput
 
     index = await _index(client, tenant, tmp_path)

@@ -157,16 +157,20 @@ def cpu_role(settings: Settings) -> RoleContent:
 
 def encode_role(settings: Settings) -> RoleContent:
     settings = settings.for_milvus_role("encode").for_database_role("encode")
-    from activities.encode import EncodeActivities
+    from activities.clip.models import WarmModels
+    from activities.encode_batch import BatchEncodeActivities
+    from activities.encode_query import QueryEncodeActivities
 
-    encode = EncodeActivities(settings)
-    info = encode.describe_encoder()  # warm: load the model before taking any task
+    models = WarmModels(settings)  # one set of models and one model lock for both
+    batch = BatchEncodeActivities(settings, models)
+    query = QueryEncodeActivities(settings, models, batch.sandboxes)
+    info = batch.describe_encoder()  # warm: load the model before taking any task
     log.info(
         "encoder ready: %s/%s dim=%d on %s", info.model, info.pretrained, info.dim, info.device
     )
     return RoleContent(
         ENCODE_TASK_QUEUE,
-        activities=bind("encode", encode),
+        activities=bind("encode", batch, query),
         max_concurrent_activities=settings.max_concurrent_encode_activities,
     )
 
@@ -193,13 +197,14 @@ def query_role(settings: Settings) -> RoleContent:
     Ingest and re-index never queue behind queries here."""
     settings = settings.for_milvus_role("query").for_database_role("query")
     from activities.ask import AskActivities
-    from activities.encode import EncodeActivities
+    from activities.encode_query import QueryEncodeActivities
     from activities.query import QueryActivities
     from workflows.ask import Ask
 
-    encode = EncodeActivities(settings)
-    info = encode.describe_encoder()  # warm: load the model before taking any task
-    log.info("query encoder ready: %s/%s on %s", info.model, info.pretrained, info.device)
+    # The model and a decoder child for query images: no decode threads or batch pools.
+    encode = QueryEncodeActivities(settings)
+    model = encode.models.configured  # warm: load the model before taking any task
+    log.info("query encoder ready: %s/%s on %s", model.model_name, model.pretrained, model.device)
     ask = AskActivities(settings)
     query = QueryActivities(encode, ask)
     return RoleContent(

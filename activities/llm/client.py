@@ -33,11 +33,10 @@ import os
 import re
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import openai
@@ -50,6 +49,7 @@ from openai.types.chat import (
 from activities.rag.fusion import FusedPrompt, SourceChunk, chunk_passage, fuse_prompt
 from activities.rag.guardrails import validate_summary
 from activities.rag.tokens import DEFAULT_LLM_MODEL, count_tokens
+from activities.runtime.lru import Lru
 
 log = logging.getLogger(__name__)
 
@@ -128,34 +128,6 @@ SUMMARY_SYSTEM_PROMPT = (
 )
 _SUMMARY_USER = "Question: {question}\n\nPassage:\n{passage}"
 SUMMARY_CONCURRENCY = 8  # summarisation requests in flight per generator
-
-
-_V = TypeVar("_V")
-
-
-class _Lru(Generic[_V]):
-    """A small thread-safe LRU map (``size`` <= 0 stores nothing)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._data: OrderedDict[str, _V] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> _V | None:
-        with self._lock:
-            hit = self._data.get(key)
-            if hit is not None:
-                self._data.move_to_end(key)
-            return hit
-
-    def put(self, key: str, value: _V) -> None:
-        if self.size <= 0:
-            return
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
 
 
 def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
@@ -341,8 +313,8 @@ class LlmGenerator:
             timeout=config.timeout_s,
             max_retries=0,
         )
-        self._cache: _Lru[GenerationResult] = _Lru(config.cache_size)
-        self._summaries: _Lru[str] = _Lru(config.cache_size)
+        self._cache: Lru[str, GenerationResult] = Lru(config.cache_size)
+        self._summaries: Lru[str, str] = Lru(config.cache_size)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 

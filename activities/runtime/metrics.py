@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -233,3 +234,8 @@ def answer(kind: str, degraded: bool = False) -> None:
     _safely("answer", lambda m: m.answers.add(1, {"kind": label}))
     if degraded:
         _safely("degraded", lambda m: m.degraded.add(1))
+
+
+def ms_since(started: float) -> float:
+    """Milliseconds since ``started`` (a ``time.perf_counter()``), as the payloads report them."""
+    return round((time.perf_counter() - started) * 1000, 2)

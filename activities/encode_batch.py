@@ -1,4 +1,5 @@
-"""GPU-side ingest: fetch, decode, encode and store one batch, on ``mmrag-gpu-encode``.
+"""GPU-side ingest: fetch, decode, encode and store one batch, on ``mmrag-gpu-encode``
+(queries are encoded by activities/encode_query.py, with the same warm models).
 
 Pixels never leave this worker: the activity receives URIs, decodes, encodes, writes the
 vectors to Milvus itself and returns only per-asset outcomes. A file that cannot be
@@ -20,7 +21,6 @@ decoded fails alone. A batch runs in two phases:
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
 import os
@@ -28,7 +28,6 @@ import queue
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -42,8 +41,9 @@ from PIL import Image
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.clip.encoder import ClipEncoder, get_encoder
+from activities.clip.encoder import ClipEncoder
 from activities.clip.model_policy import ModelNotAllowedError, check_model
+from activities.clip.models import WarmModels
 from activities.media.formats import (
     HEAD_BYTES,
     IMAGE_TYPES,
@@ -58,7 +58,7 @@ from activities.media.formats import (
     type_note,
 )
 from activities.media.sandbox import DecoderSandbox, SandboxPool
-from activities.store.objects import ObjectMissingError, UnsupportedUriError, store_for, worker_uri
+from activities.store.objects import ObjectMissingError, UnsupportedUriError, store_for
 from activities.store.roots import (
     NotARegularFileError,
     OutsideRootsError,
@@ -68,11 +68,9 @@ from activities.store.roots import (
 )
 from activities.store.vectors import MAX_SNIPPET, ChunkRow, VectorStore, get_store
 from settings import Settings
-from workflows.activities import ask as ask_stubs
 from workflows.activities import implements
 from workflows.activities import ingest as ingest_stubs
 from workflows.activities import lifecycle as lifecycle_stubs
-from workflows.activities.ask import EncodeQueryInput, QueryVector
 from workflows.activities.ingest import (
     EncodeBatchInput,
     EncoderInfo,
@@ -81,7 +79,6 @@ from workflows.activities.lifecycle import ModelSpec
 from workflows.contracts import (
     FAILED,
     INGESTED,
-    MAX_INLINE_IMAGE_BYTES,
     AssetOutcome,
     IndexTarget,
     ObjectRef,
@@ -90,40 +87,12 @@ from workflows.contracts import (
 log = logging.getLogger(__name__)
 
 IMAGE_CHUNK = "image"
-ALIAS_CACHE_SECONDS = 2.0
 STREAMED_TYPES = PDF_TYPES | VIDEO_TYPES
 FLUSH_EVERY_S = 10.0  # a streamed asset's vectors are written (and its cursor saved) this often
 IDLE_HEARTBEAT_S = 5.0  # heartbeat while waiting on a slow decoder
 PREFETCH_STEPS = 8  # decoded steps buffered ahead of the encoder per streamed asset
 
 Heartbeat = Callable[[dict[str, Any]], None]
-
-
-def _ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 2)
-
-
-class LruCache:
-    """A small thread-safe LRU map."""
-
-    def __init__(self, maxsize: int) -> None:
-        self.maxsize = maxsize
-        self._data: OrderedDict[object, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: object) -> Any:
-        with self._lock:
-            if key not in self._data:
-                return None
-            self._data.move_to_end(key)
-            return self._data[key]
-
-    def put(self, key: object, value: Any) -> None:
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.maxsize:
-                self._data.popitem(last=False)
 
 
 _OUTCOME_FIELDS = {f.name for f in fields(AssetOutcome)}
@@ -169,11 +138,13 @@ class BatchProgress:
         }
 
 
-class EncodeActivities:
-    """Holds the warm model; one instance per encode worker process."""
+class BatchEncodeActivities:
+    """Ingest's encoding on the encode queue: the warm models, the decode threads and the
+    decoder sandboxes; one instance per encode worker process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, models: WarmModels | None = None) -> None:
         self.settings = settings
+        self.models = models or WarmModels(settings)
         self.limits = MediaLimits.from_settings(settings)
         self.roots = StorageRoots.from_settings(settings.storage_roots, settings.state_dir)
         self._decode_pool = ThreadPoolExecutor(
@@ -185,31 +156,11 @@ class EncodeActivities:
             thread_name_prefix="stream",
         )
         # Decoder children for every file: images (one per decode thread), PDFs and videos.
-        self._sandboxes = SandboxPool.from_settings(settings)
-        # One forward pass at a time: concurrent activities overlap their decoding and
-        # Milvus writes with each other's model time instead of fighting over the device.
-        self._model_lock = threading.Lock()
-        self._query_cache = LruCache(maxsize=4096)  # CLIP is deterministic: cache queries
-        self._alias_cache: tuple[float, tuple[str, int, ModelSpec | None] | None] = (0.0, None)
+        self.sandboxes = SandboxPool.from_settings(settings)
 
     def close(self) -> None:
         """Stop the decoder children (they also die with this process)."""
-        self._sandboxes.close()
-
-    @property
-    def encoder(self) -> ClipEncoder:
-        """The worker's configured model (MMRAG_CLIP_*): what a new index starts with."""
-        s = self.settings
-        return get_encoder(
-            s.clip_model, s.clip_pretrained, s.resolved_checkpoint(), s.device, s.torch_threads
-        )
-
-    def encoder_for(self, spec: IndexTarget | ModelSpec) -> ClipEncoder:
-        """The model an index version was built with, loaded once and kept warm: during a
-        re-index the old and the new model both serve from this worker."""
-        s = self.settings
-        checkpoint = Path(spec.checkpoint) if spec.checkpoint else None
-        return get_encoder(spec.model, spec.pretrained, checkpoint, s.device, s.torch_threads)
+        self.sandboxes.close()
 
     def _store(self) -> VectorStore:
         return get_store(
@@ -218,7 +169,7 @@ class EncodeActivities:
 
     @implements(ingest_stubs.describe_encoder)
     def describe_encoder(self) -> EncoderInfo:
-        enc = self.encoder
+        enc = self.models.configured
         checkpoint = self.settings.resolved_checkpoint()
         return EncoderInfo(
             enc.model_name, enc.pretrained, enc.dim, str(enc.device), str(checkpoint or "")
@@ -233,7 +184,7 @@ class EncodeActivities:
         except ModelNotAllowedError as e:
             raise ApplicationError(str(e), type="ModelNotAllowed", non_retryable=True) from e
         try:
-            enc = self.encoder_for(spec)
+            enc = self.models.for_spec(spec)
         except ValueError as e:  # unknown model, missing checkpoint: the user must fix it
             raise ApplicationError(str(e), type="BadModel", non_retryable=True) from e
         return EncoderInfo(
@@ -264,7 +215,7 @@ class EncodeActivities:
         gets the same chunks, each encoded by the model that version was built with.
         """
         targets = [inp.index, *inp.extra_targets]
-        encoders = [self.encoder_for(t) for t in targets]
+        encoders = [self.models.for_spec(t) for t in targets]
         roots = self.roots.for_tenant(inp.tenant)
         self._classify(inp.objects, roots)
         images = [o for o in inp.objects if o.media_type not in STREAMED_TYPES]
@@ -346,7 +297,7 @@ class EncodeActivities:
         ):
             if refs:
                 for i, enc in enumerate(encoders):
-                    with self._model_lock:
+                    with self.models.lock:
                         vectors[i].append(enc.encode_images([p[i] for p in pixels]))
                 rows.extend(self._row(inp.tenant, ref, inp.tags, IMAGE_CHUNK) for ref in refs)
             beat()
@@ -422,7 +373,7 @@ class EncodeActivities:
         """An ingested or query image, decoded in a sandboxed child under
         MMRAG_IMAGE_DECODE_TIME_LIMIT_S (and shrunk to MMRAG_RENDER_MAX_SIDE, so a query
         image is encoded exactly as the same image was when it was ingested)."""
-        return self._sandboxes.decode_image(
+        return self.sandboxes.decode_image(
             data, mime, self.limits, self.settings.image_decode_time_limit_s
         )
 
@@ -451,7 +402,7 @@ class EncodeActivities:
             # goes back to the pool (a suspended generator would otherwise keep it busy).
             with (
                 self._local_copy(ref, roots) as path,
-                self._sandboxes.lease() as sandbox,
+                self.sandboxes.lease() as sandbox,
                 contextlib.closing(
                     self._flush_groups(
                         encoders,
@@ -543,7 +494,7 @@ class EncodeActivities:
         out = np.zeros((len(chunks), enc.dim), dtype=np.float32)
         image_rows = [i for i, c in enumerate(chunks) if c.image is not None]
         text_rows = [i for i, c in enumerate(chunks) if c.image is None]
-        with self._model_lock:
+        with self.models.lock:
             if image_rows:
                 out[image_rows] = enc.encode_images(pixels)
             if text_rows:
@@ -587,105 +538,6 @@ class EncodeActivities:
             yield Path(name)
         finally:
             Path(name).unlink(missing_ok=True)
-
-    # -- queries --------------------------------------------------------------------------
-    @implements(ask_stubs.encode_query)
-    def encode_query(self, inp: EncodeQueryInput) -> QueryVector:
-        """Text, image or hybrid (weighted mean of the normalised vectors, re-normalised)."""
-        started = time.perf_counter()
-        collection, version, spec = self._alias_target()
-        enc = self.encoder_for(spec) if spec else self.encoder
-        if inp.image_uri:  # before the cache: a cached vector must not reveal another's file
-            try:
-                self.roots.for_tenant(inp.tenant).confine(worker_uri(inp.image_uri))
-            except (OutsideRootsError, UnsupportedUriError) as e:
-                raise ApplicationError(
-                    f"query image: {e}", type="OutsideStorageRoots", non_retryable=True
-                ) from e
-        key = (collection, inp.text, inp.image_uri, inp.image_base64, inp.hybrid_weight)
-        cached = self._query_cache.get(key)
-        if cached is not None:
-            return QueryVector(
-                cached,
-                enc.model_name,
-                _ms(started),
-                True,
-                collection=collection,
-                index_version=version,
-            )
-        parts: list[tuple[float, np.ndarray]] = []
-        if inp.text.strip():
-            with self._model_lock:
-                parts.append((1.0 - inp.hybrid_weight, enc.encode_texts([inp.text])[0]))
-        if inp.image_uri or inp.image_base64:
-            try:
-                pixels = self._query_image(inp)
-            except (
-                BadMediaError,
-                ObjectMissingError,
-                UnsupportedUriError,
-                OutsideRootsError,
-                ValueError,
-            ) as e:
-                raise ApplicationError(
-                    f"query image: {e}", type="BadQuery", non_retryable=True
-                ) from e
-            with self._model_lock:
-                parts.append((inp.hybrid_weight, enc.encode_images([pixels])[0]))
-        if not parts:
-            raise ApplicationError(
-                "the query has neither text nor image", type="BadQuery", non_retryable=True
-            )
-        if len(parts) == 1:
-            vector = parts[0][1]
-        else:
-            vector = sum(w * v for w, v in parts)  # type: ignore[assignment]
-            vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
-        values = [float(x) for x in vector]
-        self._query_cache.put(key, values)
-        return QueryVector(
-            values, enc.model_name, _ms(started), collection=collection, index_version=version
-        )
-
-    def _alias_target(self) -> tuple[str, int, ModelSpec | None]:
-        """The collection the query alias names and the model it was built with, read from
-        Milvus and cached for a moment: after a swap, queries follow within seconds, and
-        each query is encoded by the model of the collection it is searched in."""
-        now = time.monotonic()
-        cached_at, value = self._alias_cache
-        if value is not None and now - cached_at < ALIAS_CACHE_SECONDS:
-            return value
-        s = self.settings
-        store = get_store(s.milvus_endpoint(), s.milvus_token.get_secret_value())
-        found = store.alias_model(s.collection_prefix)  # Milvus down: raises, Ask retries
-        if found is None:
-            return "", 0, None  # no alias yet: nothing has been indexed
-        collection, model = found
-        spec = ModelSpec(
-            model.get("model", ""), model.get("pretrained", ""), model.get("checkpoint", "")
-        )
-        version = model.get("version") or collection.rsplit("_v", 1)[-1]  # older collections
-        value = (
-            collection,
-            int(version) if str(version).isdigit() else 0,
-            spec if spec.model else None,
-        )
-        self._alias_cache = (now, value)
-        return value
-
-    def _query_image(self, inp: EncodeQueryInput):  # type: ignore[no-untyped-def]
-        s = self.settings
-        if inp.image_base64:
-            raw = base64.b64decode(inp.image_base64, validate=True)
-            if len(raw) > MAX_INLINE_IMAGE_BYTES:
-                raise BadMediaError(
-                    f"inline image is {len(raw)} bytes; send images over "
-                    f"{MAX_INLINE_IMAGE_BYTES} bytes as image_uri"
-                )
-        else:
-            uri = worker_uri(inp.image_uri)
-            raw = store_for(uri, self.roots.for_tenant(inp.tenant)).read(uri, s.max_object_bytes)
-        return self.encoder.preprocess(self._decode_image(raw))
 
 
 def _heartbeat(details: dict[str, Any]) -> None:
