@@ -76,7 +76,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# The directory that holds the ``activities`` package: the child imports it from there.
+CODE_ROOT = Path(__file__).resolve().parents[2]
 _MAX_HEADER = 4 * 1024 * 1024
 _F_SETPIPE_SZ = 1031  # Linux: grow the pipe so the child can decode a frame ahead
 _PIPE_BYTES = 1024 * 1024
@@ -132,7 +133,7 @@ def child_environment(home: str) -> dict[str, str]:
     }
     env.update(_CHILD_FIXED_ENV)
     env["HOME"] = env["TMPDIR"] = home
-    env["PYTHONPATH"] = str(REPO_ROOT)
+    env["PYTHONPATH"] = str(CODE_ROOT)
     return env
 
 
