@@ -25,14 +25,11 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && pip install -c constraints.txt -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# The project. The packages are installed (`pip install .`: the `mmrag` command); the
-# Alembic environment (migrations/) is not a package, and the code finds it next to
-# the packages (settings.REPO_ROOT), so the sources stay in /app and PYTHONPATH puts
-# them first. The tiny CLIP fixture model comes along for offline smoke tests
-# (MMRAG_CLIP_MODEL=mmrag-tiny); production uses ViT-B-32 weights, downloaded once into
-# the model-cache volume. Nothing else of tests/ is copied: the tiny model is there only
-# because activities/clip/encoder.py still finds it under tests/fixtures/tiny_clip
-# (settings.TINY_MODEL_DIR); once it is package data, drop that COPY line.
+# The project, installed (`pip install .`: the packages and the `mmrag` command) with its
+# package data: the Alembic environment and versions (migrations/) and the tiny CLIP model
+# for offline smoke tests (activities/clip/tiny/, MMRAG_CLIP_MODEL=mmrag-tiny); production
+# uses ViT-B-32 weights, downloaded once into the model-cache volume. Nothing of tests/ is
+# copied, and the workers run what pip installed (the sources in /app only build it).
 COPY settings/ settings/
 COPY workflows/ workflows/
 COPY activities/ activities/
@@ -40,14 +37,12 @@ COPY workers/ workers/
 COPY starters/ starters/
 COPY stack/ stack/
 COPY migrations/ migrations/
-COPY tests/fixtures/tiny_clip/ tests/fixtures/tiny_clip/
 RUN pip install --no-deps . \
     && rm -rf build *.egg-info \
     && mkdir -p /var/lib/mmrag /home/mmrag/.cache/huggingface \
     && chown -R mmrag:mmrag /var/lib/mmrag /home/mmrag/.cache
 
-ENV PYTHONPATH=/app \
-    MMRAG_STATE_DIR=/var/lib/mmrag \
+ENV MMRAG_STATE_DIR=/var/lib/mmrag \
     HF_HOME=/home/mmrag/.cache/huggingface
 
 USER mmrag

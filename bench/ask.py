@@ -62,7 +62,8 @@ from temporalio import activity, workflow  # noqa: E402
 from temporalio.common import SearchAttributePair  # noqa: E402
 from temporalio.exceptions import ActivityError  # noqa: E402
 
-from settings import TINY_MODEL_DIR, get_settings  # noqa: E402
+from activities.clip import TINY_MODEL_DIR  # noqa: E402
+from settings import get_settings
 from stack.servers import LATENCY_DYNAMIC_CONFIG, Temporal  # noqa: E402
 from stack.services import Stack, StackPorts  # noqa: E402
 from workflows.activities.ask import (

@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from settings import TINY_MODEL_DIR, get_settings  # noqa: E402
+from activities.clip import TINY_MODEL_DIR  # noqa: E402
+from settings import get_settings
 from stack.services import Stack, StackPorts  # noqa: E402
 from starters.background import WorkerProcess  # noqa: E402
 from starters.synthetic_corpus import write_corpus  # noqa: E402

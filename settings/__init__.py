@@ -20,7 +20,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Worker role -> its Postgres login (workers/db_logins.py, which also sets their passwords).
 WORKER_LOGINS: dict[str, str] = {"cpu": "mmrag_ingest", "query": "mmrag_query"}
-TINY_MODEL_DIR = REPO_ROOT / "tests" / "fixtures" / "tiny_clip"
 
 
 class Settings(BaseSettings):

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from settings import TINY_MODEL_DIR, get_settings
+from activities.clip import TINY_MODEL_DIR
+from settings import get_settings
 from starters.synthetic_corpus import render
 from workers.temporal_client import run_client_command
 from workflows.contracts import AskFilters, AskInput

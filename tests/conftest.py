@@ -21,7 +21,7 @@ import pytest_asyncio
 from sqlalchemy.engine import make_url
 from temporalio.client import Client
 
-from settings import TINY_MODEL_DIR
+from activities.clip import TINY_MODEL_DIR
 from stack.ports import LOOPBACK, _pick_range, port_bindable
 from stack.servers import postgres_password
 from stack.services import Stack, StackPorts

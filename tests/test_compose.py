@@ -531,7 +531,7 @@ def test_migrate_job_runs_the_real_migrations_and_sets_the_worker_logins(
         done = subprocess.run(
             [str(VENV_BIN / "mmrag"), *argv[1:]],
             cwd=REPO_ROOT,
-            env=env | {"PYTHONPATH": str(REPO_ROOT)},  # the image's PYTHONPATH=/app
+            env=env | {"PYTHONPATH": str(REPO_ROOT)},
             capture_output=True,
             text=True,
             timeout=60,
@@ -571,8 +571,10 @@ def test_dockerfile_builds_a_non_root_mmrag_image() -> None:
         assert needed in copied, f"the Dockerfile does not copy {needed}"
     # The image installs the versions CI tests, not whatever is newest on the day it builds.
     assert re.search(r"pip install (--?\S+ )*-c constraints\.txt -r ", runs), runs
-    # Of tests/, only the tiny model the product loads (MMRAG_CLIP_MODEL=mmrag-tiny).
-    assert {c for c in copied if c.startswith("tests")} <= {"tests/fixtures/tiny_clip"}
+    # Nothing of tests/: the tiny model and the migrations are package data.
+    assert not {c for c in copied if c.startswith("tests")}, copied
+    data = _pyproject()["tool"]["setuptools"]["package-data"]
+    assert "tiny/*.pt" in data["activities.clip"] and "versions/*.py" in data["migrations"]
     assert "mmrag" in _pyproject()["project"]["scripts"]
     ignored = set(DOCKERIGNORE.read_text().split())
     assert {".venv", ".env", ".git", ".mmrag", "**/node_modules"} <= ignored

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from activities.clip import TINY_MODEL_DIR
 from activities.clip.model_policy import ModelNotAllowedError, check_model
-from settings import TINY_MODEL_DIR, Settings
+from settings import Settings
 
 
 def _settings(**kw: str) -> Settings:

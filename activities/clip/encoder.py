@@ -14,8 +14,8 @@ Weights come from one of three places:
   weights and the state dict is loaded from disk (air-gapped clusters, the tiny fixture);
 - nothing (``pretrained=""`` and no checkpoint): random weights, for speed benchmarks only.
 
-The tiny test model ``mmrag-tiny`` (tests/fixtures/tiny_clip) is registered with open_clip
-on demand, so ``ClipEncoder.load("mmrag-tiny", checkpoint=...)`` works offline.
+The tiny test model ``mmrag-tiny`` (activities/clip/tiny/, package data) is registered with
+open_clip on demand, so ``ClipEncoder.load("mmrag-tiny", checkpoint=...)`` works offline.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import Compose, Normalize, ToTensor
 
-from settings import TINY_MODEL_DIR
+from activities.clip import TINY_MODEL_DIR
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ _registry_lock = threading.Lock()
 
 
 def _register_tiny_config(model_name: str = TINY_MODEL_NAME) -> None:
-    """Make a shipped ``mmrag-*`` architecture (tests/fixtures/tiny_clip/<name>.json) known
+    """Make a shipped ``mmrag-*`` architecture (activities/clip/tiny/<name>.json) known
     to open_clip (idempotent, thread-safe)."""
     config = TINY_MODEL_DIR / f"{model_name}.json"
     with _registry_lock:
@@ -63,7 +63,7 @@ def _register_tiny_config(model_name: str = TINY_MODEL_NAME) -> None:
         if not config.is_file():
             raise ValueError(
                 f"model {model_name!r} needs its config at {config}, which is "
-                "missing; restore tests/fixtures/tiny_clip/ from the repository"
+                "missing; reinstall mmrag (activities/clip/tiny/ is package data)"
             )
         open_clip.add_model_config(config)
 

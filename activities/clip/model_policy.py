@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from activities.clip import TINY_MODEL_DIR
 from activities.clip.encoder import TINY_MODEL_NAME
-from settings import TINY_MODEL_DIR, Settings
+from settings import Settings
 
 
 class ModelNotAllowedError(ValueError):
