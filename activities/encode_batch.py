@@ -17,6 +17,9 @@ decoded fails alone. A batch runs in two phases:
    instead of starting over. Chunks an older version of the asset had and this one lacks
    are deleted only once the asset is complete, so its old vectors keep answering queries
    until the new ones are all in.
+
+One module of ~600 lines: the two phases, the resume cursor and the prefetching decoder
+share one batch's state and its failure rules; split, each part would need the others.
 """
 
 from __future__ import annotations

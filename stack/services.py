@@ -15,6 +15,9 @@ state lives under ``state_dir``::
 Servers are started together and waited for together, so ``up()`` takes as long as the
 slowest server (Milvus), not the sum. Nothing is started unless every port it needs is free;
 a port held by another program is reported at once with the setting that moves it.
+
+One module of ~500 lines: the bookkeeping of ``Stack`` (state files, ports, start, wait,
+stop) is one procedure.
 """
 
 from __future__ import annotations

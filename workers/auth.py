@@ -29,6 +29,10 @@ Token issuers (the CLI, the demo, an HTTP front end) hold the private key
 one for the local stack under ``state_dir/auth/``. A client built by
 ``workers.temporal_client.connect()`` attaches ``MMRAG_AUTH_TOKEN``, or mints a short-lived
 operator token from the signing key when one is configured (:func:`client_credentials`).
+
+One module of ~790 lines: issuing, carrying and checking a credential are one protocol
+(the token format, the header, the refusal marker), and a change to one side breaks the
+others.
 """
 
 from __future__ import annotations

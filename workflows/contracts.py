@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 CONTRACT_VERSION = 3
 
-# Task queues (see DESIGN.md): workflows and CPU activities, CLIP encoding, LLM generation.
+# Task queues (docs/architecture.md): workflows and CPU activities, CLIP encoding, LLM generation.
 TASK_QUEUE = "mmrag"
 ENCODE_TASK_QUEUE = "mmrag-gpu-encode"
 GENERATE_TASK_QUEUE = "mmrag-gpu-generate"

@@ -46,6 +46,9 @@ child -> parent: ``{"type": "step", "cursor", "note", "chunks": [{"locator", "te
 "snippet", "size": [w, h] | null}]}`` followed by one raw message per chunk with a size,
 repeated; then ``{"type": "end", "cpu_s"}`` or ``{"type": "error", "reason", "cpu_s"}``
 (``{"type": "fatal", "reason"}`` when a limit cannot be set, then the child exits).
+
+One module of ~940 lines: the parent and the child speak the protocol above, and both halves
+must change together.
 """
 
 from __future__ import annotations

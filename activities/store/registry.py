@@ -6,6 +6,9 @@ second insert of the same event a no-op (``ON CONFLICT DO NOTHING``, which the
 append-only triggers allow). Audit rows hold no URI, failure reason or note in clear:
 :func:`write_audit` seals them under the asset's own key, which ``Forget`` destroys
 (:mod:`activities.store.audit_privacy`).
+
+One module of ~430 lines: every Postgres read and write of the activities, so the
+idempotency and sealing rules above are kept in one place.
 """
 
 from __future__ import annotations
