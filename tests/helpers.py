@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import io
+import json
 import random
 import struct
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from temporalio.client import WorkflowHistory
+from temporalio.worker import Replayer
 
 from activities.store import registry
 from activities.store.orm import Asset, AuditEvent
@@ -303,3 +307,87 @@ def grant_root(state_dir: Path, tenant: str, uri: str) -> None:
     from activities.store.roots import register_local_root
 
     register_local_root(state_dir, tenant, uri)
+
+
+# -- replay (issue 14): today's workflow code must replay every recorded history --------------
+HISTORIES = Path(__file__).parent / "fixtures" / "histories"
+
+
+def workflow_classes() -> list[type]:
+    """Every workflow type the workers run (the cpu role registers them all)."""
+    from workflows.ask import Ask
+    from workflows.forget import Forget
+    from workflows.ingest import IngestAsset, IngestBatch
+    from workflows.reindex import Reindex
+    from workflows.watch import WatchPrefix
+
+    return [IngestBatch, IngestAsset, Ask, Reindex, Forget, WatchPrefix]
+
+
+def replayer(verify_keys: dict[str, Any] | None = None) -> Replayer:
+    """A replayer as the workers are built: the credential interceptor in front, holding
+    ``verify_keys`` (default: none at all, i.e. every key rotated out)."""
+    from workers.auth import AuthInterceptor, AuthPolicy
+    from workers.temporal_client import data_converter
+
+    return Replayer(
+        workflows=workflow_classes(),
+        data_converter=data_converter(),
+        interceptors=[AuthInterceptor(AuthPolicy(verify_keys or {}))],
+    )
+
+
+def current_verify_keys() -> dict[str, Any]:
+    """The verification keys the workers hold now (the test stack's)."""
+    from workers.auth import load_verify_keys
+
+    return load_verify_keys(get_settings().state_dir / "auth" / "verify_keys.json")
+
+
+def without_credentials(history: WorkflowHistory) -> WorkflowHistory:
+    """``history`` with the ``mmrag_auth`` header taken out of every event: a committed
+    fixture carries no bearer credential, even an expired one under a throwaway key. An
+    accepted run replays without it (workers/auth.py trusts a history with no refusal)."""
+    from workers.auth import HEADER
+
+    def strip(node: object) -> None:
+        if isinstance(node, dict):
+            header = node.get("header")
+            if isinstance(header, dict):
+                header.get("fields", {}).pop(HEADER, None)
+            for value in node.values():
+                strip(value)
+        elif isinstance(node, list):
+            for value in node:
+                strip(value)
+
+    as_dict = history.to_json_dict()
+    strip(as_dict)
+    return WorkflowHistory.from_json(history.workflow_id, as_dict)
+
+
+def committed_history(path: Path) -> WorkflowHistory:
+    """A history under tests/fixtures/histories. The workflow id is not part of a history,
+    but a workflow may use it (WatchPrefix names its pass after it), so recordings keep it
+    beside the events as ``workflowId`` (which the history parser ignores); the oldest
+    ones, recorded without it, replay under their file name."""
+    as_dict = json.loads(path.read_text())
+    return WorkflowHistory.from_json(as_dict.get("workflowId", path.stem), as_dict)
+
+
+async def assert_replays(history: WorkflowHistory, record_as: str = "") -> None:
+    """Replay a finished run on today's code with the workers' keys and with every key
+    rotated out. With ``MMRAG_RECORD_HISTORIES=1`` and ``record_as`` it is also written to
+    tests/fixtures/histories/ (credential removed, and replayed so first) unless that file
+    exists: a committed history is the contract of the code that recorded it, never
+    overwritten; record newer code under the next ``_vN`` name."""
+    import os
+
+    await replayer(current_verify_keys()).replay_workflow(history)
+    committed = without_credentials(history)
+    await replayer().replay_workflow(committed)
+    path = HISTORIES / record_as
+    if record_as and os.environ.get("MMRAG_RECORD_HISTORIES") == "1" and not path.exists():
+        recorded = {"workflowId": committed.workflow_id, **committed.to_json_dict()}
+        path.write_text(json.dumps(recorded, indent=2) + "\n")
+        await replayer().replay_workflow(committed_history(path))
