@@ -41,6 +41,7 @@ from temporalio.worker import (
     Worker,
 )
 
+from activities.media.sandbox import harden_worker
 from settings import Settings, get_settings
 from workers.auth import AuthAudit, AuthInterceptor, policy_from_settings
 from workers.roles import ROLE_ACTIVITIES, ROLE_BUILDERS
@@ -149,6 +150,9 @@ def build_workers(role: str, client: Client, settings: Settings) -> list[Worker]
 
 async def run_workers(role: str, settings: Settings | None = None) -> None:
     settings = settings or get_settings()
+    # Every role holds secrets (LLM key, database logins, codec keys): no core dumps, and
+    # no same-user process reads this one's /proc/<pid>/environ or memory.
+    harden_worker()
     runtime = worker_runtime(settings, role)
     configure_tracing(settings, role)
     client = await connect(settings, runtime=runtime, token="")  # workers start nothing
