@@ -61,6 +61,7 @@ from activities.media.formats import (
     type_note,
 )
 from activities.media.sandbox import DecoderSandbox, SandboxPool
+from activities.runtime import metrics
 from activities.store.objects import ObjectMissingError, UnsupportedUriError, store_for
 from activities.store.roots import (
     NotARegularFileError,
@@ -301,7 +302,9 @@ class BatchEncodeActivities:
             if refs:
                 for i, enc in enumerate(encoders):
                     with self.models.lock:
+                        started = time.perf_counter()
                         vectors[i].append(enc.encode_images([p[i] for p in pixels]))
+                        metrics.observe("clip_seconds", time.perf_counter() - started)
                 rows.extend(self._row(inp.tenant, ref, inp.tags, IMAGE_CHUNK) for ref in refs)
             beat()
         # Failed assets lose their vectors too: an object overwritten by a corrupt version
@@ -498,10 +501,12 @@ class BatchEncodeActivities:
         image_rows = [i for i, c in enumerate(chunks) if c.image is not None]
         text_rows = [i for i, c in enumerate(chunks) if c.image is None]
         with self.models.lock:
+            started = time.perf_counter()
             if image_rows:
                 out[image_rows] = enc.encode_images(pixels)
             if text_rows:
                 out[text_rows] = enc.encode_texts([chunks[i].text for i in text_rows])
+            metrics.observe("clip_seconds", time.perf_counter() - started)
         return out
 
     @contextmanager

@@ -115,6 +115,7 @@ async def test_metrics_endpoint_serves_sdk_and_mmrag_series_after_ingest_and_ask
     assert grew("mmrag_assets_total", result.failed, status="failed") == result.failed
     assert grew("mmrag_encode_batch_size_count", encodes) == encodes
     assert grew("mmrag_encode_seconds_count", encodes) == encodes
+    grew("mmrag_clip_seconds_count", encodes)  # at least one forward pass per batch
     assert grew("mmrag_encode_batch_size_sum", 18) >= 18
     assert grew("mmrag_assets_failed_total", result.failed) == result.failed
     for category in ("empty", "corrupt", "bomb", "too_large"):
