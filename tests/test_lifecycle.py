@@ -316,6 +316,7 @@ async def test_reindex_progress_counts_up_to_the_totals(
     assert len(moving) >= 2, [p.done for p in snapshots]  # seen part way, more than once
     final = await handle.query("progress", result_type=ReindexProgress)
     assert (final.done, final.total, final.failed) == (18, 18, result.failed)
+    assert final.phase == "done"
     assert final.done == 6 + result.embedded + result.failed  # 6 unchanged
     assert final.rate_per_s > 0 and final.eta_s == 0
 

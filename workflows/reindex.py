@@ -245,16 +245,17 @@ class Reindex:
                 retry_policy=DB_RETRY,
                 summary="record the successful run",
             )
+            inp.phase = "done"
             workflow.upsert_search_attributes([OUTCOME_KEY.value_set("completed")])
             return ReindexResult(
-                inp.mode,
-                inp.tenant,
-                target.version,
-                target.version,
-                inp.embedded,
-                inp.failed,
-                0,
-                False,
+                mode=inp.mode,
+                tenant=inp.tenant,
+                index_version=target.version,
+                previous_version=target.version,
+                embedded=inp.embedded,
+                failed=inp.failed,
+                verified_assets=0,
+                swapped=False,
             )
         inp.phase = "verifying"
         check = ReconcileResult()
@@ -289,14 +290,14 @@ class Reindex:
         inp.phase = "done"
         workflow.upsert_search_attributes([OUTCOME_KEY.value_set("swapped")])
         return ReindexResult(
-            inp.mode,
-            inp.tenant,
-            swap.active_version,
-            swap.previous_version,
-            inp.embedded,
-            inp.failed,
-            check.registry_assets,
-            True,
+            mode=inp.mode,
+            tenant=inp.tenant,
+            index_version=swap.active_version,
+            previous_version=swap.previous_version,
+            embedded=inp.embedded,
+            failed=inp.failed,
+            verified_assets=check.registry_assets,
+            swapped=True,
         )
 
     async def _rollback(self) -> ReindexResult:
@@ -309,8 +310,16 @@ class Reindex:
             summary="roll the alias back",
         )
         workflow.upsert_search_attributes([OUTCOME_KEY.value_set("rolled_back")])
+        self._inp.phase = "done"
         return ReindexResult(
-            ROLLBACK, "", swap.active_version, swap.previous_version, 0, 0, 0, True
+            mode=ROLLBACK,
+            tenant="",
+            index_version=swap.active_version,
+            previous_version=swap.previous_version,
+            embedded=0,
+            failed=0,
+            verified_assets=0,
+            swapped=True,
         )
 
     @workflow.query(name="progress")
