@@ -215,17 +215,20 @@ class Stack:
 
         return ensure_signing_key(self.state_dir / "auth")
 
-    def down(self, timeout: float = 60) -> None:
+    def down(self, timeout: float = 60) -> list[StopTarget]:
         """Stop every server with a pid file in this state_dir and remove the pid files.
 
         All get their stop signal at once (SIGTERM; SIGINT, PostgreSQL's fast shutdown, for
         PostgreSQL), then SIGKILL to the process group after the server's grace time
-        (Milvus 15 s) or ``timeout``. Also stops services outside ``self.services`` (a GCS
-        emulator started by another Stack on this state_dir): nothing may outlive down().
+        (Milvus 15 s; it stops in ~2 s, see ``Milvus.query_node_stop_s``) or ``timeout``.
+        Also stops services outside ``self.services`` (a GCS emulator started by another
+        Stack on this state_dir): nothing may outlive down().
+        Returns how each running server stopped (its signal, ``killed``, ``took``).
         """
         with self._locked(timeout):
-            self._stop(list(SERVERS), timeout)
+            stopped = self._stop(list(SERVERS), timeout)
             self.endpoints_path.unlink(missing_ok=True)
+        return stopped
 
     def status(self) -> dict[str, dict[str, object]]:
         """Per service: running (pid alive and port answers), pid, endpoint, port, log."""
@@ -454,7 +457,7 @@ class Stack:
             time.sleep(0.2)
 
     # -- stopping ------------------------------------------------------------------------
-    def _stop(self, names: Sequence[str], timeout: float) -> None:
+    def _stop(self, names: Sequence[str], timeout: float) -> list[StopTarget]:
         targets: list[StopTarget] = []
         servers: dict[str, Server] = {}
         for name in names:
@@ -486,6 +489,7 @@ class Stack:
                 "still running after SIGKILL: "
                 + ", ".join(f"{t.name} {describe(t.pid)}" for t in targets if t.name in survivors)
             )
+        return targets
 
 
 def _freed_soon(host: str, port: int, wait: float = 3.0) -> bool:
