@@ -1,7 +1,9 @@
 """The ``mmrag`` command line: stack, workers, ingest, search and the demo.
 
 Errors a user can fix (a server down, a bad path) print one line that says what to do
-and exit non-zero; anything else is a bug and shows its traceback.
+and exit non-zero; anything else is a bug and shows its traceback. A command that waits
+on a workflow says what the workflow waits for (``starters/waiting.py``) instead of
+sitting silent. Status lines go to stderr, results to stdout, so ``--json`` output parses.
 """
 
 from __future__ import annotations
@@ -9,15 +11,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from rich.console import Console
+from rich.markup import escape
 
 from settings import get_settings
+from starters.waiting import Notices, result_with_notices
 from workers.temporal_client import run_client_command
+
+if TYPE_CHECKING:
+    from temporalio.client import Client
+
+    from settings import Settings
+    from workflows.contracts import AskInput, AskResult
 
 console = Console(stderr=False)
 err = Console(stderr=True)
@@ -25,6 +38,15 @@ err = Console(stderr=True)
 
 class UserError(Exception):
     """Printed as one line, exit status 2."""
+
+
+def say(text: str) -> None:
+    """A status line for the person at the terminal (stderr: stdout holds results)."""
+    err.print(f"[yellow]{escape(text)}[/yellow]", highlight=False, soft_wrap=True)
+
+
+def status(text: str) -> None:
+    err.print(text, highlight=False, soft_wrap=True)
 
 
 def _parse_tags(values: Sequence[str]) -> dict[str, str]:
@@ -62,7 +84,11 @@ def cmd_stack(args: argparse.Namespace) -> int:
             from starters.background import stop_background_worker
 
             stop_background_worker(settings.state_dir)
-            stack.down()
+            for line in _workers_still_polling(settings):
+                say(line)
+            for t in stack.down():
+                how = "SIGKILL after its grace time" if t.killed else t.sig.name
+                console.print(f"{t.name} stopped ({how}) in {t.took:.1f} s", highlight=False)
             console.print("stack stopped")
         else:
             status = stack.status()
@@ -82,12 +108,58 @@ def _print_endpoints(endpoints: dict[str, str]) -> None:
         console.print(f"{key:20} {value}")
 
 
+def _workers_still_polling(settings: Settings) -> list[str]:
+    """Warnings for ``stack down``: workers that poll this stack's Temporal now. They
+    outlive the stack, retrying its servers until it is back; nothing stops them but their
+    owner. Empty when Temporal cannot be asked (it is down already)."""
+    try:
+        address = settings.stack_endpoint("temporal_address")
+    except RuntimeError:
+        return []
+
+    async def pollers() -> list[str]:
+        from temporalio.client import Client
+
+        from starters.waiting import ROLE_OF_QUEUE, live_pollers
+
+        client = await Client.connect(address, namespace=connect_namespace())
+        seen: dict[str, set[str]] = {}
+        for queue in ROLE_OF_QUEUE:
+            for activities in (False, True):
+                for p in await live_pollers(client, queue, activities):
+                    seen.setdefault(p.identity, set()).add(queue)
+        return [
+            f"worker {identity} (task queues {', '.join(sorted(queues))}) still runs: it will "
+            "retry until the stack is back; stop it with Ctrl+C (or SIGTERM) where it runs"
+            for identity, queues in sorted(seen.items())
+        ]
+
+    try:
+        return run_client_command(asyncio.wait_for(pollers(), timeout=10))
+    except Exception:  # Temporal down or slow: stopping the stack matters more
+        return []
+
+
+def connect_namespace() -> str:
+    from workers.temporal_client import connect_config
+
+    return str(connect_config().get("namespace") or "default")
+
+
 # -- worker ---------------------------------------------------------------------------
 def cmd_worker(args: argparse.Namespace) -> int:
+    from starters.weights import missing_weights
+
+    problem = missing_weights(get_settings(), args.role)
+    if problem:
+        raise UserError(problem)
     from workers.run import run_workers
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    run_client_command(run_workers(args.role))
+    try:
+        run_client_command(run_workers(args.role))
+    except ValueError as e:  # a setting the worker cannot start with (model, device, keys)
+        raise UserError(str(e).strip().splitlines()[0]) from None
     return 0
 
 
@@ -101,19 +173,23 @@ async def _ingest(args: argparse.Namespace) -> int:
     from starters.ingest import follow, print_summary, result_json, start_ingest
     from workers.temporal_client import connect
 
+    if args.json and not args.wait:
+        raise UserError(
+            "--json prints the ingest's result, which exists only when it ends: add --wait"
+        )
     try:
         for source in args.sources:
             normalize_uri(source)
     except ValueError as e:
         raise UserError(str(e)) from e
 
-    from settings import get_settings
+    from starters.display import display_uri
     from starters.ingest import register_local_roots
 
     for root in register_local_roots(
         get_settings().state_dir, args.tenant, [normalize_uri(s) for s in args.sources]
     ):
-        console.print(f"storage root of tenant {args.tenant} on this stack: {root}")
+        status(f"storage root of tenant {args.tenant} on this stack: {display_uri(root)}")
     client = await connect()
     options = {}
     if args.batch_size:
@@ -130,10 +206,17 @@ async def _ingest(args: argparse.Namespace) -> int:
         )
     except ValueError as e:  # an unsupported URI scheme
         raise UserError(str(e)) from e
-    console.print(f"started IngestBatch [bold]{handle.id}[/bold]")
+    status(f"started IngestBatch {handle.id}")
     if not args.wait:
         return 0
-    result = await follow(handle, console)
+    try:
+        result = await follow(handle, err, client)
+    except asyncio.CancelledError:
+        status(
+            f"stopped following; IngestBatch {handle.id} keeps running (the same command "
+            "attaches to it again)"
+        )
+        raise
     if args.json:
         print(result_json(result))
     else:
@@ -143,14 +226,93 @@ async def _ingest(args: argparse.Namespace) -> int:
 
 # -- search ---------------------------------------------------------------------------
 def cmd_search(args: argparse.Namespace) -> int:
-    from starters.search import nearest
+    return run_client_command(_search(args))
 
-    hits = nearest(args.text, args.tenant, args.top_k)
-    if not hits:
+
+async def _search(args: argparse.Namespace) -> int:
+    """An Ask without generation or re-ranking: the nearest chunks, encoded by the workers
+    with the model the index was built with (one query path; the CLI loads no model)."""
+    from starters.display import display_uri
+    from workflows.contracts import AskInput
+
+    inp = AskInput(
+        tenant=args.tenant,
+        text=args.text,
+        top_k=_top_k(args.top_k),
+        rerank=False,
+        generate=False,
+    )
+    result = await _run_ask(inp, args.queue, args.tenant_given)
+    if not result.sources:
         console.print("no results")
-    for rank, hit in enumerate(hits, 1):
-        console.print(f"{rank}. {hit['score']:.3f}  {hit['uri']}  ({hit['chunk']})")
+    for rank, s in enumerate(result.sources, 1):
+        console.print(
+            f"{rank}. {s.score:.3f}  {display_uri(s.uri)}  ({s.chunk})",
+            highlight=False,
+            markup=False,
+        )
+    console.print(
+        f"[dim]index v{result.index_version}, encoder {escape(result.encoder_model)}[/dim]",
+        highlight=False,
+    )
     return 0
+
+
+def _top_k(value: int) -> int:
+    from starters.ask import check_top_k
+
+    try:
+        return check_top_k(value)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+async def _run_ask(inp: AskInput, queue: str, tenant_given: bool) -> AskResult:
+    """Run an Ask for the CLI: on the queue ``--queue`` picks (auto: moved to the main
+    queue when no query worker takes it), saying what it waits for; when it finds nothing,
+    say where the data lives."""
+    from starters.ask import ask, ask_task_queue
+    from workers.temporal_client import connect
+    from workflows.contracts import TASK_QUEUE
+
+    client = await connect()
+    task_queue = await ask_task_queue(client, queue)
+    result = await ask(
+        client,
+        inp,
+        task_queue,
+        say=say,
+        fallback_queue=TASK_QUEUE if queue == "auto" else "",
+    )
+    if not result.sources:
+        hint = _where_data_lives(inp.tenant, tenant_given)
+        if hint:
+            say(hint)
+    return result
+
+
+def _where_data_lives(tenant: str, tenant_given: bool) -> str:
+    """Why an Ask found nothing, when the registry can tell: the tenant holds no indexed
+    content. Other tenants are named only to an operator (the CLI minting operator tokens
+    from the signing key, with the database owner's URL); otherwise nothing is said."""
+    from starters.ask import tenants_with_content
+
+    settings = get_settings()
+    operator = not settings.auth_token.get_secret_value()
+    try:
+        counts = tenants_with_content(settings) if operator else None
+    except Exception:  # no database here (a remote cluster): the hint is optional
+        return ""
+    if counts is None or counts.get(tenant):
+        return ""  # the tenant has content: the question or the filters matched nothing
+    default = "" if tenant_given else " (--tenant defaults to 'default')"
+    if not counts:
+        return "nothing is indexed yet: `mmrag ingest PATH --tenant NAME --wait` first"
+    where = ", ".join(f"{name} ({n})" for name, n in list(counts.items())[:10])
+    return (
+        f"tenant {tenant!r} has no indexed content{default}; tenants with indexed assets: "
+        f"{where}: pass --tenant NAME"
+    )
 
 
 # -- ask ------------------------------------------------------------------------------
@@ -159,17 +321,12 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 async def _ask(args: argparse.Namespace) -> int:
-    from starters.ask import (
-        ask,
-        ask_task_queue,
-        image_fields,
-        parse_filters,
-        print_answer,
-        result_json,
-    )
-    from workers.temporal_client import connect
+    from starters.ask import image_fields, parse_filters, print_answer, result_json
     from workflows.contracts import AskInput
 
+    top_k = _top_k(args.top_k)
+    if args.max_tokens < 1:
+        raise UserError(f"--max-tokens {args.max_tokens}: give 1 or more (default 300)")
     try:
         filters = parse_filters(args.filter)
         image = image_fields(args.image)
@@ -177,21 +334,17 @@ async def _ask(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from e
     if not args.question and not image:
         raise UserError("ask needs a question, --image, or both")
-    client = await connect()
-    result = await ask(
-        client,
-        AskInput(
-            tenant=args.tenant,
-            text=args.question,
-            top_k=args.top_k,
-            filters=filters,
-            rerank=not args.no_rerank,
-            generate=not args.no_generate,
-            max_answer_tokens=args.max_tokens,
-            **image,
-        ),
-        task_queue=await ask_task_queue(client, args.queue),
+    inp = AskInput(
+        tenant=args.tenant,
+        text=args.question,
+        top_k=top_k,
+        filters=filters,
+        rerank=not args.no_rerank,
+        generate=not args.no_generate,
+        max_answer_tokens=args.max_tokens,
+        **image,
     )
+    result = await _run_ask(inp, args.queue, args.tenant_given)
     if args.json:
         print(result_json(result))
     else:
@@ -221,27 +374,64 @@ async def _reindex(args: argparse.Namespace) -> int:
             grace_period_hours=args.grace_hours,
         ),
     )
-    console.print(f"started Reindex [bold]{handle.id}[/bold]")
+    status(f"started Reindex {handle.id}")
     if not args.wait:
         return 0
+    notices = Notices(client, say)
     result_task = asyncio.ensure_future(handle.result())
-    while not result_task.done():
-        await asyncio.wait([result_task], timeout=2)
-        try:
-            p = await handle.query("progress", result_type=ReindexProgress)
-            eta = f", eta {p.eta_s:.0f}s" if p.eta_s >= 0 else ""
-            console.print(
-                f"  {p.phase}: {p.done}/{p.total} ({p.failed} failed, {p.rate_per_s}/s{eta})"
-            )
-        except Exception:  # between continue-as-new runs
-            pass
+    last = ""
+    try:
+        while not result_task.done():
+            await asyncio.wait([result_task], timeout=2)
+            if result_task.done():
+                break
+            try:
+                p = await handle.query(
+                    "progress", result_type=ReindexProgress, rpc_timeout=timedelta(seconds=3)
+                )
+                line = f"  {p.phase}: {p.done}/{p.total} ({p.failed} failed, {p.rate_per_s}/s"
+                line += f", eta {p.eta_s:.0f}s)" if p.eta_s >= 0 else ")"
+                if line != last:
+                    status(line)
+                    last = line
+            except Exception:  # no worker yet, or between continue-as-new runs
+                pass
+            await notices.check(handle)
+    finally:
+        if not result_task.done():
+            result_task.cancel()
     r = result_task.result()
     console.print(
         f"{r.mode}: active index v{r.index_version} (was v{r.previous_version}); "
         f"{r.embedded} re-embedded, {r.failed} failed"
         + (f", verified {r.verified_assets} assets, alias swapped" if r.swapped else "")
     )
+    if r.failed:
+        await _print_failures(client, handle.id, handle.first_execution_run_id, r.failed)
     return 1 if r.failed else 0
+
+
+async def _print_failures(client: Client, workflow_id: str, run_id: str | None, count: int) -> None:
+    """Each object a run failed on, with its reason (from the run's history)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from starters.display import display_uri, printable
+    from starters.lifecycle import run_failures
+
+    failures, found = await run_failures(client, workflow_id, run_id)
+    if failures:
+        table = Table("object", "why it failed", show_lines=False)
+        for uri, reason in failures:
+            table.add_row(Text(display_uri(uri)), Text(printable(reason)))
+        console.print(table)
+    if count > len(failures):
+        console.print(
+            f"... {count - len(failures)} more failure(s)"
+            + (f" ({found} distinct objects in the history)" if found > len(failures) else "")
+            + f": workflow {workflow_id} in the Temporal Web UI shows each one",
+            highlight=False,
+        )
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
@@ -249,16 +439,19 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 async def _schedule(args: argparse.Namespace) -> int:
-    from datetime import timedelta
-
-    from starters.lifecycle import create_schedule, list_schedules, schedule_id
+    from starters.lifecycle import create_schedule, list_schedules, schedule_action, schedule_id
     from workers.temporal_client import connect
 
     client = await connect()
     if args.action == "list":
-        for row in await list_schedules(client):
+        rows = await list_schedules(client)
+        if not rows:
+            console.print("no mmrag schedules (`mmrag schedule create` makes one)")
+        for row in rows:
             state = "paused" if row.paused else "active"
-            console.print(f"{row.id:40} {state:7} {row.cron:20} {row.note}", highlight=False)
+            console.print(
+                f"{row.id:40} {state:7} {row.cron:20} {row.note}", highlight=False, markup=False
+            )
         return 0
     if args.action == "create":
         try:
@@ -277,16 +470,12 @@ async def _schedule(args: argparse.Namespace) -> int:
             raise UserError(str(e)) from e
         console.print(f"created schedule [bold]{handle.id}[/bold]")
         return 0
-    handle = client.get_schedule_handle(args.id or schedule_id(args.kind, args.tenant))
-    if args.action == "pause":
-        await handle.pause(note="paused with mmrag schedule pause")
-    elif args.action == "unpause":
-        await handle.unpause(note="unpaused with mmrag schedule unpause")
-    elif args.action == "trigger":
-        await handle.trigger()
-    elif args.action == "delete":
-        await handle.delete()
-    console.print(f"{args.action}: {handle.id}")
+    sid = args.id or schedule_id(args.kind, args.tenant)
+    try:
+        await schedule_action(client, args.action, sid)
+    except LookupError as e:
+        raise UserError(str(e)) from None
+    console.print(f"{args.action}: {sid}", highlight=False)
     return 0
 
 
@@ -315,7 +504,8 @@ async def _forget(args: argparse.Namespace) -> int:
             allow_reingest=args.allow_reingest,
         ),
     )
-    result = await handle.result()
+    status(f"started Forget {handle.id}")
+    result = await result_with_notices(handle, Notices(client, say))
     console.print(
         f"forgot {result.forgotten} asset(s) of tenant {result.tenant} in index versions "
         f"{result.index_versions}; {result.objects_deleted} object(s) deleted"
@@ -336,20 +526,24 @@ def cmd_watch(args: argparse.Namespace) -> int:
 async def _watch(args: argparse.Namespace) -> int:
     from activities.store.objects import normalize_uri
     from settings import get_settings
+    from starters.display import display_uri
     from starters.ingest import register_local_roots
     from starters.lifecycle import start_watch
     from workers.temporal_client import connect
     from workflows.contracts import WatchPrefixInput
 
-    prefix = normalize_uri(args.prefix)
+    try:
+        prefix = normalize_uri(args.prefix)
+    except ValueError as e:
+        raise UserError(str(e)) from e
     for root in register_local_roots(get_settings().state_dir, args.tenant, [prefix]):
-        console.print(f"storage root of tenant {args.tenant} on this stack: {root}")
+        status(f"storage root of tenant {args.tenant} on this stack: {display_uri(root)}")
     client = await connect()
     handle = await start_watch(
         client,
         WatchPrefixInput(args.tenant, prefix, _parse_tags(args.tag), args.interval),
     )
-    console.print(f"started WatchPrefix [bold]{handle.id}[/bold]")
+    status(f"started WatchPrefix {handle.id}")
     return 0
 
 
@@ -455,12 +649,110 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(console)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmrag", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default in ``--help`` (unless its help names one already), and
+    descriptions kept as written (paragraphs, lists)."""
 
-    p = sub.add_parser("stack", help="start, stop or inspect the embedded services")
-    p.add_argument("action", choices=["up", "down", "status"])
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            "default" in text.lower()
+            or action.default in (None, "", False, [], argparse.SUPPRESS)
+            or not (action.option_strings or action.nargs in ("?", "*"))
+        ):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+class _TenantGiven(argparse.Action):
+    """``--tenant`` that remembers it was given, so an empty answer in the default tenant
+    can say that the default was used."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.tenant_given = True
+
+
+def _verb(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help: str,
+    more: str = "",
+) -> argparse.ArgumentParser:
+    """A sub-command whose ``--help`` starts with its one-line help, then ``more``."""
+    return sub.add_parser(
+        name,
+        help=help,
+        description=help[0].upper() + help[1:] + (".\n\n" + more if more else "."),
+        formatter_class=HelpFormatter,
+    )
+
+
+def _tenant_option(p: argparse.ArgumentParser, help: str = "the tenant to use") -> None:
+    p.add_argument("--tenant", default="default", action=_TenantGiven, help=help)
+    p.set_defaults(tenant_given=False)
+
+
+def _queue_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--queue",
+        choices=["auto", "mmrag", "mmrag-query"],
+        default="auto",
+        help="task queue to start the Ask on; auto: mmrag-query when a query worker polls it "
+        "(asked again on mmrag if none takes it), else mmrag",
+    )
+
+
+WORKER_HELP = """\
+Roles (one per process in production; `all` runs every role in one, for development):
+  cpu       workflows, storage, Milvus and Postgres activities     task queue mmrag
+  encode    CLIP encoding of ingest batches and query text/images   mmrag-gpu-encode
+  generate  LLM answers (OPENAI_API_KEY, OPENAI_BASE_URL,           mmrag-gpu-generate
+            MMRAG_LLM_MODEL; without a key answers are extractive)
+  query     Asks with their own warm model (the fast path)          mmrag-query
+Ingest, re-index and forget need cpu and encode; an Ask needs cpu and encode, or query
+(`mmrag ask --queue auto` picks), and generate for a generated answer.
+
+Model settings (encode, query, all load the model before polling):
+  MMRAG_CLIP_MODEL       open_clip architecture (default ViT-B-32)
+  MMRAG_CLIP_PRETRAINED  its pretrained tag (default laion2b_s34b_b79k), downloaded once
+                         into the Hugging Face cache (HF_HOME; HF_HUB_OFFLINE=1: no download)
+  MMRAG_CLIP_CHECKPOINT  a local weights file instead of the tag (wins over it)
+  MMRAG_DEVICE           auto | cpu | cuda | cuda:N (default auto)
+A new index is built with the configured model; Asks use the model of the index they read.
+Stop a worker with Ctrl+C or SIGTERM: running activities get MMRAG_GRACEFUL_SHUTDOWN_SECONDS.
+"""
+
+STACK_HELP = """\
+  up      start the Temporal dev server (Web UI on :8233), Milvus and Postgres in the
+          background and apply the migrations; data in MMRAG_STATE_DIR (default .mmrag)
+          survives restarts. Idempotent: running servers are kept.
+  down    stop the demo's background worker and every server (data stays); warns about
+          workers still polling, which outlive the stack
+  status  each server's pid, endpoint and whether it answers (exit 1 when one does not)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmrag",
+        description="mmrag: durable multimodal RAG on Temporal. Ingest images, PDFs and video "
+        "into a CLIP index in Milvus, then ask questions answered with cited sources.",
+        epilog="First steps: `mmrag stack up`, `mmrag worker` (another terminal), "
+        '`mmrag ingest ./photos --wait`, `mmrag ask "a red circle"`. '
+        "`mmrag COMMAND --help` describes each command.",
+        formatter_class=HelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _verb(sub, "stack", "start, stop or inspect the embedded services", STACK_HELP)
+    p.add_argument("action", choices=["up", "down", "status"], help="see above")
     ports_help = "(default: MMRAG_STACK_{} or {})"
     p.add_argument("--temporal-port", type=int, help=ports_help.format("TEMPORAL", 7233))
     p.add_argument("--ui-port", type=int, help=ports_help.format("TEMPORAL_UI", 8233))
@@ -474,105 +766,183 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--postgres-port", type=int, help=ports_help.format("POSTGRES", 5432))
     p.set_defaults(func=cmd_stack)
 
-    p = sub.add_parser("worker", help="run workers for one role or all")
-    p.add_argument("--role", choices=["all", "cpu", "encode", "generate", "query"], default="all")
+    p = _verb(sub, "worker", "run workers for one role or all", WORKER_HELP)
+    p.add_argument(
+        "--role",
+        choices=["all", "cpu", "encode", "generate", "query"],
+        default="all",
+        help="which task queues this process serves (see above)",
+    )
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("ingest", help="ingest files, folders, file:// or gs:// URIs")
+    p = _verb(
+        sub,
+        "ingest",
+        "ingest files, folders, file:// or gs:// URIs",
+        "Starting the same ingest again attaches to the running one; running it later skips "
+        "unchanged objects. Local folders become storage roots of the tenant on this stack.",
+    )
     p.add_argument("sources", nargs="+", metavar="PATH_OR_URI")
-    p.add_argument("--tenant", default="default")
-    p.add_argument("--tag", action="append", default=[], metavar="K=V")
+    _tenant_option(p, "the tenant the assets belong to")
+    p.add_argument("--tag", action="append", default=[], metavar="K=V", help="repeatable")
     p.add_argument("--force", action="store_true", help="re-encode unchanged objects")
-    p.add_argument("--allow-forgotten", action="store_true", help="re-ingest forgotten objects")
-    p.add_argument("--batch-size", type=int, default=0)
+    p.add_argument(
+        "--allow-forgotten",
+        action="store_true",
+        help="re-ingest objects that were forgotten (`mmrag forget`); otherwise skipped",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=0, help="objects per encode batch (0: the worker's)"
+    )
     p.add_argument("--wait", action="store_true", help="show progress and a summary")
-    p.add_argument("--json", action="store_true", help="with --wait: print the result as JSON")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="with --wait: print only the result as JSON on stdout (status lines on stderr)",
+    )
     p.set_defaults(func=cmd_ingest)
 
-    p = sub.add_parser("search", help="nearest-neighbour search by text")
+    p = _verb(
+        sub,
+        "search",
+        "nearest-neighbour search by text",
+        "An Ask without generation or re-ranking: the workers encode the text with the "
+        "model the index was built with; needs a running worker.",
+    )
     p.add_argument("text")
-    p.add_argument("--tenant", default="default")
-    p.add_argument("--top-k", type=int, default=5)
+    _tenant_option(p)
+    p.add_argument("--top-k", type=int, default=5, help="results to return")
+    _queue_option(p)
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("ask", help="ask a question; answer with cited sources")
-    p.add_argument("question", nargs="?", default="")
+    p = _verb(
+        sub,
+        "ask",
+        "ask a question; answer with cited sources",
+        "Text, an image (--image), or both. With no LLM configured on the generate worker, "
+        "or with --no-generate, the answer is extractive.",
+    )
+    p.add_argument("question", nargs="?", default="", help="the question (optional with --image)")
     p.add_argument(
         "--image", default="", metavar="PATH|URI", help="query image (image or hybrid search)"
     )
-    p.add_argument("--tenant", default="default")
+    _tenant_option(p)
     p.add_argument(
         "--filter",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="media_type=, created_after=, created_before=, tag.KEY=, asset_id= (repeatable)",
+        help="media_type=image/jpeg, created_after=, created_before= (ISO date or epoch), "
+        "tag.KEY=, asset_id= (repeatable)",
     )
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--no-rerank", action="store_true")
+    p.add_argument("--top-k", type=int, default=5, help="sources to return")
+    p.add_argument("--no-rerank", action="store_true", help="keep the vector order")
     p.add_argument("--no-generate", action="store_true", help="retrieval only (extractive answer)")
-    p.add_argument("--max-tokens", type=int, default=300)
-    p.add_argument("--json", action="store_true", help="print the Ask result contract as JSON")
+    p.add_argument("--max-tokens", type=int, default=300, help="longest generated answer")
     p.add_argument(
-        "--queue",
-        choices=["auto", "mmrag", "mmrag-query"],
-        default="auto",
-        help="task queue to start the Ask on; auto: mmrag-query when a query worker polls it",
+        "--json",
+        action="store_true",
+        help="print only the Ask result contract as JSON on stdout (status lines on stderr)",
     )
+    _queue_option(p)
     p.set_defaults(func=cmd_ask)
 
-    p = sub.add_parser("reindex", help="re-embed from the registry; swap or roll back the index")
+    p = _verb(
+        sub,
+        "reindex",
+        "re-embed from the registry; swap or roll back the index",
+        "incremental: objects that changed, failed or were embedded by an older version; "
+        "full: a new index version with --model, verified, then the alias swapped; "
+        "rollback: the alias back to the previous version.",
+    )
     p.add_argument("mode", choices=["incremental", "full", "rollback"])
     p.add_argument("--tenant", default="", help="incremental only; empty = every tenant")
     p.add_argument("--model", default="", help="full: the new CLIP model (default: the active one)")
-    p.add_argument("--pretrained", default="")
+    p.add_argument("--pretrained", default="", help="full: its pretrained tag")
     p.add_argument("--checkpoint", default="", help="a local checkpoint file for --model")
     p.add_argument("--grace-hours", type=float, default=24.0, help="keep the old version this long")
     p.add_argument("--wait", action="store_true", help="show progress until it finishes")
     p.set_defaults(func=cmd_reindex)
 
-    p = sub.add_parser("schedule", help="Temporal Schedules for re-indexes")
+    p = _verb(
+        sub,
+        "schedule",
+        "Temporal Schedules for re-indexes",
+        "create: a schedule per kind and tenant (id mmrag-reindex-KIND-TENANT); list: every "
+        "mmrag schedule with its cron; pause, unpause, trigger, delete: by --id, or the "
+        "--kind and --tenant it was created with.",
+    )
     p.add_argument("action", choices=["create", "list", "pause", "unpause", "trigger", "delete"])
     p.add_argument("--kind", choices=["incremental", "full"], default="incremental")
-    p.add_argument("--tenant", default="")
+    p.add_argument("--tenant", default="", help="incremental only; empty = every tenant")
     p.add_argument("--id", default="", help="schedule id (default: derived from kind and tenant)")
     p.add_argument(
-        "--cron", default="", help="default: nightly 03:00 (incremental), Sunday 04:00 (full)"
+        "--cron",
+        default="",
+        help="minute hour day-of-month month day-of-week (default: '0 3 * * *' for "
+        "incremental, '0 4 * * 0' for full)",
     )
-    p.add_argument("--model", default="")
-    p.add_argument("--pretrained", default="")
-    p.add_argument("--checkpoint", default="")
+    p.add_argument("--model", default="", help="full: the new CLIP model")
+    p.add_argument("--pretrained", default="", help="full: its pretrained tag")
+    p.add_argument("--checkpoint", default="", help="full: a local checkpoint file")
     p.add_argument("--catchup-hours", type=float, default=1.0, help="run missed actions this late")
-    p.add_argument("--paused", action="store_true")
+    p.add_argument("--paused", action="store_true", help="create it paused")
     p.set_defaults(func=cmd_schedule)
 
-    p = sub.add_parser("forget", help="right to be forgotten: remove assets everywhere")
-    p.add_argument("--tenant", required=True)
-    p.add_argument("--asset-id", default="")
-    p.add_argument("--uri-prefix", default="")
-    p.add_argument("--tag", action="append", default=[], metavar="K=V")
+    p = _verb(
+        sub,
+        "forget",
+        "right to be forgotten: remove assets everywhere",
+        "Removes the assets' vectors from every index version and marks them forgotten in "
+        "the registry (a later ingest skips them unless --allow-reingest here or "
+        "--allow-forgotten there); an audit row records it. Say what to forget with "
+        "--asset-id, --uri-prefix or --tag.",
+    )
+    p.add_argument("--tenant", required=True, help="the tenant whose assets are forgotten")
+    p.add_argument("--asset-id", default="", help="one asset")
+    p.add_argument("--uri-prefix", default="", help="every asset under this URI prefix")
+    p.add_argument(
+        "--tag", action="append", default=[], metavar="K=V", help="assets with every tag given"
+    )
     p.add_argument("--reason", default="", help="a ticket reference, not personal data")
     p.add_argument("--delete-object", action="store_true", help="also delete the stored object")
-    p.add_argument("--allow-reingest", action="store_true")
+    p.add_argument(
+        "--allow-reingest", action="store_true", help="let a later ingest index them again"
+    )
     p.set_defaults(func=cmd_forget)
 
-    p = sub.add_parser("events", help="GCS notifications (Pub/Sub push) -> ingest / forget")
+    p = _verb(
+        sub,
+        "events",
+        "GCS notifications (Pub/Sub push) -> ingest / forget",
+        "An HTTP endpoint for Pub/Sub push subscriptions of a bucket: a finalized object is "
+        "ingested, a deleted one forgotten. Credentials and allowed buckets come only from "
+        "MMRAG_EVENTS_* settings (docs/lifecycle.md).",
+    )
     from starters.events import add_arguments as events_arguments
 
     events_arguments(p)  # credentials only from MMRAG_EVENTS_* settings, never flags
     p.set_defaults(func=cmd_events)
 
-    p = sub.add_parser("watch", help="ingest what is new or changed under a prefix")
-    p.add_argument("prefix")
-    p.add_argument("--tenant", default="default")
-    p.add_argument("--tag", action="append", default=[], metavar="K=V")
+    p = _verb(
+        sub,
+        "watch",
+        "ingest what is new or changed under a prefix",
+        "Starts a WatchPrefix workflow that lists the prefix every --interval seconds and "
+        "ingests new or changed objects; it runs until terminated (Web UI or `temporal "
+        "workflow terminate`). Starting it again for the same prefix attaches.",
+    )
+    p.add_argument("prefix", metavar="PATH_OR_URI")
+    _tenant_option(p, "the tenant the assets belong to")
+    p.add_argument("--tag", action="append", default=[], metavar="K=V", help="repeatable")
     p.add_argument("--interval", type=int, default=300, help="seconds between passes (0: once)")
     p.set_defaults(func=cmd_watch)
 
-    p = sub.add_parser(
+    p = _verb(
+        sub,
         "token",
-        help="workflow credentials: `issue` prints a token, `keygen` makes a signing key",
-        description="A token goes in the `mmrag_auth` workflow header (mmrag clients read "
+        "workflow credentials: `issue` prints a token, `keygen` makes a signing key",
+        "A token goes in the `mmrag_auth` workflow header (mmrag clients read "
         "MMRAG_AUTH_TOKEN). Roles: reader (Ask), writer (+ ingest, watch, forget), operator "
         "(everything, every tenant). The signing key: MMRAG_AUTH_SIGNING_KEY_FILE, "
         "MMRAG_AUTH_SIGNING_KEY, or the local stack's.",
@@ -587,17 +957,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default="", help="keygen: key directory (default: state_dir/auth)")
     p.set_defaults(func=cmd_token)
 
-    p = sub.add_parser("db", help="apply the Postgres migrations (Alembic) to MMRAG_DATABASE_URL")
+    p = _verb(
+        sub,
+        "db",
+        "apply the Postgres migrations (Alembic) to MMRAG_DATABASE_URL",
+        "As the database owner; then sets each worker login's password from "
+        "MMRAG_DB_INGEST_PASSWORD / MMRAG_DB_QUERY_PASSWORD when set. `mmrag stack up` "
+        "does this for the embedded Postgres.",
+    )
     p.add_argument("action", choices=["upgrade"])
     p.set_defaults(func=cmd_db)
 
-    p = sub.add_parser(
+    p = _verb(
+        sub,
         "milvus",
-        help="Milvus production setup: `provision-rbac` creates mmrag's users and roles",
-        description="Run as root (MMRAG_MILVUS_TOKEN=root:<password>) against a Milvus with "
+        "Milvus production setup: `provision-rbac` creates mmrag's users and roles",
+        "Run as root (MMRAG_MILVUS_TOKEN=root:<password>) against a Milvus with "
         "authorization enabled. Passwords: MMRAG_MILVUS_INGEST_PASSWORD, "
         "MMRAG_MILVUS_ENCODE_PASSWORD, MMRAG_MILVUS_QUERY_PASSWORD (a user whose variable is "
-        "unset is not created). Idempotent; README, Milvus RBAC.",
+        "unset is not created). Idempotent; docs/security-reference.md, Milvus RBAC.",
     )
     p.add_argument("action", choices=["provision-rbac"])
     p.add_argument(
@@ -607,8 +985,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_milvus)
 
-    p = sub.add_parser(
-        "codec-server", help="/encode and /decode for the Web UI and `temporal --codec-endpoint`"
+    p = _verb(
+        sub,
+        "codec-server",
+        "/encode and /decode for the Web UI and `temporal --codec-endpoint`",
+        "Decrypts payloads for a person looking at histories when payload encryption "
+        "(MMRAG_CODEC_*) is on; requests need MMRAG_CODEC_SERVER_TOKEN (docs/operations.md).",
     )
     p.add_argument("--host", default=None, help="(default MMRAG_CODEC_SERVER_HOST, 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="(default MMRAG_CODEC_SERVER_PORT, 8234)")
@@ -621,13 +1003,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_codec_server)
 
-    p = sub.add_parser("temporal", help="Temporal cluster setup for production")
+    p = _verb(
+        sub,
+        "temporal",
+        "Temporal cluster setup for production",
+        "Registers the search attributes mmrag's workflows set (the dev server of "
+        "`mmrag stack up` gets them at start).",
+    )
     p.add_argument("action", choices=["setup"], help="register mmrag's search attributes")
     p.add_argument("--namespace", default="", help="(default: TEMPORAL_NAMESPACE / profile)")
     p.add_argument("--dry-run", action="store_true", help="only report what is missing")
     p.set_defaults(func=cmd_temporal)
 
-    p = sub.add_parser("demo", help="stack, workers, demo corpus, answers and the Web UI link")
+    p = _verb(
+        sub,
+        "demo",
+        "stack, workers, demo corpus, answers and the Web UI link",
+        "Leaves the stack and a background worker running; `mmrag stack down` stops both.",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -688,6 +1081,20 @@ def workflow_failure_message(error: BaseException) -> str | None:
     return f"the workflow failed{where}: {cause}"
 
 
+def exit_now(status: int) -> NoReturn:
+    """Leave without finalising the interpreter, after Ctrl+C.
+
+    Ctrl+C can leave a Temporal RPC in flight (the long poll for a result, a query). When
+    it completes during interpreter finalisation, the SDK's Rust runtime waits for a thread
+    that pyo3 parks for ever because Python is finalising: the process hung until SIGKILL
+    (gdb: the main thread in ``BlockingPool::drop``, a tokio thread in pyo3's
+    ``HangThread``). The command has nothing left to clean up by then (an Ask it started is
+    already terminated), so it flushes its output and exits."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from workers.auth import CredentialError
 
@@ -698,6 +1105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
+        if argv is None:  # the mmrag process itself (not a caller in Python)
+            exit_now(130)
         return 130
     except Exception as e:
         failed = workflow_failure_message(e)

@@ -1,4 +1,9 @@
-"""Start ingest workflows from Python, and follow them with a progress bar."""
+"""Start ingest workflows from Python, and follow them with a progress bar.
+
+The bar tells only what it knows: objects are listed page by page while earlier pages
+encode, so the total is unknown until the last source is listed, and the bar says so
+rather than showing a total that grows; it ends on the result's own counts.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,22 @@ import asyncio
 import hashlib
 import json
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import TypedDict, Unpack
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy
 
 from activities.store.objects import normalize_uri
 from activities.store.roots import register_local_root
+from starters.display import display_uri, printable
+from starters.waiting import Notices
 from workflows.contracts import (
     INGEST_BATCH_WORKFLOW,
     TASK_QUEUE,
@@ -86,33 +96,71 @@ async def start_ingest(
     )
 
 
-async def follow(handle: WorkflowHandle[object, IngestResult], console: Console) -> IngestResult:
-    """Show progress from the workflow's ``progress`` query until it returns."""
+def progress_count(p: IngestProgress) -> str:
+    """How far an ingest is, without inventing a total: it is known only once every
+    source is listed, and then the run is about to return."""
+    source = f"listing source {min(p.sources_done + 1, p.sources_total)}/{p.sources_total}"
+    return f"{p.seen} done, {p.in_flight} encoding; total unknown ({source})"
+
+
+async def follow(
+    handle: WorkflowHandle[object, IngestResult],
+    console: Console,
+    client: Client | None = None,
+) -> IngestResult:
+    """Show progress from the workflow's ``progress`` query until it returns; with
+    ``client``, also say what the run waits for (no worker on a queue, a step retrying)."""
     result_task = asyncio.ensure_future(handle.result())
     columns = (
         SpinnerColumn(),
         TextColumn("{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[count]}"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("ingesting", total=None)
-        while not result_task.done():
-            try:
-                p = await handle.query("progress", result_type=IngestProgress)
-                bar.update(
-                    task,
-                    completed=p.seen,
-                    total=p.seen + p.in_flight,
-                    description=(
-                        f"ingested {p.ingested} unchanged {p.unchanged} failed {p.failed}"
-                    ),
-                )
-            except Exception:  # the run may be between continue-as-new runs
-                pass
-            await asyncio.wait([result_task], timeout=0.5)
-    return result_task.result()
+    # Not on a pipe or a log file: a transient bar there leaves only a blank line.
+    with Progress(
+        *columns, console=console, transient=True, disable=not console.is_terminal
+    ) as bar:
+        task = bar.add_task("starting", total=None, count="no report yet")
+
+        def say(text: str) -> None:
+            bar.console.print(f"[yellow]{escape(text)}[/yellow]", highlight=False, soft_wrap=True)
+
+        notices = Notices(client, say) if client is not None else None
+        try:
+            while not result_task.done():
+                try:
+                    p = await handle.query(
+                        "progress", result_type=IngestProgress, rpc_timeout=timedelta(seconds=3)
+                    )
+                    bar.update(
+                        task,
+                        completed=p.seen,
+                        description=summary_counts(p.ingested, p.unchanged, p.failed),
+                        count=progress_count(p),
+                    )
+                except Exception:  # no worker yet, or between continue-as-new runs
+                    pass
+                if notices is not None:
+                    await notices.check(handle)
+                await asyncio.wait([result_task], timeout=0.5)
+        finally:
+            if not result_task.done():
+                result_task.cancel()
+        result = result_task.result()
+        bar.update(
+            task,
+            total=result.seen,
+            completed=result.seen,
+            description=summary_counts(result.ingested, result.unchanged, result.failed),
+            count=f"{result.seen}/{result.seen} objects",
+        )
+    return result
+
+
+def summary_counts(ingested: int, unchanged: int, failed: int) -> str:
+    return f"ingested {ingested} unchanged {unchanged} failed {failed}"
 
 
 def print_summary(result: IngestResult, console: Console) -> None:
@@ -120,12 +168,17 @@ def print_summary(result: IngestResult, console: Console) -> None:
         f"[bold]tenant {result.tenant}[/bold] index v{result.index_version}: "
         f"[green]{result.ingested} ingested[/green], {result.unchanged} unchanged, "
         f"[red]{result.failed} failed[/red] ({result.vectors} vectors written)"
-        + (f", {result.skipped} skipped (forgotten)" if result.skipped else "")
+        + (
+            f", {result.skipped} skipped (forgotten; `mmrag ingest --allow-forgotten` "
+            "re-ingests them)"
+            if result.skipped
+            else ""
+        )
     )
     if result.failures:
         table = Table("object", "why it failed", show_lines=False)
         for f in result.failures:
-            table.add_row(f.uri, f.reason)
+            table.add_row(Text(display_uri(f.uri)), Text(printable(f.reason)))
         console.print(table)
         if result.failed > len(result.failures):
             console.print(

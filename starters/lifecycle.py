@@ -1,26 +1,39 @@
-"""Start lifecycle workflows (re-index, rollback, forget, watch) and manage their Schedules."""
+"""Start lifecycle workflows (re-index, rollback, forget, watch) and manage their Schedules.
+
+Schedule mistakes a person makes (a second ``create``, a cron Temporal cannot parse, a
+schedule id that does not exist) come back as ``ValueError`` / ``LookupError`` with one
+line that says what to do, for the CLI to print.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import (
     Client,
     Schedule,
     ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleCalendarSpec,
     ScheduleHandle,
     ScheduleOverlapPolicy,
     SchedulePolicy,
+    ScheduleRange,
     ScheduleSpec,
     ScheduleState,
     WorkflowHandle,
 )
 from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.service import RPCError, RPCStatusCode
 
 from workflows.contracts import (
+    FAILED,
     FORGET_WORKFLOW,
     FULL,
     INCREMENTAL,
@@ -117,24 +130,63 @@ async def create_schedule(
         mode=kind, tenant=tenant, model=model, pretrained=pretrained, checkpoint=checkpoint
     )
     sid = schedule_id(kind, tenant)
-    return await client.create_schedule(
-        sid,
-        Schedule(
-            action=ScheduleActionStartWorkflow(
-                REINDEX_WORKFLOW,
-                inp,
-                id=f"reindex/{kind}/{tenant or 'all'}/scheduled",
-                task_queue=TASK_QUEUE,
+    cron = cron or SCHEDULE_KINDS[kind]
+    try:
+        return await client.create_schedule(
+            sid,
+            Schedule(
+                action=ScheduleActionStartWorkflow(
+                    REINDEX_WORKFLOW,
+                    inp,
+                    id=f"reindex/{kind}/{tenant or 'all'}/scheduled",
+                    task_queue=TASK_QUEUE,
+                ),
+                spec=ScheduleSpec(cron_expressions=[cron]),
+                policy=SchedulePolicy(
+                    overlap=ScheduleOverlapPolicy.SKIP, catchup_window=catchup_window
+                ),
+                state=ScheduleState(
+                    paused=paused, note=f"{kind} re-index of {tenant or 'every tenant'} (mmrag)"
+                ),
             ),
-            spec=ScheduleSpec(cron_expressions=[cron or SCHEDULE_KINDS[kind]]),
-            policy=SchedulePolicy(
-                overlap=ScheduleOverlapPolicy.SKIP, catchup_window=catchup_window
-            ),
-            state=ScheduleState(
-                paused=paused, note=f"{kind} re-index of {tenant or 'every tenant'} (mmrag)"
-            ),
-        ),
-    )
+        )
+    except ScheduleAlreadyRunningError:
+        raise ValueError(
+            f"schedule {sid} already exists: `mmrag schedule list` shows it; delete it first "
+            f"(`mmrag schedule delete --kind {kind}{' --tenant ' + tenant if tenant else ''}`) "
+            "to create it again"
+        ) from None
+    except RPCError as e:
+        if e.status != RPCStatusCode.INVALID_ARGUMENT:
+            raise
+        raise ValueError(
+            f"--cron {cron!r} was refused ({e.message}): write five fields, minute hour "
+            "day-of-month month day-of-week, e.g. '0 3 * * *' for 03:00 every day"
+        ) from None
+
+
+async def schedule_action(client: Client, action: str, sid: str) -> None:
+    """pause | unpause | trigger | delete the schedule ``sid``; ``LookupError`` when there
+    is none."""
+    handle = client.get_schedule_handle(sid)
+    try:
+        if action == "pause":
+            await handle.pause(note="paused with mmrag schedule pause")
+        elif action == "unpause":
+            await handle.unpause(note="unpaused with mmrag schedule unpause")
+        elif action == "trigger":
+            await handle.trigger()
+        elif action == "delete":
+            await handle.delete()
+        else:
+            raise ValueError(f"unknown schedule action {action!r}")
+    except RPCError as e:
+        if e.status != RPCStatusCode.NOT_FOUND:
+            raise
+        raise LookupError(
+            f"there is no schedule {sid}: `mmrag schedule list` shows the schedules (pass "
+            "--id, or the --kind and --tenant it was created with)"
+        ) from None
 
 
 async def list_schedules(client: Client) -> list[ScheduleRow]:
@@ -143,13 +195,99 @@ async def list_schedules(client: Client) -> list[ScheduleRow]:
         if not entry.id.startswith("mmrag-"):
             continue
         desc = await client.get_schedule_handle(entry.id).describe()
-        spec = desc.schedule.spec
         rows.append(
             ScheduleRow(
                 entry.id,
                 desc.schedule.state.paused,
-                ", ".join(spec.cron_expressions) if spec.cron_expressions else "",
+                spec_text(desc.schedule.spec),
                 desc.schedule.state.note or "",
             )
         )
     return rows
+
+
+# Each calendar field's full range, which cron writes as "*".
+_FULL = {"minute": (0, 59), "hour": (0, 23), "day_of_month": (1, 31), "month": (1, 12)}
+_FULL_DOW = (0, 6)
+
+
+def spec_text(spec: ScheduleSpec) -> str:
+    """When a schedule runs, as cron text. The server keeps a cron expression as calendar
+    ranges (``cron_expressions`` comes back empty), so the cron is rebuilt from them."""
+    parts = list(spec.cron_expressions)
+    parts += [_calendar_cron(c) for c in spec.calendars]
+    parts += [f"every {i.every}" + (f" +{i.offset}" if i.offset else "") for i in spec.intervals]
+    return ", ".join(parts) or "-"
+
+
+def _calendar_cron(c: ScheduleCalendarSpec) -> str:
+    fields = [
+        _ranges(c.minute, _FULL["minute"]),
+        _ranges(c.hour, _FULL["hour"]),
+        _ranges(c.day_of_month, _FULL["day_of_month"]),
+        _ranges(c.month, _FULL["month"]),
+        _ranges(c.day_of_week, _FULL_DOW),
+    ]
+    seconds = _ranges(c.second, (0, 59))
+    return " ".join(fields if seconds == "0" else [seconds, *fields])
+
+
+def _ranges(ranges: Sequence[ScheduleRange], full: tuple[int, int]) -> str:
+    if not ranges:
+        return "*"
+    out = []
+    for r in ranges:
+        end = max(r.end, r.start)
+        step = r.step or 1
+        if (r.start, end) == full:
+            text = "*"
+        elif end == r.start:
+            text = str(r.start)
+        else:
+            text = f"{r.start}-{end}"
+        out.append(text + (f"/{step}" if step > 1 else ""))
+    return ",".join(out)
+
+
+# -- what a re-index failed on ---------------------------------------------------------------
+async def run_failures(
+    client: Client, workflow_id: str, first_run_id: str | None, limit: int = 20
+) -> tuple[list[tuple[str, str]], int]:
+    """``(uri, reason)`` of the objects a run failed on (at most ``limit``) and how many
+    there were, read from its activities' results across continue-as-new runs.
+
+    ``ReindexResult`` carries only a count; the reasons are in the history, as the
+    ``AssetOutcome`` entries (status ``failed``) its activities returned."""
+    found: dict[tuple[str, str], None] = {}
+    run_id = first_run_id
+    while True:
+        handle = client.get_workflow_handle(workflow_id, run_id=run_id)
+        next_run = ""
+        async for event in handle.fetch_history_events():
+            if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+                payloads = event.activity_task_completed_event_attributes.result.payloads
+                if payloads:
+                    (value,) = await client.data_converter.decode(payloads[:1])
+                    for outcome in _failed_outcomes(value):
+                        found.setdefault(outcome, None)
+            elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW:
+                attrs = event.workflow_execution_continued_as_new_event_attributes
+                next_run = attrs.new_execution_run_id
+        if not next_run:
+            break
+        run_id = next_run
+    failures = list(found)
+    return failures[:limit], len(failures)
+
+
+def _failed_outcomes(value: Any) -> Iterator[tuple[str, str]]:
+    """Every ``{"uri", "status": "failed", "reason"}`` object inside a decoded result."""
+    if isinstance(value, dict):
+        if value.get("status") == FAILED and "uri" in value and "reason" in value:
+            yield str(value["uri"]), str(value["reason"])
+            return
+        for item in value.values():
+            yield from _failed_outcomes(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _failed_outcomes(item)

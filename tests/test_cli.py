@@ -3,15 +3,25 @@ traceback) when a server is down."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
-from dataclasses import fields
+from dataclasses import dataclass, fields
+from datetime import timedelta
 from pathlib import Path
 
+import pytest
+
 from settings import REPO_ROOT
+from stack.services import Stack, StackPorts
 from starters.synthetic_corpus import write_corpus
 from tests.conftest import ServerStack, Workers
 from tests.helpers import registry_rows, wait_searchable
@@ -30,6 +40,26 @@ def mmrag(
         text=True,
         timeout=timeout,
     )
+
+
+async def poll_once(address: str, namespace: str, queue: str, identity: str) -> None:
+    """One workflow-task poll of ``queue`` as ``identity``: the server then lists a poller
+    of that name, as it lists a worker for minutes after its last poll."""
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import PollWorkflowTaskQueueRequest
+    from temporalio.client import Client
+    from temporalio.service import RPCError
+
+    client = await Client.connect(address, namespace=namespace)
+    with contextlib.suppress(RPCError):  # nothing to take: it times out, stays listed
+        await client.workflow_service.poll_workflow_task_queue(
+            PollWorkflowTaskQueueRequest(
+                namespace=namespace, task_queue=TaskQueue(name=queue), identity=identity
+            ),
+            timeout=timedelta(seconds=3),  # the server refuses shorter long polls
+        )
+    del client
+    gc.collect()  # see workers.temporal_client.run_client_command
 
 
 def closed_port() -> int:
@@ -100,7 +130,7 @@ def test_temporal_down_is_one_line(test_stack: ServerStack, tmp_path: Path) -> N
 
 def test_postgres_down_is_one_line(test_stack: ServerStack) -> None:
     url = f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/mmrag"
-    out = mmrag({**test_stack.env, "MMRAG_DATABASE_URL": url}, "search", "a red circle")
+    out = mmrag({**test_stack.env, "MMRAG_DATABASE_URL": url}, "db", "upgrade")
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert "Postgres is unreachable" in out.stderr
@@ -161,3 +191,152 @@ def test_a_failed_workflow_is_one_line_naming_the_step_and_the_cause() -> None:
     down = workflow_failure_message(failed(ApplicationError("Milvus at x is unreachable")))
     assert down == "the workflow failed at encode_query: Milvus at x is unreachable"
     assert workflow_failure_message(RuntimeError("a bug")) is None
+
+
+# -- output that tells the truth, on a corpus in a folder named "café 日本" ----------------
+@dataclass
+class Ingested:
+    tenant: str
+    folder: Path
+    first: subprocess.CompletedProcess[str]  # `ingest --wait --json`
+
+
+@pytest.fixture(scope="module")
+def cafe(
+    test_stack: ServerStack, worker: Workers, tmp_path_factory: pytest.TempPathFactory
+) -> Ingested:
+    """18 images and one broken PNG under a unicode folder name, ingested with --json."""
+    folder = tmp_path_factory.mktemp("cli-paths") / "café 日本"
+    write_corpus(folder, per_class=1, seed=17)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
+    tenant = f"cli-cafe-{uuid.uuid4().hex[:6]}"
+    first = mmrag(test_stack.env, "ingest", str(folder), "--tenant", tenant, "--wait", "--json")
+    wait_searchable(tenant, 18)
+    return Ingested(tenant, folder, first)
+
+
+def test_ingest_wait_json_prints_only_json_with_exact_uris(cafe: Ingested) -> None:
+    """stdout parses as the ``IngestResult``; status lines went to stderr; URIs stay exact
+    (percent-encoded) for scripts."""
+    assert cafe.first.returncode == 1, cafe.first.stderr  # the broken PNG failed
+    result = json.loads(cafe.first.stdout)
+    assert result["ingested"] == 18 and result["failed"] == 1
+    assert [f["uri"] for f in result["failures"]] == [(cafe.folder / "broken.png").as_uri()]
+    assert "caf%C3%A9%20%E6%97%A5%E6%9C%AC" in result["failures"][0]["uri"]
+    assert "started IngestBatch" in cafe.first.stderr
+
+
+def test_human_output_shows_paths_decoded(test_stack: ServerStack, cafe: Ingested) -> None:
+    again = mmrag(test_stack.env, "ingest", str(cafe.folder), "--tenant", cafe.tenant, "--wait")
+    assert "18 unchanged" in again.stdout and "1 failed" in again.stdout
+    assert f"{cafe.folder}/broken.png" in again.stdout and "%C3%A9" not in again.stdout
+    answer = mmrag(test_stack.env, "ask", "a red circle", "--tenant", cafe.tenant, "--no-generate")
+    assert answer.returncode == 0, answer.stderr
+    assert re.search(rf"\[S1\] [0-9.]+  {re.escape(str(cafe.folder))}/red-circle-", answer.stdout)
+    assert "%C3%A9" not in answer.stdout
+
+
+def test_search_encodes_with_the_index_model(
+    test_stack: ServerStack, cafe: Ingested, tmp_path: Path
+) -> None:
+    """The CLI's own model settings name weights it does not have, offline: ``search`` is
+    an Ask, so the workers encode the text with the index's model (mmrag-tiny) and the CLI
+    loads no model at all."""
+    env = {
+        **test_stack.env,
+        "MMRAG_CLIP_MODEL": "ViT-B-32",
+        "MMRAG_CLIP_PRETRAINED": "laion2b_s34b_b79k",
+        "MMRAG_CLIP_CHECKPOINT": "",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "empty-hf-cache"),
+    }
+    out = mmrag(env, "search", "a red circle", "--tenant", cafe.tenant, "--top-k", "3")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("1. ") and f"{cafe.folder}/red-circle-" in lines[0]
+    assert len([line for line in lines if re.match(r"\d+\. ", line)]) == 3
+    assert "encoder mmrag-tiny" in out.stdout
+
+
+def test_an_empty_answer_in_the_default_tenant_says_where_data_lives(
+    test_stack: ServerStack, cafe: Ingested
+) -> None:
+    out = mmrag(test_stack.env, "ask", "a red circle", "--no-generate")
+    assert out.returncode == 0, out.stderr
+    assert "tenant 'default' has no indexed content (--tenant defaults to 'default')" in out.stderr
+    assert re.search(r"tenants with indexed assets: [^ ]+ \(\d+\)", out.stderr)
+    assert "pass --tenant NAME" in out.stderr
+
+
+def test_reindex_failures_are_listed_with_reasons(test_stack: ServerStack, cafe: Ingested) -> None:
+    out = mmrag(test_stack.env, "reindex", "incremental", "--tenant", cafe.tenant, "--wait")
+    assert out.returncode == 1, out.stderr  # the broken PNG fails again
+    assert "1 failed" in out.stdout
+    assert f"{cafe.folder}/broken.png" in out.stdout and "corrupt or truncated" in out.stdout
+
+
+def test_reingest_of_forgotten_objects_names_allow_forgotten(
+    test_stack: ServerStack, cafe: Ingested
+) -> None:
+    """Runs last among the café tests: it forgets three of the images."""
+    prefix = (cafe.folder / "red-").as_uri()
+    forget = mmrag(test_stack.env, "forget", "--tenant", cafe.tenant, "--uri-prefix", prefix)
+    assert forget.returncode == 0 and "forgot 3 asset(s)" in forget.stdout, forget.stderr
+    again = mmrag(test_stack.env, "ingest", str(cafe.folder), "--tenant", cafe.tenant, "--wait")
+    assert "3 skipped (forgotten; `mmrag ingest --allow-forgotten` re-ingests them)" in again.stdout
+
+
+# -- stack down -------------------------------------------------------------------------------
+def test_stack_down_stops_milvus_cleanly_and_warns_about_workers() -> None:
+    """After a search Milvus holds a loaded collection; its SIGTERM used to wait for a query
+    node that a standalone does not have, until SIGKILL. `stack down` now stops it with
+    SIGTERM, and names a worker that still polls (it would outlive the stack)."""
+    import asyncio
+
+    from pymilvus import MilvusClient
+
+    state_dir = Path(tempfile.mkdtemp(prefix="mmrag-cli-down-"))
+    stack = Stack(state_dir, StackPorts.free(), services=("temporal", "milvus"))
+    try:
+        endpoints = stack.up()
+        milvus = MilvusClient(endpoints["milvus_uri"])
+        milvus.create_collection("loaded", dimension=8)
+        milvus.insert("loaded", [{"id": i, "vector": [0.1] * 8} for i in range(100)])
+        milvus.load_collection("loaded")
+        milvus.search("loaded", [[0.1] * 8], limit=1)
+        milvus.close()
+
+        asyncio.run(
+            poll_once(endpoints["temporal_address"], "default", "mmrag", "4242@worker-elsewhere")
+        )
+        env = {**os.environ, "MMRAG_STATE_DIR": str(state_dir), "TEMPORAL_NAMESPACE": "default"}
+        out = mmrag(env, "stack", "down")
+        assert out.returncode == 0, out.stderr
+        assert "worker 4242@worker-elsewhere (task queues mmrag) still runs" in out.stderr
+        assert "milvus stopped (SIGTERM)" in out.stdout and "temporal stopped" in out.stdout
+        assert not any(info["running"] for info in stack.status().values())
+    finally:
+        stack.down()
+        shutil.rmtree(state_dir, ignore_errors=True)  # Milvus unpacks ~250 MB
+
+
+def test_schedule_cron_text_is_rebuilt_from_calendars() -> None:
+    """The server returns a schedule's cron as calendar ranges; the list shows cron text."""
+    from temporalio.client import ScheduleCalendarSpec, ScheduleRange, ScheduleSpec
+
+    from starters.lifecycle import spec_text
+
+    nightly = ScheduleCalendarSpec(
+        minute=[ScheduleRange(0)],
+        hour=[ScheduleRange(3)],
+        day_of_month=[ScheduleRange(1, 31)],
+        month=[ScheduleRange(1, 12)],
+        day_of_week=[ScheduleRange(0, 6)],
+    )
+    office = ScheduleCalendarSpec(
+        minute=[ScheduleRange(0, 59, 15)],
+        hour=[ScheduleRange(9, 17)],
+        day_of_week=[ScheduleRange(1, 5)],
+    )
+    assert spec_text(ScheduleSpec(calendars=[nightly])) == "0 3 * * *"
+    assert spec_text(ScheduleSpec(calendars=[office])) == "*/15 9-17 * * 1-5"
