@@ -65,6 +65,9 @@ MEDIA_TYPE_ALIASES = {
 #: main queue, even while a query worker is listed (it may be busy, or gone on another host
 #: and still listed for up to ``POLLER_FRESH_S``).
 REROUTE_AFTER_S = 5.0
+#: An Ask still running after this long says what runs (Asks answer in well under a second
+#: when warm; the first after a start loads the model and opens the index).
+SAY_RUNNING_AFTER_S = 5.0
 #: An Ask the CLI starts ends within this long whatever happens (no worker ever comes, an
 #: LLM hangs): nobody is left waiting for its answer by then.
 ASK_RUN_TIMEOUT = timedelta(minutes=10)
@@ -246,7 +249,7 @@ async def ask(
         current = await start_ask(client, inp, fallback_queue)
         return current
 
-    notices = Notices(client, say or (lambda _text: None))
+    notices = Notices(client, say or (lambda _text: None), running_after_s=SAY_RUNNING_AFTER_S)
     try:
         result: AskResult = await result_with_notices(handle, notices, reroute)
         return result

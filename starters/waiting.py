@@ -162,10 +162,15 @@ async def failure_text(client: Client, failure: Failure) -> str:
 
 
 async def waiting_for(
-    client: Client, handle: WorkflowHandle[Any, Any], notice_after_s: float = NOTICE_AFTER_S
+    client: Client,
+    handle: WorkflowHandle[Any, Any],
+    notice_after_s: float = NOTICE_AFTER_S,
+    running_after_s: float | None = None,
 ) -> Waiting:
     """One look at a run: what it waits for, or ``Waiting()`` when it is simply working
-    (or closed)."""
+    (or closed). With ``running_after_s``, a run older than that also says what is running
+    (a step on which worker): a command with no progress of its own then still says why it
+    takes long (the first Ask after a start loads the model and opens the index)."""
     description = await handle.describe(rpc_timeout=RPC_TIMEOUT)
     if description.status != WorkflowExecutionStatus.RUNNING:
         return Waiting()
@@ -194,6 +199,14 @@ async def waiting_for(
         ):
             on = activity.activity_options.task_queue.name or queue
             return await _waiting_on(client, on, name, False, waited)
+    if running_after_s is None or now - description.start_time.timestamp() < running_after_s:
+        return Waiting()
+    for activity in raw.pending_activities:
+        if activity.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED:
+            who = activity.last_worker_identity or "a worker"
+            return Waiting(f"still running: {activity.activity_type.name} on {who}")
+    if task.state == PendingWorkflowTaskState.PENDING_WORKFLOW_TASK_STATE_STARTED:
+        return Waiting(f"still running: {description.workflow_type}'s local steps on a worker")
     return Waiting()
 
 
@@ -210,6 +223,7 @@ class Notices:
     say: Callable[[str], None]
     every_s: float = CHECK_EVERY_S
     notice_after_s: float = NOTICE_AFTER_S
+    running_after_s: float | None = None  # see waiting_for
     _last_text: str = field(default="", init=False)
     _next_check: float = field(default=0.0, init=False)
 
@@ -219,7 +233,9 @@ class Notices:
             return Waiting()
         self._next_check = now + self.every_s
         try:
-            waiting = await waiting_for(self.client, handle, self.notice_after_s)
+            waiting = await waiting_for(
+                self.client, handle, self.notice_after_s, self.running_after_s
+            )
         except (TimeoutError, RPCError):
             return Waiting()  # the server is busy or restarting: the next check says
         if waiting.text and waiting.text != self._last_text:
