@@ -28,7 +28,6 @@ from tests.helpers import (
     wait_searchable,
 )
 from tests.llm_server import LlmTestServer
-from tests.test_cli import mmrag
 from workflows.activities.ask import ENCODE_QUERY, GENERATE
 from workflows.activities.ingest import RECORD_OUTCOMES
 from workflows.activities.lifecycle import FORGET_PAGE
@@ -146,8 +145,7 @@ async def test_asks_in_flight_finish_after_a_server_restart(
     test_stack: ServerStack, worker: Workers, client: Client, tmp_path: Path, server: str
 ) -> None:
     """Asks started before a server stops (and, for Milvus, while it is down) complete once
-    it is back, each with the right top source: none is lost. While Milvus is down the CLI
-    says so in one line."""
+    it is back, each with the right top source: none is lost."""
     tenant = f"ask-restart-{server}-{uuid.uuid4().hex[:6]}"
     write_corpus(tmp_path / "c", per_class=1, seed=31)
     ingest = await start_ingest(client, tenant, [str(tmp_path / "c")])
@@ -167,16 +165,14 @@ async def test_asks_in_flight_finish_after_a_server_restart(
     asked = list(classes)
     handles = [await start(*c) for c in classes]
     await asyncio.to_thread(test_stack.stack.stop_service, server)
-    if server == "milvus":
-        out = await asyncio.to_thread(mmrag, test_stack.env, "search", "a red circle")
-        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-        assert "Milvus is unreachable" in out.stderr and "mmrag stack up" in out.stderr
-        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
-        asked += classes[:4]
-        handles += [await start(*c) for c in classes[:4]]  # started during the outage
-    else:
-        await asyncio.sleep(1)
-    await asyncio.to_thread(test_stack.stack.start_service, server)
+    try:  # whatever fails here, the server comes back for the tests after this one
+        if server == "milvus":
+            asked += classes[:4]
+            handles += [await start(*c) for c in classes[:4]]  # started during the outage
+        else:
+            await asyncio.sleep(1)
+    finally:
+        await asyncio.to_thread(test_stack.stack.start_service, server)
     results = await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), timeout=120)
     for (colour, shape), result in zip(asked, results, strict=True):
         top = result.sources[0].uri.rsplit("/", 1)[-1]
