@@ -367,7 +367,16 @@ class Milvus(Server):
     """
 
     name = "milvus"
-    stop_grace = 15.0  # SIGTERM can take 8 s idle and over 45 s with a loaded collection
+    # SIGTERM stops Milvus cleanly in ~2 s, loaded collections included, thanks to
+    # QUERYNODE_GRACEFULSTOPTIMEOUT in env(); SIGKILL remains for a server that hangs.
+    stop_grace = 15.0
+    # On SIGTERM Milvus 2.3.5 stops its coordinators, then its query node, which waits for
+    # the segments it has loaded to move to another query node. A standalone has none (and
+    # its query coordinator has stopped already), so it waits out queryNode's graceful-stop
+    # timeout (common.gracefulStopTimeout: 1800 s): every ``down()`` after a search ended
+    # in SIGKILL (measured: still running 90 s after SIGTERM). With this bound: stopped by
+    # SIGTERM in 2.1 s with a loaded collection, every row there after a restart.
+    query_node_stop_s = 2
 
     @property
     def port(self) -> int:
@@ -449,6 +458,9 @@ class Milvus(Server):
                 "METRICS_PORT": str(self.extra["metrics_port"]),
                 "MILVUS_RUN_DIR": str(self.home / "run"),
                 "ETCD_CONFIG_PATH": str(self.etcd_config),
+                # Milvus reads config keys from the environment as well (queryNode.
+                # gracefulStopTimeout as QUERYNODE_GRACEFULSTOPTIMEOUT).
+                "QUERYNODE_GRACEFULSTOPTIMEOUT": str(self.query_node_stop_s),
                 "LD_LIBRARY_PATH": ":".join(p for p in (bin_dir, env.get("LD_LIBRARY_PATH")) if p),
             }
         )

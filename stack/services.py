@@ -220,7 +220,7 @@ class Stack:
 
         All get their stop signal at once (SIGTERM; SIGINT, PostgreSQL's fast shutdown, for
         PostgreSQL), then SIGKILL to the process group after the server's grace time
-        (Milvus 15 s: with a loaded collection it does not stop on SIGTERM alone) or ``timeout``.
+        (Milvus 15 s; it stops in ~2 s, see ``Milvus.query_node_stop_s``) or ``timeout``.
         Also stops services outside ``self.services`` (a GCS emulator started by another
         Stack on this state_dir): nothing may outlive down().
         Returns how each running server stopped (its signal, ``killed``, ``took``).
