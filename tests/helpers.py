@@ -6,6 +6,7 @@ import io
 import json
 import random
 import struct
+import subprocess
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -230,25 +231,20 @@ def close_colour(a: tuple[int, int, int], b: tuple[int, int, int], tolerance: in
     return all(abs(x - y) <= tolerance for x, y in zip(a, b, strict=True))
 
 
-def temporal_execute(
+def temporal_cli_execute(
     address: str,
     workflow_type: str,
     payload: dict,  # type: ignore[type-arg]
     workflow_id: str,
-    token: str | None = None,
-) -> dict:  # type: ignore[type-arg]
-    """Run a workflow by name with JSON input through the `temporal` CLI, as another
-    backend would, and return its JSON result. It carries ``token`` in the ``mmrag_auth``
-    header (default: an operator credential of the test stack's signing key)."""
+    token: str,
+) -> subprocess.CompletedProcess[str]:
+    """`temporal workflow execute ... --headers 'mmrag_auth="<token>"'`, as another backend
+    (and the README) runs a workflow by name with JSON input; the completed process."""
     import json
-    import subprocess
 
     from settings import REPO_ROOT
 
-    if token is None:
-        token = operator_token()
-
-    out = subprocess.run(
+    return subprocess.run(
         [
             str(REPO_ROOT / ".venv" / "bin" / "temporal"),
             "workflow",
@@ -271,8 +267,25 @@ def temporal_execute(
         capture_output=True,
         text=True,
         timeout=120,
-        check=True,
     )
+
+
+def temporal_execute(
+    address: str,
+    workflow_type: str,
+    payload: dict,  # type: ignore[type-arg]
+    workflow_id: str,
+    token: str | None = None,
+) -> dict:  # type: ignore[type-arg]
+    """Run a workflow through the `temporal` CLI and return its JSON result; ``token``
+    defaults to an operator credential of the test stack's signing key."""
+    import json
+
+    out = temporal_cli_execute(
+        address, workflow_type, payload, workflow_id, operator_token() if token is None else token
+    )
+    if out.returncode:
+        raise subprocess.CalledProcessError(out.returncode, out.args, out.stdout, out.stderr)
     return dict(json.loads(out.stdout)["result"])
 
 

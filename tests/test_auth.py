@@ -41,6 +41,7 @@ from tests.helpers import (
     issued_token,
     milvus_pks,
     registry_rows,
+    temporal_cli_execute,
     wait_searchable,
 )
 from workers.auth import (
@@ -244,36 +245,6 @@ async def test_expired_forged_and_unknown_key_credentials_are_refused(
     victim.intact()
 
 
-def temporal_cli_execute(
-    test_stack: ServerStack, workflow_type: str, payload: dict[str, object], token: str
-) -> subprocess.CompletedProcess[str]:
-    """`temporal workflow execute ... --headers 'mmrag_auth="<token>"'`, as the README shows."""
-    return subprocess.run(
-        [
-            str(REPO_ROOT / ".venv" / "bin" / "temporal"),
-            "workflow",
-            "execute",
-            "--address",
-            test_stack.endpoints["temporal_address"],
-            "--type",
-            workflow_type,
-            "--task-queue",
-            "mmrag",
-            "--workflow-id",
-            f"cli-{workflow_type}-{uuid.uuid4().hex[:8]}",
-            "--input",
-            json.dumps(payload),
-            "--headers",
-            f"mmrag_auth={json.dumps(token)}",
-            "--output",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 async def test_a_credential_for_another_tenant_is_refused_from_the_temporal_cli(
     worker: Workers, client: Client, test_stack: ServerStack, victim: Victim, tmp_path: Path
 ) -> None:
@@ -281,7 +252,13 @@ async def test_a_credential_for_another_tenant_is_refused_from_the_temporal_cli(
     victim's tenant: refused. With the victim's own credential the same command works."""
     own = f"own-{uuid.uuid4().hex[:6]}"
     attack = {"tenant": victim.tenant, "uri_prefix": victim.uri, "reason": "t-1"}
-    done = temporal_cli_execute(test_stack, "Forget", attack, issued_token([own], "writer"))
+    done = temporal_cli_execute(
+        test_stack.endpoints["temporal_address"],
+        "Forget",
+        attack,
+        f"cli-Forget-{uuid.uuid4().hex[:8]}",
+        issued_token([own], "writer"),
+    )
     out = done.stdout + done.stderr
     assert done.returncode != 0, out
     assert UNAUTHORIZED in out and f"not '{victim.tenant}'" in out, out
@@ -293,7 +270,13 @@ async def test_a_credential_for_another_tenant_is_refused_from_the_temporal_cli(
     handle = await start_ingest(client, tenant, [str(tmp_path / "c")])
     assert (await asyncio.wait_for(handle.result(), timeout=180)).ingested == CORPUS
     payload = {"tenant": tenant, "uri_prefix": (tmp_path / "c").as_uri(), "reason": "t-2"}
-    done = temporal_cli_execute(test_stack, "Forget", payload, issued_token([tenant], "writer"))
+    done = temporal_cli_execute(
+        test_stack.endpoints["temporal_address"],
+        "Forget",
+        payload,
+        f"cli-Forget-{uuid.uuid4().hex[:8]}",
+        issued_token([tenant], "writer"),
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads(done.stdout)["result"]["forgotten"] == CORPUS
 
