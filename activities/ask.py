@@ -1,6 +1,12 @@
 """Ask activities on the ``mmrag`` worker: retrieval (search, re-rank, prompt fusion) and
 finalisation (validation, citations, audit). Both run as local activities: short steps
-that should not pay a task-queue round trip each."""
+that should not pay a task-queue round trip each.
+
+Retrieval is hybrid (docs/retrieval.md): the Milvus search (dense), then one SQL statement
+that is both the lexical leg (Postgres full-text search, activities/store/lexical.py) and the
+read of the dense candidates' stored words (full text, origin, caption), so an Ask pays one
+Postgres round trip for both; the two ranked lists are fused by reciprocal rank fusion and
+re-ranked (activities/rag/rerank.py)."""
 
 from __future__ import annotations
 
@@ -10,15 +16,24 @@ import time
 from sqlalchemy.orm import Session
 from temporalio.exceptions import ApplicationError
 
+from activities.media.formats import truncate_utf8
 from activities.rag.fusion import SourceChunk, extractive_answer, fuse_prompt, redacted_chunk
 from activities.rag.guardrails import I_DONT_KNOW, insert_citations, redact_pii, validate_answer
-from activities.rag.rerank import RERANK_POOL, caption_of, rerank
+from activities.rag.rerank import (
+    DENSE,
+    LEXICAL,
+    RERANK_POOL,
+    SearchHit,
+    fuse_rrf,
+    rerank,
+    with_stored,
+)
 from activities.runtime import metrics
 from activities.runtime.bounds import clamp_top_k
 from activities.runtime.metrics import ms_since
 from activities.runtime.run_context import workflow_ids
-from activities.store import registry
-from activities.store.vectors import BadFilter, compile_filters, get_store
+from activities.store import lexical, registry
+from activities.store.vectors import MAX_SNIPPET, BadFilter, compile_filters, get_store
 from settings import Settings
 from workflows.activities import ask as ask_stubs
 from workflows.activities import implements
@@ -56,28 +71,16 @@ class AskActivities:
         except BadFilter as e:  # the Ask workflow refuses these first; direct callers here
             raise ApplicationError(str(e), type="BadQuery", non_retryable=True) from None
         top_k = clamp_top_k(inp.top_k, self.settings)  # at most MMRAG_MAX_TOP_K
-        store = get_store(
-            self.settings.milvus_endpoint(), self.settings.milvus_token.get_secret_value()
-        )
-        hits = store.search(
-            inp.collection,
-            inp.vector,
-            inp.tenant,
-            top_k * RERANK_POOL if inp.rerank else top_k,
-            expr,
-        )
-        if inp.rerank:
-            hits = rerank(inp.question, hits)
-        hits = hits[:top_k]
+        hits = self._candidates(inp, expr, top_k)
         sources = [
             Source(
                 id=f"S{i}",
-                asset_id=str(h["asset_id"]),
-                uri=str(h["uri"]),
-                score=round(float(h.get("fused", h["score"])), 4),  # type: ignore[arg-type]
-                media_type=str(h["media_type"]),
-                chunk=str(h["chunk"]),
-                snippet=redact_pii(str(h.get("snippet") or ""))[0],
+                asset_id=h.asset_id,
+                uri=h.uri,
+                score=round(h.score, 4),
+                media_type=h.media_type,
+                chunk=h.chunk,
+                snippet=redact_pii(truncate_utf8(h.snippet, MAX_SNIPPET))[0],
             )
             for i, h in enumerate(hits, 1)
         ]
@@ -89,8 +92,10 @@ class AskActivities:
                 chunk=s.chunk,
                 media_type=s.media_type,
                 score=s.score,
-                snippet=s.snippet,
-                caption=caption_of(h),
+                snippet=redact_pii(h.snippet)[0],
+                caption=h.caption,
+                tags=list(h.tags),
+                origin=h.origin,
             )
             for s, h in zip(sources, hits, strict=True)
         ]
@@ -108,7 +113,7 @@ class AskActivities:
             fusion = Fusion(
                 question=prompt.question,
                 sources=[
-                    FusionChunk(r.id, r.media_type, r.chunk, r.caption, r.snippet)
+                    FusionChunk(r.id, r.media_type, r.chunk, r.caption, r.snippet, r.tags, r.origin)
                     for r in (redacted_chunk(c) for c in chunks if c.id in used)
                 ],
                 shortened=prompt.shortened,
@@ -127,6 +132,45 @@ class AskActivities:
             context=prompt.context,
             fusion=fusion,
         )
+
+    def _candidates(self, inp: RetrieveInput, expr: str, top_k: int) -> list[SearchHit]:
+        """The Ask's ``top_k`` hits: the dense search, the lexical leg and the dense
+        candidates' stored words in one SQL statement, reciprocal rank fusion, then
+        re-ranking."""
+        s = self.settings
+        use_lexical = s.lexical and bool(lexical.query_terms(inp.question))
+        pool = top_k * RERANK_POOL if inp.rerank or use_lexical else top_k
+        store = get_store(s.milvus_endpoint(), s.milvus_token.get_secret_value())
+        dense = [
+            SearchHit.from_milvus(h)
+            for h in store.search(inp.collection, inp.vector, inp.tenant, pool, expr)
+        ]
+        found = lexical.LexicalResult([], {})
+        if dense or use_lexical:
+            try:
+                with self.engine.connect() as conn:
+                    found = lexical.search(
+                        conn,
+                        inp.tenant,
+                        inp.question,
+                        inp.filters,
+                        pool if use_lexical else 0,
+                        fetch=[h.key for h in dense],
+                    )
+            except lexical.BadLexicalFilter as e:  # compile_filters refused it first
+                raise ApplicationError(str(e), type="BadQuery", non_retryable=True) from None
+        dense = [with_stored(h, found.stored.get(h.key)) for h in dense]
+        if use_lexical:
+            hits = fuse_rrf(
+                {DENSE: dense, LEXICAL: found.hits},
+                {DENSE: s.fusion_dense_weight, LEXICAL: s.fusion_lexical_weight},
+                s.rrf_k,
+            )
+        else:
+            hits = dense  # scores stay CLIP cosines, as before hybrid retrieval
+        if inp.rerank:
+            hits = rerank(inp.question, hits)
+        return hits[:top_k]
 
     @implements(ask_stubs.retrieve_and_answer)
     def retrieve_and_answer(self, inp: RetrieveAndAnswerInput) -> RetrievedAnswer:

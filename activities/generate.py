@@ -84,7 +84,9 @@ class GenerateActivities:
         """The prompt fused again with the LLM's summaries of the shortened sources."""
         assert self.generator is not None
         sources = [
-            SourceChunk(c.id, "", "", c.chunk, c.media_type, 0.0, c.snippet, c.caption)
+            SourceChunk(
+                c.id, "", "", c.chunk, c.media_type, 0.0, c.snippet, c.caption, c.tags, c.origin
+            )
             for c in fusion.sources
         ]
         timeout_s = min(self.settings.llm_summary_timeout_s, self.config.timeout_s)

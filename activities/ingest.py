@@ -10,7 +10,7 @@ from temporalio.exceptions import ApplicationError
 from activities.media.formats import HEAD_BYTES, BadMediaError, check_object
 from activities.runtime.bounds import DEFAULT_PAGE_SIZE, clamp
 from activities.runtime.run_context import workflow_ids
-from activities.store import index_versions, registry
+from activities.store import index_versions, lexical, registry
 from activities.store.objects import (
     ObjectMissingError,
     Page,
@@ -187,3 +187,9 @@ class IngestActivities:
             )
         except ValueError as e:  # malformed input: retrying cannot help
             raise ApplicationError(str(e), non_retryable=True) from e
+        # The lexical index copies the batch's Milvus rows (the encode worker has no database
+        # login): replaced for ingested assets, removed for failed ones (store/lexical.py).
+        store = get_store(
+            self.settings.milvus_endpoint(), self.settings.milvus_token.get_secret_value()
+        )
+        lexical.index_outcomes(self.engine, store, inp.index_version, inp.tenant, inp.outcomes)

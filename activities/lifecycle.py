@@ -13,7 +13,7 @@ from temporalio.exceptions import ApplicationError
 from activities.clip.model_policy import ModelNotAllowedError, check_model
 from activities.rag.guardrails import redact_pii
 from activities.runtime.run_context import workflow_ids
-from activities.store import index_versions, registry
+from activities.store import index_versions, lexical, registry
 from activities.store.objects import ObjectMissingError, store_for
 from activities.store.roots import OutsideRootsError, StorageRoots, TenantRoots
 from activities.store.vectors import VectorStore, get_store, model_of
@@ -172,6 +172,8 @@ class LifecycleActivities:
                 self.store.delete_assets(
                     inp.target.collection, tenant, ids[i : i + 1000], strong=True
                 )
+                with self.engine.begin() as conn:  # no longer live: no lexical hits either
+                    lexical.delete_assets(conn, tenant, ids[i : i + 1000])
         stale = [key for key, gen in live.items() if indexed.get(key) != gen][: inp.limit]
         items = registry.items_by_key(self.engine, stale)
         return ReconcileResult(
@@ -205,8 +207,9 @@ class LifecycleActivities:
     # -- forget ---------------------------------------------------------------------
     @implements(lifecycle_stubs.forget_page)
     def forget_page(self, inp: ForgetPageInput) -> ForgetPageResult:
-        """Forget one page of matching assets: vectors in every index version, optionally
-        the objects, then the registry row is wiped and a tombstone written."""
+        """Forget one page of matching assets: vectors in every index version and lexical
+        rows, optionally the objects, then the registry row is wiped and a tombstone
+        written."""
         workflow_id = workflow_ids()[0]
         candidates = registry.forget_candidates(
             self.engine, inp.tenant, inp.asset_id, inp.uri_prefix, inp.tags, inp.after, inp.limit
@@ -219,6 +222,8 @@ class LifecycleActivities:
         for target in versions:
             if ids:
                 self.store.delete_assets(target.collection, inp.tenant, ids, strong=True)
+        with self.engine.begin() as conn:  # and from the lexical index
+            lexical.delete_assets(conn, inp.tenant, ids)
         deleted = kept = 0
         if inp.delete_object:
             roots = self.roots.for_tenant(inp.tenant)

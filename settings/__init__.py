@@ -213,6 +213,18 @@ class Settings(BaseSettings):
     max_answer_tokens: int = 2048  # AskInput.max_answer_tokens (the LLM's max_tokens)
     # -- end of caller limits -------------------------------------------------------------
 
+    # -- Hybrid retrieval (activities/store/lexical.py, activities/rag/rerank.py;
+    # docs/retrieval.md) -------------------------------------------------------------------
+    # An Ask with text searches the lexical index (Postgres full-text search over passages,
+    # OCR text, captions, file names and tags) beside Milvus, and fuses the two ranked lists
+    # by reciprocal rank fusion: score = sum(weight / (rrf_k + rank)) over the legs that
+    # found a chunk, then re-ranks (AskInput.rerank). lexical=False: dense only, as before.
+    lexical: bool = True
+    fusion_dense_weight: float = Field(default=1.0, ge=0.0, le=100.0)
+    fusion_lexical_weight: float = Field(default=1.0, ge=0.0, le=100.0)
+    rrf_k: int = Field(default=60, ge=1, le=10000)
+    # -- end of hybrid retrieval settings -----------------------------------------------------
+
     def stack_endpoint(self, key: str) -> str:
         """An endpoint the embedded stack recorded in ``state_dir/endpoints.json``."""
         path = self.state_dir / "endpoints.json"

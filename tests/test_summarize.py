@@ -222,7 +222,7 @@ async def test_failed_summaries_fall_back_to_extractive_and_the_ask_answers(
     assert result.stage_ms["summarized_extractive"] == 4 and result.stage_ms["summarized_llm"] == 0
     assert len(llm.summary_requests) == 2 and len(llm.answer_requests) == 1
     final = user_text(llm.answer_requests[-1])
-    assert "Caption: " in final and "bay 42" in final  # extractive summaries, question-led
+    assert "Text: " in final and "bay 42" in final  # extractive summaries, question-led
     for value in PII:
         assert value not in llm.request_bodies_text()
 

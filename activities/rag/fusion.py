@@ -40,9 +40,12 @@ from activities.rag.tokens import chat_tokens, count_tokens
 @dataclass
 class SourceChunk:
     """One retrieved chunk as generation sees it. ``id`` is its citation label ("S1" for
-    the best-ranked); ``chunk`` locates it in the asset ("page:3", "frame:120", "" for a
-    whole image); ``snippet`` is its text layer, ``caption`` its image caption, either may
-    be empty."""
+    the best-ranked); ``chunk`` locates it in the asset ("page:3:p:2", "frame:12.500",
+    "image"); ``snippet`` is its text (a passage, a page's text layer, OCR text),
+    ``caption`` a captioner's description of an image or frame (never a file name),
+    ``tags`` the asset's tags (``key=value``), ``origin`` where the text came from ("ocr",
+    "text-layer", ""); any may be empty. The file name (in ``uri``) never reaches the
+    prompt: it says nothing of the content."""
 
     id: str
     asset_id: str
@@ -52,6 +55,8 @@ class SourceChunk:
     score: float
     snippet: str = ""
     caption: str = ""
+    tags: list[str] = field(default_factory=list)
+    origin: str = ""
 
 
 @dataclass
@@ -102,10 +107,38 @@ _NO_SOURCES = "\n(none)"
 MIN_CHUNK_TOKENS = 8
 
 
+def _kind(media_type: str) -> str:
+    family, _, sub = media_type.partition("/")
+    if media_type == "pdf" or sub == "pdf":
+        return "PDF"
+    return family if family in ("image", "video") else media_type
+
+
+def describe_source(media_type: str, chunk: str) -> str:
+    """What a source is, in words: "image", "PDF page 3, passage 2", "PDF page 3 (page
+    image)", "video frame at 12.5 s". Old chunk shapes read too ("page:3:text")."""
+    kind = _kind(media_type)
+    parts = chunk.split(":")
+    if parts[0] == "page" and len(parts) >= 2:
+        where = f"{kind} page {parts[1]}"
+        if len(parts) >= 4 and parts[2] == "p":
+            return f"{where}, passage {parts[3]}"
+        if len(parts) == 3 and parts[2] == "text":
+            return f"{where}, text"
+        return f"{where} (page image)"
+    if parts[0] == "frame" and len(parts) == 2:
+        seconds = parts[1].rstrip("0").rstrip(".") or "0"
+        return f"video frame at {seconds} s"
+    if chunk in ("", "image"):
+        return kind
+    return ", ".join(p for p in (kind, chunk.replace(":", " ")) if p)
+
+
 def _source_open(src: SourceChunk) -> str:
-    """``<source id="S1" type="pdf, page 3">``: the opening delimiter, its attribute values
-    redacted and escaped like the text they announce."""
-    where = ", ".join(p for p in (src.media_type, src.chunk.replace(":", " ")) if p)
+    """``<source id="S1" type="PDF page 3, passage 2">``: the opening delimiter, saying
+    what the source is, its attribute values redacted and escaped like the text they
+    announce."""
+    where = describe_source(src.media_type, src.chunk)
     where = neutralize_source_text(redact_pii(where)[0]).replace('"', "&quot;")
     sid = re.sub(r"[^A-Za-z0-9]", "", src.id)
     return f'<source id="{sid}" type="{where}">' if where else f'<source id="{sid}">'
@@ -122,7 +155,25 @@ def redacted_chunk(src: SourceChunk) -> SourceChunk:
         src,
         caption=redact_pii(tidy_lines(src.caption))[0],
         snippet=redact_pii(tidy_lines(src.snippet))[0],
+        tags=[redact_pii(t)[0] for t in src.tags],
     )
+
+
+def _text_label(src: SourceChunk) -> str:
+    if src.origin == "ocr":
+        return "Text read in it (OCR): " if _kind(src.media_type) != "PDF" else "Text (OCR): "
+    return "Text: "
+
+
+def _tags_line(src: SourceChunk) -> str:
+    return ", ".join(t for t in src.tags if t)
+
+
+def _nothing_to_read(src: SourceChunk) -> str:
+    """The body of a source with no text, caption or tags: it matched by its pixels, and
+    the model should know there is nothing to read in it (rather than not see it)."""
+    what = describe_source(src.media_type, src.chunk)
+    return f"No caption, tags or text: this {what} matched by its picture."
 
 
 def chunk_passage(src: SourceChunk) -> str:
@@ -131,9 +182,17 @@ def chunk_passage(src: SourceChunk) -> str:
     it."""
     caption = neutralize_source_text(redact_pii(tidy_lines(src.caption))[0])
     snippet = neutralize_source_text(redact_pii(tidy_lines(src.snippet))[0])
-    if snippet and snippet in caption:
-        snippet = ""
+    caption, snippet = _without_repeats(caption, snippet)
     return "\n".join(p for p in (caption, snippet) if p)
+
+
+def _without_repeats(caption: str, snippet: str) -> tuple[str, str]:
+    """Caption and text with one left out where the other already contains it."""
+    if snippet and snippet in caption:
+        return caption, ""
+    if caption and caption in snippet:
+        return "", snippet
+    return caption, snippet
 
 
 def _source_body(
@@ -144,10 +203,12 @@ def _source_body(
     *,
     markup: bool = True,
 ) -> tuple[str, dict[str, int], bool]:
-    """Caption and text of one source, PII-redacted and neutralised
-    (:func:`neutralize_source_text`; escaped for a prompt unless ``markup`` is false),
-    summarised to ``max_tokens`` together (the caption first: for images it is usually all
-    there is), and whether anything was cut. With ``summary`` (an LLM's summary of the
+    """Caption, text and tags of one source, each labelled (``Caption:``, ``Text:`` or
+    ``Text read in it (OCR):``, ``Tags:``), one left out where the other repeats it,
+    PII-redacted and neutralised (:func:`neutralize_source_text`; escaped for a prompt
+    unless ``markup`` is false), summarised to ``max_tokens`` together (the caption first:
+    for images it is usually all there is), and whether anything was cut. A source with
+    none of them says so (:func:`_nothing_to_read`). With ``summary`` (an LLM's summary of the
     chunk) that replaces caption and text, redacted and neutralised again and cut
     extractively only if it does not fit."""
 
@@ -161,10 +222,14 @@ def _source_body(
         return body, counts, body != text
     caption, c1 = prepare(src.caption)
     snippet, c2 = prepare(src.snippet)
+    tags, c3 = prepare(_tags_line(src))
+    caption, snippet = _without_repeats(caption, snippet)
+    if not (caption or snippet or tags):
+        return prepare(_nothing_to_read(src))[0], merge_counts(c1, c2, c3), False
     parts: list[str] = []
     left = max_tokens
     cut = False
-    for label, text in (("Caption: ", caption), ("Text: ", snippet)):
+    for label, text in (("Caption: ", caption), (_text_label(src), snippet), ("Tags: ", tags)):
         room = left - count_tokens(label) - (1 if parts else 0)
         if not text or room < (1 if not parts else MIN_CHUNK_TOKENS):
             cut = cut or bool(text)
@@ -175,7 +240,7 @@ def _source_body(
             part = label + summary_
             parts.append(part)
             left -= count_tokens(part) + 1
-    return "\n".join(parts), merge_counts(c1, c2), cut
+    return "\n".join(parts), merge_counts(c1, c2, c3), cut
 
 
 def fuse_prompt(
@@ -196,7 +261,7 @@ def fuse_prompt(
     :data:`MIN_CHUNK_TOKENS` remain for it, and it and every lower-ranked source are
     otherwise dropped (``used`` says which made it).
     A question longer than half the space left after the system prompt is shortened. A
-    source with neither caption nor text is left out (there is nothing to cite in it).
+    source with no caption, text or tags says that it matched by its picture.
 
     ``token_budget`` covers the prompt only (system + user + chat framing); leave room for
     the answer's ``max_tokens`` within the model's context window yourself. Raises
@@ -283,6 +348,8 @@ def extractive_answer(
     q_redacted, _ = redact_pii(tidy_lines(question))
     lines: list[str] = []
     for src in sources[: max(0, max_sources)]:
+        if not (src.caption.strip() or src.snippet.strip() or src.tags):
+            continue  # nothing to quote from it
         body, _, _ = _source_body(src, q_redacted, per_source_tokens, markup=False)
         if body:
             lines.append(f"- {' '.join(body.splitlines())} [{src.id}]")

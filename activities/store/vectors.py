@@ -410,6 +410,42 @@ class VectorStore:
                 return found
             last = max(row["pk"] for row in rows)
 
+    def chunk_rows(self, collection: str, tenant: str, asset_ids: Sequence[str]) -> list[ChunkRow]:
+        """Every chunk row (without its vector) of these assets of one tenant, Strong read,
+        paged by primary key like :meth:`asset_generations`: what the lexical index copies
+        from the rows an encode batch just wrote (activities/store/lexical.py)."""
+        if not asset_ids:
+            return []
+        scope = f"tenant == {literal(tenant)} and {in_list('asset_id', asset_ids)}"
+        fields_ = ["pk", "asset_id", "uri", "media_type", "chunk", "created_at", "tags", "snippet"]
+        found: list[ChunkRow] = []
+        last = ""
+        while True:
+            rows = self.client.query(
+                collection,
+                filter=f"({scope}) and pk > {literal(last)}",
+                output_fields=fields_,
+                limit=GENERATION_PAGE,
+                consistency_level="Strong",
+            )
+            for row in rows:
+                tags = dict(str(t).partition("=")[::2] for t in row.get("tags") or [])
+                found.append(
+                    ChunkRow(
+                        asset_id=row["asset_id"],
+                        tenant=tenant,
+                        uri=row["uri"],
+                        media_type=row["media_type"],
+                        chunk=row["chunk"],
+                        created_at=int(row["created_at"]),
+                        tags=tags,
+                        snippet=row.get("snippet") or "",
+                    )
+                )
+            if len(rows) < GENERATION_PAGE:
+                return found
+            last = max(row["pk"] for row in rows)
+
     # -- reads ------------------------------------------------------------------------
     def count(self, collection: str, tenant: str | None = None, strong: bool = True) -> int:
         expr = f"tenant == {literal(tenant)}" if tenant is not None else ""

@@ -56,6 +56,8 @@ class FusionChunk:
     chunk: str
     caption: str = ""
     snippet: str = ""
+    tags: list[str] = field(default_factory=list)  # the asset's tags, key=value
+    origin: str = ""  # where the text came from: "ocr", "text-layer", ""
 
 
 @dataclass
