@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, PrivateAttr, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -212,6 +213,79 @@ class Settings(BaseSettings):
     max_top_k: int = 100  # AskInput.top_k
     max_answer_tokens: int = 2048  # AskInput.max_answer_tokens (the LLM's max_tokens)
     # -- end of caller limits -------------------------------------------------------------
+
+    # -- Text in media: passages, OCR, captions (issue 15; docs/media.md) --------------------
+    # A PDF page's text (text layer or OCR) is cut into passages of at most passage_tokens
+    # words and punctuation marks, each starting passage_overlap_tokens before the previous
+    # one ended; each is its own chunk "page:N:p:K" (activities/media/passages.py).
+    passage_tokens: int = 60  # CLIP's text tower reads 77 BPE tokens: ~60 words of prose
+    passage_overlap_tokens: int = 15
+    # OCR (Tesseract, Debian's tesseract-ocr: `make test` installs it as root) inside the
+    # decoder sandbox, on PDF pages whose text layer has fewer than ocr_min_text_chars letters
+    # and digits, and on images and video keyframes where a cheap check sees text.
+    ocr_enabled: bool = True  # false: no OCR anywhere (also off when tesseract is missing)
+    ocr_languages: str = "eng"  # Tesseract's -l: installed language packs joined by "+"
+    ocr_min_text_chars: int = 40
+    ocr_max_side: int = 2000  # px, longer side a page/image/frame is read at
+    ocr_time_budget_s: float = 120.0  # OCR per object (a PDF's pages, a video's frames)
+    ocr_page_timeout_s: float = 10.0  # OCR per page, image or frame
+    # Captions (activities/captions.py): an OpenAI-compatible vision model, through the
+    # same client, breaker and endpoint as generation (OPENAI_BASE_URL / OPENAI_API_KEY),
+    # on mmrag-gpu-generate. Empty: no captions. Set it on the cpu worker (which plans and
+    # stores captions) and the generate worker (which asks the model).
+    caption_model: str = ""
+    caption_max_tokens: int = 60  # the caption's length cap (the request's max_tokens)
+    caption_max_side: int = 512  # px, the picture sent to the model (a JPEG data URL)
+    # -- end of text in media settings ---------------------------------------------------------
+
+    # -- Web app and HTTP API (`mmrag serve`, starters/web/; docs/web.md) --------------------
+    web_host: str = "127.0.0.1"
+    web_port: int = 8080
+    # The most a JSON request body may hold (an inline query image is base64: 256 KB -> 342 KB).
+    web_max_body_bytes: int = 1024 * 1024
+    # Uploads (POST /v1/ingest/uploads): the whole request, one file, files per request.
+    web_max_upload_bytes: int = 100 * 1024 * 1024
+    web_max_file_bytes: int = 50 * 1024 * 1024
+    web_max_upload_files: int = 200
+    # Where uploads are stored, one folder per tenant (registered as that tenant's storage
+    # root on the stack's machine). Empty: <state_dir>/uploads.
+    web_upload_dir: str = ""
+    # A client must send its request line and headers, and then its body, each within this
+    # many seconds, or the connection is closed (slow clients hold no server slot for ever).
+    web_request_timeout_s: float = 30.0
+    web_max_connections: int = 256  # open connections; more are answered 503
+    web_ask_timeout_s: float = 120.0  # an Ask not answered by then is 504 and terminated
+    # Lifetime of the workflow credential the server mints for an API key (one per key,
+    # reused until half its life), and how long a verified or revoked key is remembered.
+    web_token_ttl_s: float = 300.0
+    web_key_cache_s: float = 5.0
+    web_preview_cache_items: int = 512  # rendered thumbnails kept in memory
+    web_preview_concurrency: int = 2  # decoder children rendering previews at once
+    # The Temporal Web UI the page links each run to. Empty: the embedded stack's.
+    web_temporal_ui_url: str = ""
+    # -- end of web app settings ------------------------------------------------------------
+
+    # -- Vector index at scale (activities/store/vectors.py IndexConfig; docs/performance.md
+    # "Scale", docs/scaling.md) ------------------------------------------------------------
+    # The ANN index a *new* collection (index version) is built with; existing collections keep
+    # theirs until a Reindex builds a new version. Search parameters apply to every search:
+    # hnsw_ef to HNSW collections (raised to top_k when lower), ivf_nprobe to IVF ones.
+    # Defaults chosen with bench/scale.py (1M clustered 512-d vectors, 2 cores).
+    index_type: Literal["HNSW", "IVF_SQ8", "IVF_PQ", "IVF_FLAT", "FLAT"] = "HNSW"
+    hnsw_m: int = Field(default=16, ge=4, le=64)  # graph degree: memory and recall
+    hnsw_ef_construction: int = Field(default=200, ge=8, le=1024)  # build effort
+    hnsw_ef: int = Field(default=64, ge=1, le=32768)  # search breadth: latency vs recall
+    ivf_nlist: int = Field(default=1024, ge=1, le=65536)  # clusters per segment
+    ivf_nprobe: int = Field(default=32, ge=1, le=65536)  # clusters searched
+    ivf_pq_m: int = Field(default=64, ge=1, le=1024)  # IVF_PQ sub-quantizers; divides the dim
+    ivf_pq_nbits: int = Field(default=8, ge=1, le=16)
+    # New collections make tenant Milvus's partition key (rows hashed over milvus_partitions
+    # partitions by tenant; a search for one tenant reads one partition). Existing collections
+    # keep a plain tenant field; every read filters on tenant either way. Writes stay
+    # delete + insert (upsert with a partition key loses rows on Milvus 2.3.5).
+    tenant_partition_key: bool = True
+    milvus_partitions: int = Field(default=64, ge=1, le=1024)
+    # -- end of vector index settings ---------------------------------------------------------
 
     # -- Hybrid retrieval (activities/store/lexical.py, activities/rag/rerank.py;
     # docs/retrieval.md) -------------------------------------------------------------------

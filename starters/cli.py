@@ -590,6 +590,90 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- web app and API keys (starters/web/, docs/web.md) ---------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The web app and HTTP API; checks what it needs first, so a missing signing key or a
+    stopped stack is one line, not a server that fails its start-up."""
+    from starters.web.app import server
+    from workers.auth import signing_key_from_settings
+    from workers.temporal_client import connect
+
+    settings = get_settings()
+    host, port = args.host or settings.web_host, args.port or settings.web_port
+    if signing_key_from_settings(settings) is None:
+        raise UserError(
+            "mmrag serve mints a workflow credential for each API key: set "
+            "MMRAG_AUTH_SIGNING_KEY_FILE (or run it where `mmrag stack up` created one)"
+        )
+    try:
+        settings.for_database_role("query").database_endpoint()
+    except RuntimeError as e:
+        raise UserError(str(e)) from None
+
+    async def reachable() -> None:
+        await connect(settings, token="")
+
+    run_client_command(reachable())
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    status(f"mmrag web app: http://{host}:{port}/ (API docs: http://{host}:{port}/docs)")
+    srv = server(settings, host, port)
+    srv.run()
+    return 0 if srv.started else 2
+
+
+def cmd_apikey(args: argparse.Namespace) -> int:
+    """API keys of `mmrag serve`, with the database owner's URL (as `mmrag db upgrade`)."""
+    import getpass
+    import uuid
+
+    from sqlalchemy.orm import Session
+
+    from activities.store.registry import AuditRecord, get_engine, write_audit
+    from starters.web.keys import create_key, list_keys, revoke_key
+
+    engine = get_engine(get_settings().database_endpoint())
+    actor = f"{getpass.getuser()} via mmrag apikey"
+
+    def audited(tenant: str, action: str, details: dict[str, str]) -> None:
+        with Session(engine) as session, session.begin():
+            record = AuditRecord(
+                tenant, action, f"apikey/{uuid.uuid4().hex}", actor=actor, details=details
+            )
+            write_audit(session, [record])
+
+    if args.action == "create":
+        if not args.tenant_given:
+            raise UserError("apikey create needs --tenant (a key reaches that tenant only)")
+        try:
+            key, secret = create_key(engine, args.tenant, args.role, args.name)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        audited(key.tenant, "apikey_created", {"key_id": key.key_id, "role": key.role})
+        status(f"API key {key.key_id}: {key.role} of tenant {key.tenant}; shown once, keep it")
+        print(secret)
+    elif args.action == "list":
+        for row in list_keys(engine, args.tenant if args.tenant_given else ""):
+            state = f"revoked {row.revoked_at:%Y-%m-%d}" if row.revoked_at else "live"
+            console.print(
+                f"{row.key_id}  {row.role:6}  {row.tenant}  {state}  {row.name}",
+                highlight=False,
+                markup=False,
+            )
+    else:
+        if not args.key_id:
+            raise UserError("apikey revoke needs the key's id (`mmrag apikey list` shows them)")
+        rows = {r.key_id: r for r in list_keys(engine)}
+        if not revoke_key(engine, args.key_id):
+            raise UserError(f"no live API key {args.key_id[:20]!r}: see `mmrag apikey list`")
+        revoked = next(
+            (r for k, r in rows.items() if args.key_id.startswith(("mmrag_" + k, k))), None
+        )
+        if revoked is not None:
+            audited(revoked.tenant, "apikey_revoked", {"key_id": revoked.key_id})
+        status("revoked; servers stop accepting it within MMRAG_WEB_KEY_CACHE_S")
+    return 0
+
+
 # -- db -------------------------------------------------------------------------------
 def cmd_db(args: argparse.Namespace) -> int:
     """Migrations as the owner, then each worker login's password from the environment
@@ -956,6 +1040,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subject", default="", help="who it is for; audit rows of refusals name it")
     p.add_argument("--dir", default="", help="keygen: key directory (default: state_dir/auth)")
     p.set_defaults(func=cmd_token)
+
+    p = _verb(
+        sub,
+        "serve",
+        "the web app and HTTP API (search page, /v1, OpenAPI at /docs)",
+        "Starts every ask, ingest and forget as a workflow with a credential minted for the "
+        "caller's API key (`mmrag apikey create`). Settings MMRAG_WEB_* (docs/web.md).",
+    )
+    p.add_argument("--host", default=None, help="(default MMRAG_WEB_HOST, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="(default MMRAG_WEB_PORT, 8080)")
+    p.set_defaults(func=cmd_serve)
+
+    p = _verb(
+        sub,
+        "apikey",
+        "API keys of `mmrag serve`: create, list, revoke",
+        "A key maps to one tenant and one role (reader: ask, browse, previews; writer: + "
+        "ingest, forget). Only a digest is stored; `create` prints the key once. Uses the "
+        "database owner's URL (MMRAG_DATABASE_URL or the local stack's).",
+    )
+    p.add_argument("action", choices=["create", "list", "revoke"])
+    p.add_argument("key_id", nargs="?", default="", help="revoke: the key's id (or the key)")
+    _tenant_option(p, "create: the key's tenant; list: only this tenant's keys")
+    p.add_argument("--role", choices=["reader", "writer"], default="reader")
+    p.add_argument("--name", default="", help="create: what the key is for")
+    p.set_defaults(func=cmd_apikey)
 
     p = _verb(
         sub,

@@ -9,6 +9,9 @@ import json
 import os
 import random
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -215,3 +218,82 @@ async def client(test_stack: ServerStack) -> Client:
 def tenant(request: pytest.FixtureRequest) -> str:
     """A fresh tenant per test: tests share the servers, never each other's data."""
     return f"t-{request.node.name[:20].replace('[', '-').replace(']', '')}-{uuid.uuid4().hex[:6]}"
+
+
+# -- the web app (`mmrag serve`): tests/test_web_api.py, tests/test_web_browser.py ------------
+# Small limits, so the tests can cross them with small files; a short key cache, so a revoked
+# key is refused within the test; a short request deadline, for the slow-client tests.
+WEB_ENV = {
+    "MMRAG_WEB_MAX_BODY_BYTES": str(512 * 1024),
+    "MMRAG_WEB_MAX_UPLOAD_BYTES": str(3_000_000),
+    "MMRAG_WEB_MAX_FILE_BYTES": str(1_000_000),
+    "MMRAG_WEB_REQUEST_TIMEOUT_S": "3",
+    "MMRAG_WEB_KEY_CACHE_S": "0.5",
+}
+
+
+@dataclass
+class WebServer:
+    """A `mmrag serve` process on a free loopback port, stopped by its pid."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    @classmethod
+    def start(cls, test_stack: ServerStack, timeout: float = 60) -> WebServer:
+        import time
+        import urllib.request
+
+        port = free_port()
+        log_path = test_stack.state_dir / "logs" / f"web-{uuid.uuid4().hex[:6]}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "starters.cli", "serve", "--port", str(port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**test_stack.env, **WEB_ENV},
+                start_new_session=True,
+            )
+        server = cls(proc, f"http://127.0.0.1:{port}", log_path)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(server.url + "/v1/openapi.json", timeout=2):
+                    return server
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    server.stop()
+                    raise RuntimeError(f"mmrag serve did not start:\n{server.log()}") from None
+                time.sleep(0.2)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def web(test_stack: ServerStack, worker: Workers) -> Iterator[WebServer]:
+    server = WebServer.start(test_stack)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def make_api_key(tenant: str, role: str = "writer") -> str:
+    """A new API key of ``tenant`` (as `mmrag apikey create` makes one, with the owner's URL)."""
+    from activities.store.registry import get_engine
+    from settings import get_settings
+    from starters.web.keys import create_key
+
+    return create_key(get_engine(get_settings().database_endpoint()), tenant, role)[1]

@@ -3,12 +3,13 @@
 Rows are keyed deterministically (``<asset_id>:<chunk>``) and written by
 delete-then-insert per asset, so a re-run leaves the same rows, an object whose chunk
 count changed leaves no stale chunks, and Milvus 2.3's partition-key + upsert bug (see
-docs/architecture.md) cannot bite: tenant is a plain scalar field that every read filters on.
+docs/architecture.md) cannot bite. New collections make tenant the partition key
+(``IndexConfig``); older ones keep it a plain scalar field; every read filters on it.
 
 Filters are compiled from structured values with escaped literals (``literal``), never
 taken as expression strings from a caller.
 
-One module of ~520 lines: every Milvus call goes through :class:`VectorStore` and its
+One module of ~600 lines: every Milvus call goes through :class:`VectorStore` and its
 guarded client, so access errors, consistency levels and filters are decided once.
 """
 
@@ -26,6 +27,7 @@ import numpy as np
 from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
+from settings import Settings, get_settings
 from workflows.contracts import AskFilters, IndexTarget
 from workflows.limits import MAX_TAG_BYTES, MAX_TAGS, filters_problem, tags_problem
 
@@ -81,6 +83,81 @@ def stored_tags(tags: dict[str, str]) -> list[str]:
     if problem:
         raise ValueError(problem)
     return [tag_value(k, v) for k, v in sorted(tags.items())]
+
+
+class IndexSettingsError(ValueError):
+    """Index settings Milvus cannot build for this collection; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """The ANN index new collections get, and the search parameters every search sends.
+
+    Built from the ``MMRAG_INDEX_TYPE`` / ``MMRAG_HNSW_*`` / ``MMRAG_IVF_*`` settings; the
+    defaults come from bench/scale.py (docs/performance.md, "Scale"). Searches send both
+    ``ef`` and ``nprobe``: Milvus reads the one its index uses and ignores the other, so an
+    alias moved to a version with another index type needs no extra lookup.
+    """
+
+    index_type: str = "HNSW"
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 200
+    hnsw_ef: int = 64
+    ivf_nlist: int = 1024
+    ivf_nprobe: int = 32
+    ivf_pq_m: int = 64
+    ivf_pq_nbits: int = 8
+    partition_key: bool = True
+    partitions: int = 64
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> IndexConfig:
+        return cls(
+            index_type=s.index_type,
+            hnsw_m=s.hnsw_m,
+            hnsw_ef_construction=s.hnsw_ef_construction,
+            hnsw_ef=s.hnsw_ef,
+            ivf_nlist=s.ivf_nlist,
+            ivf_nprobe=s.ivf_nprobe,
+            ivf_pq_m=s.ivf_pq_m,
+            ivf_pq_nbits=s.ivf_pq_nbits,
+            partition_key=s.tenant_partition_key,
+            partitions=s.milvus_partitions,
+        )
+
+    def build_params(self, dim: int) -> dict[str, int]:
+        """The index's build parameters for vectors of ``dim``."""
+        if self.index_type == "HNSW":
+            return {"M": self.hnsw_m, "efConstruction": self.hnsw_ef_construction}
+        if self.index_type in ("IVF_SQ8", "IVF_FLAT"):
+            return {"nlist": self.ivf_nlist}
+        if self.index_type == "IVF_PQ":
+            if dim % self.ivf_pq_m:
+                raise IndexSettingsError(
+                    f"MMRAG_IVF_PQ_M={self.ivf_pq_m} must divide the vector dimension {dim}"
+                )
+            return {"nlist": self.ivf_nlist, "m": self.ivf_pq_m, "nbits": self.ivf_pq_nbits}
+        if self.index_type == "FLAT":
+            return {}
+        raise IndexSettingsError(
+            f"MMRAG_INDEX_TYPE={self.index_type!r} is not one of HNSW, IVF_SQ8, IVF_PQ, "
+            "IVF_FLAT, FLAT"
+        )
+
+    def add_to(self, index: Any, dim: int) -> None:
+        """Add the vector field's index to pymilvus ``IndexParams``."""
+        index.add_index(
+            field_name="vector",
+            index_type=self.index_type,
+            metric_type="COSINE",
+            params=self.build_params(dim),
+        )
+
+    def search_params(self, top_k: int) -> dict[str, object]:
+        return {
+            "metric_type": "COSINE",
+            "params": {"ef": max(self.hnsw_ef, top_k), "nprobe": self.ivf_nprobe},
+        }
 
 
 class VectorStoreError(RuntimeError):
@@ -211,8 +288,9 @@ def guarded_client(uri: str, token: str = "") -> Any:
 class VectorStore:
     """A thin, typed facade over ``MilvusClient`` for the calls mmrag makes."""
 
-    def __init__(self, uri: str, token: str = "") -> None:
+    def __init__(self, uri: str, token: str = "", index: IndexConfig | None = None) -> None:
         self.client: Any = guarded_client(uri, token)
+        self.index = index or IndexConfig.from_settings(get_settings())
         self._lock = threading.Lock()
         self._fields: dict[str, frozenset[str]] = {}
 
@@ -238,7 +316,14 @@ class VectorStore:
             )
             schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=128)
             schema.add_field("asset_id", DataType.VARCHAR, max_length=64)
-            schema.add_field("tenant", DataType.VARCHAR, max_length=128)
+            # Partition key (new collections; MMRAG_TENANT_PARTITION_KEY): a search filtered
+            # on one tenant reads that tenant's partition only.
+            schema.add_field(
+                "tenant",
+                DataType.VARCHAR,
+                max_length=128,
+                is_partition_key=self.index.partition_key,
+            )
             schema.add_field("uri", DataType.VARCHAR, max_length=MAX_URI)
             schema.add_field("media_type", DataType.VARCHAR, max_length=64)
             schema.add_field("chunk", DataType.VARCHAR, max_length=64)
@@ -254,13 +339,14 @@ class VectorStore:
             schema.add_field("generation", DataType.VARCHAR, max_length=128)
             schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
             index = self.client.prepare_index_params()
-            index.add_index(
-                field_name="vector",
-                index_type="HNSW",
-                metric_type="COSINE",
-                params={"M": 16, "efConstruction": 200},
+            self.index.add_to(index, dim)
+            partitions = {"num_partitions": self.index.partitions}
+            self.client.create_collection(
+                name,
+                schema=schema,
+                index_params=index,
+                **(partitions if self.index.partition_key else {}),
             )
-            self.client.create_collection(name, schema=schema, index_params=index)
             self.client.load_collection(name)
 
     def point_alias(self, alias: str, collection: str) -> None:
@@ -359,6 +445,39 @@ class VectorStore:
         )
         if rows:
             self.client.delete(collection, ids=[r["pk"] for r in rows])
+
+    def retag_assets(
+        self, collection: str, tenant: str, asset_ids: Sequence[str], tags: dict[str, str]
+    ) -> set[str]:
+        """Rewrite these assets' rows with ``tags``, vectors and all else as stored (an
+        unchanged object ingested again with other tags is not re-encoded); returns the
+        asset ids that had rows. Delete then insert by primary key, a page at a time, never
+        upsert (see the module docstring); a retry rewrites the same rows."""
+        if not asset_ids:
+            return set()
+        scope = f"tenant == {literal(tenant)} and {in_list('asset_id', asset_ids)}"
+        known = sorted(self.fields_of(collection))
+        found: set[str] = set()
+        last = ""
+        while True:
+            rows = self.client.query(
+                collection,
+                filter=f"({scope}) and pk > {literal(last)}",
+                output_fields=known,
+                limit=GENERATION_PAGE,
+                consistency_level="Strong",
+            )
+            if not rows:
+                return found
+            data = [{k: row[k] for k in known if k in row} for row in rows]
+            for row in data:
+                row["tags"] = stored_tags(tags)
+                found.add(str(row["asset_id"]))
+            self.client.delete(collection, ids=[row["pk"] for row in data])
+            self.client.insert(collection, data)
+            if len(rows) < GENERATION_PAGE:
+                return found
+            last = max(str(row["pk"]) for row in rows)
 
     def drop(self, collection: str) -> None:
         with self._lock:
@@ -494,7 +613,7 @@ class VectorStore:
                 "tags",
                 "snippet",
             ],
-            search_params={"metric_type": "COSINE", "params": {"ef": max(64, top_k)}},
+            search_params=self.index.search_params(top_k),
             consistency_level="Strong" if strong else "Bounded",
         )
         out = []
