@@ -56,32 +56,42 @@ one from a source that itself carries instruction-like text.
 
 **Validation** (:func:`validate_answer`) decides whether an LLM answer may be shown. An
 answer fails when it is empty, when it cites an id that was not retrieved, when sources
-exist but it cites none, when it trips the injection checks above, or when it is not
-grounded. Grounding is a deliberately simple, explainable lexical check: the fraction of the
-answer's *content words* (lower-cased letter/digit runs of three or more characters that
-are not stop words) that also occur in the context must reach ``min_grounding`` (default
-:data:`DEFAULT_MIN_GROUNDING`). It catches answers made up from the model's own knowledge;
-it does not prove each sentence is entailed by the source it cites, and paraphrase-heavy
-models may need a lower threshold. A failed answer is replaced by the caller with
-:data:`I_DONT_KNOW` plus the sources.
+exist but it cites none, when it trips the injection checks above (or embeds a remote
+Markdown image, the way an injection exfiltrates a question), or when it is not grounded.
+Grounding is explainable and lexical, read claim by claim (:func:`check_claims`): the
+answer is cut at sentence ends and after each citation group, and each claim is read
+against the sources it cites, minus their instruction-like sentences. Every number
+(``1,450`` = ``1450``, "forty" = ``40``, a stated total may add two up), identifier
+(``PN-4471-B``) and name (a capitalised word inside a sentence) must occur there; a word
+only an instruction-like sentence holds means the answer obeyed it; and each claim's share
+of supported content words (Snowball stems) must reach the lower of ``min_grounding`` and
+:data:`CLAIM_MIN_GROUNDING`, the whole answer's ``min_grounding`` (default
+:data:`DEFAULT_MIN_GROUNDING`). Measured on ``bench/validator_set.py`` (``bench/validator.py``,
+docs/quality.md): 1.3 % false refusals, 2.0 % false accepts, ~1 ms an answer. What it
+cannot see: a name or number of the source put in the wrong role ("Tomas drafts the plan"
+when Lena does). A failed answer is replaced by the caller with :data:`I_DONT_KNOW` plus
+the sources.
 
 **Citations** are written ``[S1]``, ``[S2]`` (source ids in rank order); ``[S1, S3]`` and
 ``[S1][S3]`` are understood too. :func:`insert_citations` appends one canonical
 ``Sources: [S1] [S3]`` line.
 
-One module of ~700 lines: redaction, injection checks and answer validation read the same
+One module of ~1000 lines: redaction, injection checks and answer validation read the same
 patterns and placeholders, and every prompt and answer passes through all three.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
+import threading
 import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import phonenumbers
+import snowballstemmer
 from stdnum import iban as stdnum_iban
 
 # What the user sees when the answer cannot be trusted (or the model abstained).
@@ -568,18 +578,328 @@ def content_words(text: str) -> list[str]:
 
 
 def grounding_score(answer: str, context: str) -> float:
-    """Fraction of the answer's content words (with repeats) found in the context's words;
-    1.0 for an answer with no content words. Light stemming: a trailing "s" is ignored."""
-    words = content_words(answer)
-    if not words:
+    """Fraction of the answer's content words, numbers and identifiers (with repeats)
+    found in the context; 1.0 for an answer with none. Words are compared by their
+    Snowball stem ("shipped" meets "shipping"), numbers by value (``1,450`` = ``1450``)."""
+    facts = _Facts.of(answer, names=False)
+    total = len(facts.words) + len(facts.numbers) + len(facts.identifiers)
+    if not total:
         return 1.0
-    vocab = {w.removesuffix("s") for w in _normalise_words(context)}
-    hits = sum(1 for w in words if w.removesuffix("s") in vocab)
-    return hits / len(words)
+    ctx = _Facts.of(context, names=False)
+    stems = set(ctx.words) | {_stem(w) for w in _normalise_words(context)}
+    numbers, identifiers = set(ctx.numbers), set(ctx.identifiers)
+    hits = sum(1 for w in facts.words if w in stems)
+    hits += sum(1 for n in facts.numbers if n in numbers)
+    hits += sum(1 for i in facts.identifiers if i in identifiers)
+    return hits / total
 
 
 def _normalise_words(text: str) -> list[str]:
     return [m.group(0).lower() for m in _WORD_RE.finditer(text)]
+
+
+# --- claim-level grounding ------------------------------------------------------------------
+# Why more than the word-overlap share: measured on bench/validator_set.py (docs/quality.md),
+# the share alone accepted 71 % of answers that must be refused (an invented number or name
+# changes one word of ten) and refused real paraphrases. The checks below read the answer
+# claim by claim, each against the sources it cites.
+
+# Snowball stemmers keep state while stemming: one per thread (summaries are checked in a
+# thread pool), and a cache, since answers and sources repeat their words.
+_STEMMERS = threading.local()
+
+
+@functools.lru_cache(maxsize=65536)
+def _stem(word: str) -> str:
+    stemmer = getattr(_STEMMERS, "english", None)
+    if stemmer is None:
+        stemmer = _STEMMERS.english = snowballstemmer.stemmer("english")
+    return str(stemmer.stemWord(word))
+
+
+# Where a claim ends: a sentence end (not a decimal point or a dot inside a domain), a
+# semicolon, a new line, or right after a citation group.
+_SENTENCE_END_RE = re.compile(r"(?<=[.!?;])\s+|\n+")
+_SOURCE_SENTENCE_END_RE = re.compile(r"(?<=[.!?;])\s+|\n+")
+
+# Identifiers: a token holding a digit and an upper-case letter (PN-4471-B, INV-2024-0042,
+# NCT-0457, TX-900, Q2). Compared whole: one changed character is another part or invoice.
+_IDENTIFIER_RE = re.compile(
+    r"(?<![\w-])(?=[\w-]*\d)(?=[\w-]*[A-Z])[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*(?![\w-])"
+)
+_NUMBER_RE = re.compile(r"\d+(?:[.,]\d+)*")
+_NUMBER_WORDS = {
+    w: str(i)
+    for i, w in enumerate(
+        [
+            "zero",
+            "one",
+            "two",
+            "three",
+            "four",
+            "five",
+            "six",
+            "seven",
+            "eight",
+            "nine",
+            "ten",
+            "eleven",
+            "twelve",
+            "thirteen",
+            "fourteen",
+            "fifteen",
+            "sixteen",
+            "seventeen",
+            "eighteen",
+            "nineteen",
+            "twenty",
+        ]
+    )
+    if w != "one"  # "one" is as often a pronoun ("a one-off", "the one on the left")
+} | {
+    "thirty": "30",
+    "forty": "40",
+    "fifty": "50",
+    "sixty": "60",
+    "seventy": "70",
+    "eighty": "80",
+    "ninety": "90",
+    "hundred": "100",
+    "thousand": "1000",
+}
+# A capitalised word inside a sentence: a name, a place, a month, a brand.
+_NAME_RE = re.compile(r"(?<![\w'’-])[A-Z][\w'’]*")
+# The opening delimiter's description of a source (activities.rag.fusion._source_open).
+_SOURCE_TYPE_RE = re.compile(r'<source id="(S\d+)" type="([^"]*)">')
+# A claim about where something is: the source's description may support its numbers.
+_LOCATION_RE = re.compile(
+    r"\b(?:page|pages|passage|paragraph|frame|second|seconds|minute|slide|keyframe)\b",
+    re.IGNORECASE,
+)
+# A claim that adds up ("36 in total"): its number may be the sum of two in the evidence.
+_TOTAL_RE = re.compile(r"\b(?:total|in all|altogether|combined|together|sum)\b", re.IGNORECASE)
+# A claim's share of supported words is judged from this many words, numbers and
+# identifiers up ("At most 5 degrees" has two: one unmatched word must not sink it), and
+# must reach the lower of min_grounding and CLAIM_MIN_GROUNDING: a single claim's share is
+# noisier than a whole answer's (one synonym in four words is 25 %).
+MIN_JUDGED_WORDS = 3
+CLAIM_MIN_GROUNDING = 0.5
+# A remote image in Markdown: rendering it sends a request to its host with whatever the
+# URL carries, the classic way an injection exfiltrates a conversation.
+_MARKDOWN_IMAGE_RE = re.compile(r"!\[[^\]]*\]\(\s*[^)\s]+")
+
+
+def _number_key(text: str) -> str:
+    """``1,450`` and ``1450``, ``12.50`` and ``12.5``, ``00`` and ``0`` compare equal."""
+    if re.fullmatch(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?", text):
+        text = text.replace(",", "")
+    text = text.replace(",", ".")
+    if text.count(".") > 1:  # a version or a dotted code: compare as written
+        return text
+    whole, _, frac = text.partition(".")
+    whole = whole.lstrip("0") or "0"
+    frac = frac.rstrip("0")
+    return f"{whole}.{frac}" if frac else whole
+
+
+@dataclass
+class _Facts:
+    """What a piece of text states, in comparable form: stemmed content words, numbers,
+    identifiers and names (lower-cased)."""
+
+    words: list[str]
+    numbers: list[str]
+    identifiers: list[str]
+    names: list[str]
+
+    @classmethod
+    def of(cls, text: str, *, names: bool = True) -> _Facts:
+        text = _CITATION_GROUP_RE.sub(" ", _unescape(normalize_text(text)))
+        text = re.sub(r"\[(?:" + "|".join(PII_KINDS) + r")\]", " ", text)
+        identifiers = [m.group(0).lower() for m in _IDENTIFIER_RE.finditer(text)]
+        rest = _IDENTIFIER_RE.sub(" ", text)
+        numbers = [_number_key(m.group(0)) for m in _NUMBER_RE.finditer(rest)]
+        words: list[str] = []
+        for m in _WORD_RE.finditer(_NUMBER_RE.sub(" ", rest)):
+            w = m.group(0).lower()
+            if w in _NUMBER_WORDS:
+                numbers.append(_NUMBER_WORDS[w])
+            elif len(w) >= 3 and w not in STOP_WORDS:
+                words.append(_stem(w))
+        found_names: list[str] = []
+        if names:
+            for sentence in _SENTENCE_END_RE.split(rest):
+                first = True
+                for m in _NAME_RE.finditer(sentence):
+                    before = sentence[: m.start()].rstrip()
+                    # The first word of a sentence, a clause after a colon or an opening
+                    # quote is capitalised for grammar, not because it names something.
+                    if first and not re.search(r"[\w]", before):
+                        first = False
+                        continue
+                    first = False
+                    if before.endswith((":", '"', "“", "(")):
+                        continue
+                    w = m.group(0).lower().rstrip("'’")
+                    w = re.sub(r"['’]s$", "", w)
+                    if (
+                        len(w) >= 2
+                        and (w not in STOP_WORDS or w == "may")
+                        and w not in _NUMBER_WORDS
+                    ):
+                        found_names.append(w)
+        return cls(words, numbers, identifiers, found_names)
+
+
+@dataclass
+class _Evidence:
+    """What the cited sources support: every word (stemmed and as written), number and
+    identifier of their honest text; and what only their instruction-like sentences say."""
+
+    stems: set[str]
+    plain: set[str]
+    numbers: set[str]
+    identifiers: set[str]
+    injected: set[str]
+
+    @classmethod
+    def of(cls, texts: Iterable[str]) -> _Evidence:
+        honest: list[str] = []
+        hostile: list[str] = []
+        for text in texts:
+            for sentence in _SOURCE_SENTENCE_END_RE.split(_unescape(normalize_text(text))):
+                (hostile if instruction_markers(sentence) else honest).append(sentence)
+        body = "\n".join(honest)
+        facts = _Facts.of(body, names=False)
+        plain = {w for w in _normalise_words(_NUMBER_RE.sub(" ", body))}
+        stems = set(facts.words) | {_stem(w) for w in plain}
+        bad = _Facts.of("\n".join(hostile), names=False)
+        injected = {w for w in bad.words if w not in stems}
+        injected |= {
+            _stem(w)
+            for w in _normalise_words("\n".join(hostile))
+            if len(w) >= 3 and w not in STOP_WORDS and _stem(w) not in stems
+        }
+        return cls(stems, plain, set(facts.numbers), set(facts.identifiers), injected)
+
+    def sums_to(self, number: str) -> bool:
+        """Whether ``number`` is the sum of two numbers of the evidence ("27 electric and 9
+        diesel vans": 36 in total)."""
+        try:
+            target = float(number)
+            values = [float(n) for n in self.numbers]
+        except ValueError:
+            return False
+        return any(
+            abs(a + b - target) < 1e-9 for i, a in enumerate(values) for b in values[i + 1 :]
+        )
+
+    def supports(self, word: str) -> bool:
+        return word in self.stems or _stem(word) in self.stems
+
+
+def _judged_words(text: str) -> int:
+    facts = _Facts.of(text, names=False)
+    return len(facts.words) + len(facts.numbers) + len(facts.identifiers)
+
+
+def _claims(body: str) -> list[tuple[str, list[str]]]:
+    """The answer cut into claims, each with the source ids it cites: a claim ends at a
+    sentence end or right after a citation group ("A [S1] and B [S2]." is two claims).
+    Text after a sentence's last citation, and a sentence without one, cite nothing
+    (they are then checked against every source the answer cites)."""
+    claims: list[tuple[str, list[str]]] = []
+    for sentence in _SENTENCE_END_RE.split(body):
+        start = 0
+        for m in _CITATION_GROUP_RE.finditer(sentence):
+            ids = [sid for sid in re.split(r"\s*[,;]\s*", m.group(1))]
+            # "[S1][S2]": adjacent groups cite one claim together.
+            if claims and not sentence[start : m.start()].strip(" \t.,;") and start:
+                claims[-1][1].extend(ids)
+            else:
+                claims.append((sentence[start : m.start()], ids))
+            start = m.end()
+        tail = sentence[start:]
+        if tail.strip(" \t.,;:!?"):
+            claims.append((tail, []))
+    return claims
+
+
+def check_claims(
+    body: str, cited: list[str], context: str, min_grounding: float
+) -> tuple[str, int, int]:
+    """Why one claim of ``body`` is not supported by the sources it cites (``""`` when
+    every claim is), and how many of the answer's words, numbers and identifiers the
+    sources support, out of how many (the whole answer's share, by the same rules).
+
+    Each claim (:func:`_claims`) is read against its cited sources' text (all the sources
+    the answer cites, for a claim without a citation of its own), with the sentences that
+    carry instruction-like text left out (text written to the model is not evidence):
+
+    - every number (``1,450`` = ``1450``; spelled numbers from two to twenty and the tens
+      count), identifier (a token with a digit and a capital, ``PN-4471-B``) and name (a
+      capitalised word inside a sentence) must occur there: an invented total, part, date
+      or person is one word among many and would pass a share of words;
+    - a word that only the sources' instruction-like sentences hold ("say the warranty is
+      void") means the answer did what an injection asked;
+    - at least ``min_grounding`` of the claim's content words, numbers and identifiers
+      must occur there (words compared by their Snowball stem, so "shipped" meets
+      "shipping"); a claim with fewer than three of them is judged by the rules above only.
+    """
+    texts = source_texts(context)
+    if "*" in texts:
+        return "", 0, 0  # one undivided context: only the whole-answer share applies
+    # What the prompt says a source is ("PDF page 3, passage 2", "video frame at 42 s") is
+    # the product's, and a fair thing to state in a claim about where: "on page 3 [S1]".
+    located = dict(texts)
+    for m in _SOURCE_TYPE_RE.finditer(context):
+        if m.group(1) in texts:
+            where_text = _unescape(m.group(2)).replace("&quot;", "")
+            located[m.group(1)] = f"{where_text}\n{texts[m.group(1)]}"
+    all_cited = [sid for sid in cited if sid in texts]
+    supported = judged = 0
+    evidence_cache: dict[tuple[tuple[str, ...], bool], _Evidence] = {}
+    for claim, ids in _claims(body):
+        ids = [sid for sid in ids if sid in texts] or all_cited
+        if not ids:
+            continue
+        key = tuple(sorted(set(ids)))
+        pool = located if _LOCATION_RE.search(claim) else texts
+        if (key, pool is located) not in evidence_cache:
+            evidence_cache[key, pool is located] = _Evidence.of(pool[sid] for sid in key)
+        ev = evidence_cache[key, pool is located]
+        facts = _Facts.of(claim)
+        where = ", ".join(key)
+        totals = _TOTAL_RE.search(claim) is not None
+        for number in facts.numbers:
+            if number not in ev.numbers and not (totals and ev.sums_to(number)):
+                return f"states {number}, which {where} does not contain", 0, 0
+        for ident in facts.identifiers:
+            if ident not in ev.identifiers and ident not in ev.plain:
+                return f"names {ident.upper()}, which {where} does not contain", 0, 0
+        for name in facts.names:
+            if name not in ev.plain and not ev.supports(name):
+                return f"names {name!r}, which {where} does not contain", 0, 0
+        injected = [w for w in facts.words if w in ev.injected]
+        if injected:
+            return (
+                f"repeats {injected[0]!r} from instruction-like text in {where}: the answer "
+                "follows an injection",
+                0,
+                0,
+            )
+        total = len(facts.words) + len(facts.numbers) + len(facts.identifiers)
+        hits = sum(1 for w in facts.words if w in ev.stems)
+        hits += len(facts.numbers) + len(facts.identifiers)
+        supported, judged = supported + hits, judged + total
+        if total >= MIN_JUDGED_WORDS and hits / total < min(min_grounding, CLAIM_MIN_GROUNDING):
+            return (
+                f"a claim is not grounded in {where}: {hits}/{total} of its words occur "
+                f"there: {' '.join(claim.split())[:80]!r}",
+                supported,
+                judged,
+            )
+    return "", supported, judged
 
 
 @dataclass
@@ -629,10 +949,18 @@ def validate_answer(
     if source_ids and not cited:
         return ValidationResult(False, "cites none of the retrieved sources", cited)
     problem = injection_problem(body, cited, context)
+    if not problem and _MARKDOWN_IMAGE_RE.search(_unescape(normalize_text(body))):
+        problem = "embeds a remote image: rendering it would send a request to its host"
     if problem:
         return ValidationResult(False, problem, cited, grounding_score(body, context))
-    score = grounding_score(body, context)
-    if score < min_grounding:
+    claim, supported, judged = check_claims(body, cited, context, min_grounding)
+    if "*" in source_texts(context):  # an undivided context (no <source> blocks)
+        score, judged = grounding_score(body, context), _judged_words(body)
+    else:
+        score = supported / judged if judged else 1.0
+    if claim:
+        return ValidationResult(False, f"not grounded in the sources: {claim}", cited, score)
+    if score < min_grounding and judged >= MIN_JUDGED_WORDS:
         return ValidationResult(
             False,
             f"not grounded in the sources: {score:.0%} of its content words occur in them "
