@@ -12,6 +12,7 @@ text), never a file name dressed as a caption.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from starters.ingest import start_ingest
 from starters.lifecycle import start_forget
 from starters.synthetic_corpus import PdfPage, write_pdf
 from tests.conftest import Workers
-from tests.helpers import engine, milvus_pks, png_bytes, wait_searchable
+from tests.helpers import collection, engine, milvus_pks, png_bytes, store, wait_searchable
 from tests.llm_server import LlmTestServer, user_text
 from workflows.contracts import (
     ASK_WORKFLOW,
@@ -339,5 +340,9 @@ async def test_forget_removes_lexical_entries(
     await asyncio.wait_for(handle.result(), timeout=120)
     assert _rows(tenant, asset_id) == 0
     assert _lexical(tenant, "locker 7781 torque wrench") == []
+    deadline = time.monotonic() + 15  # Asks read Milvus with Bounded consistency
+    while store().count(collection(), tenant, strong=False):
+        assert time.monotonic() < deadline, "the forgotten vectors are still searchable"
+        await asyncio.sleep(0.2)
     result = await _ask(client, tenant, "Which locker holds the torque wrench?", generate=False)
     assert asset_id not in {s.asset_id for s in result.sources}
