@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from temporalio.client import Client
 
 from activities.rag.fusion import SourceChunk, fuse_prompt
+from activities.rag.rerank import DENSE, LEXICAL, SearchHit, fuse_rrf, rerank
 from activities.store import lexical
 from starters.ingest import start_ingest
 from starters.lifecycle import start_forget
@@ -346,3 +347,32 @@ async def test_forget_removes_lexical_entries(
         await asyncio.sleep(0.2)
     result = await _ask(client, tenant, "Which locker holds the torque wrench?", generate=False)
     assert asset_id not in {s.asset_id for s in result.sources}
+
+
+# --- fusion and re-ranking (pure) ------------------------------------------------------------
+
+
+def _hit(chunk: str, **kw: object) -> SearchHit:
+    return SearchHit("a", chunk, f"file:///x/{chunk}.png", "image/png", **kw)  # type: ignore[arg-type]
+
+
+def test_fusion_keeps_what_one_leg_finds_and_weights_each_leg() -> None:
+    dense = [_hit("d1", dense_score=0.9), _hit("both", dense_score=0.5)]
+    lexical_hits = [_hit("both", lexical_score=3.0, snippet="words"), _hit("l1", lexical_score=2.0)]
+    fused = fuse_rrf({DENSE: dense, LEXICAL: lexical_hits}, {DENSE: 1.0, LEXICAL: 1.0}, 60)
+    assert [h.chunk for h in fused] == ["both", "d1", "l1"]  # found by both legs first
+    both = fused[0]
+    assert (both.dense_score, both.lexical_score, both.snippet) == (0.5, 3.0, "words")
+    assert both.score == pytest.approx(1 / 62 + 1 / 61)
+    muted = fuse_rrf({DENSE: dense, LEXICAL: lexical_hits}, {DENSE: 1.0, LEXICAL: 0.0}, 60)
+    assert [h.chunk for h in muted][:2] == ["d1", "both"]  # the lexical weight 0: dense order
+
+
+def test_rerank_reads_a_chunks_words_never_its_file_name() -> None:
+    named = SearchHit("a", "image", "file:///x/red-circle.png", "image/png", score=1.0)
+    tagged = SearchHit("b", "image", "file:///x/IMG_1.png", "image/png", score=0.9)
+    tagged.tags = ["colour=red", "shape=circle"]
+    captioned = SearchHit("c", "image", "file:///x/IMG_2.png", "image/png", score=0.8)
+    captioned.caption = "A red circle on grey"
+    ranked = rerank("a red circle", [named, tagged, captioned])
+    assert [h.asset_id for h in ranked] == ["b", "c", "a"]
