@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/mmrag demo
 
+# scripts/apt-deps.sh: the Debian packages tests need (as root it installs them; otherwise
+# it prints the apt-get command and stops).
 test: $(STAMP)
+	sh scripts/apt-deps.sh
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 lint: $(STAMP)

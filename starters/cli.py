@@ -1063,7 +1063,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["create", "list", "revoke"])
     p.add_argument("key_id", nargs="?", default="", help="revoke: the key's id (or the key)")
     _tenant_option(p, "create: the key's tenant; list: only this tenant's keys")
-    p.add_argument("--role", choices=["reader", "writer"], default="reader")
+    p.add_argument("--role", default="reader", help="create: reader (default) or writer")
     p.add_argument("--name", default="", help="create: what the key is for")
     p.set_defaults(func=cmd_apikey)
 

@@ -1,0 +1,31 @@
+#!/bin/sh
+# Debian packages the test suite needs, installed by `make test` (before pytest runs).
+# As root (CI runs as root) they are installed with apt-get; otherwise the exact command is
+# printed and make stops: no test is skipped for want of a package.
+# One list for every helper's needs: add a package with a comment saying which test uses it.
+set -eu
+
+PACKAGES="
+chromium
+chromium-driver
+"
+# chromium, chromium-driver: tests/test_web_browser.py (headless Chromium via selenium)
+
+missing=""
+for pkg in $PACKAGES; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+        missing="$missing $pkg"
+    fi
+done
+[ -z "$missing" ] && exit 0
+
+command="apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends$missing"
+if [ "$(id -u)" -eq 0 ]; then
+    echo "installing Debian packages the tests need:$missing"
+    sh -c "$command"
+else
+    echo "the tests need Debian packages that are not installed:$missing" >&2
+    echo "install them as root, then run make test again:" >&2
+    echo "  sudo sh -c '$command'" >&2
+    exit 1
+fi
