@@ -8,7 +8,7 @@ decoded fails alone. A batch runs in two phases:
 1. **Images** (one vector each, chunk ``image``): fetched and decoded in a thread pool
    while the model encodes the previous micro-batch, written with one delete-then-insert
    for the whole phase (as before PDFs and videos existed).
-2. **Streamed assets**, PDFs (``page:N`` + ``page:N:text``) and videos (``frame:S.mmm``),
+2. **Streamed assets**, PDFs (``page:N`` + passages ``page:N:p:K``) and videos (``frame:S.mmm``),
    one after the other: decoded in a sandboxed child process (``activities/media/sandbox.py``)
    ahead of the encoder, and written a *group* of chunks at a time, each group by
    delete-then-insert of its own deterministic keys. After every group the activity
@@ -60,6 +60,7 @@ from activities.media.formats import (
     truncate_utf8,
     type_note,
 )
+from activities.media.ocr import ocr_limits
 from activities.media.sandbox import DecoderSandbox, SandboxPool
 from activities.runtime import metrics
 from activities.store.objects import ObjectMissingError, UnsupportedUriError, store_for
@@ -149,7 +150,7 @@ class BatchEncodeActivities:
     def __init__(self, settings: Settings, models: WarmModels | None = None) -> None:
         self.settings = settings
         self.models = models or WarmModels(settings)
-        self.limits = MediaLimits.from_settings(settings)
+        self.limits = ocr_limits(MediaLimits.from_settings(settings))
         self.roots = StorageRoots.from_settings(settings.storage_roots, settings.state_dir)
         self._decode_pool = ThreadPoolExecutor(
             max_workers=max(1, settings.decode_threads), thread_name_prefix="decode"
@@ -296,16 +297,19 @@ class BatchEncodeActivities:
         rows: list[ChunkRow] = []
         vectors: list[list[np.ndarray]] = [[] for _ in targets]
         micro = max(1, self.settings.batch_size)
-        for refs, pixels in self._decoded_micro_batches(
+        for refs, decoded in self._decoded_micro_batches(
             objects, micro, outcomes, encoders, roots, beat
         ):
             if refs:
                 for i, enc in enumerate(encoders):
                     with self.models.lock:
                         started = time.perf_counter()
-                        vectors[i].append(enc.encode_images([p[i] for p in pixels]))
+                        vectors[i].append(enc.encode_images([p[i] for p, _ in decoded]))
                         metrics.observe("clip_seconds", time.perf_counter() - started)
-                rows.extend(self._row(inp.tenant, ref, inp.tags, IMAGE_CHUNK) for ref in refs)
+                rows.extend(
+                    self._row(inp.tenant, ref, inp.tags, IMAGE_CHUNK, chunk.snippet)
+                    for ref, (_, chunk) in zip(refs, decoded, strict=True)
+                )
             beat()
         # Failed assets lose their vectors too: an object overwritten by a corrupt version
         # must not keep answering with its old content.
@@ -331,12 +335,13 @@ class BatchEncodeActivities:
         encoders: list[ClipEncoder],
         roots: TenantRoots,
         beat: Callable[[], None],
-    ) -> Iterator[tuple[list[ObjectRef], list[list[Any]]]]:
-        """Yield (refs, per-object pixel tensors for each encoder) per micro-batch;
+    ) -> Iterator[tuple[list[ObjectRef], list[tuple[list[Any], MediaChunk]]]]:
+        """Yield (refs, per object: (pixel tensors for each encoder, its chunk without the
+        image: its OCR snippet and origin)) per micro-batch;
         decoding runs ahead in the pool. Heartbeats while it waits: a micro-batch of images
         that each take up to MMRAG_IMAGE_DECODE_TIME_LIMIT_S must not look like a dead
         worker (the batch would be retried, and time out again, for ever)."""
-        futures: list[Future[list[Any]]] = [
+        futures: list[Future[tuple[list[Any], MediaChunk]]] = [
             self._decode_pool.submit(self._load, ref, encoders, roots) for ref in objects
         ]
         for start in range(0, len(objects), micro):
@@ -361,7 +366,9 @@ class BatchEncodeActivities:
                     failures[ref.asset_id] = self._failed(ref, str(e))
             yield refs, pixels
 
-    def _load(self, ref: ObjectRef, encoders: list[ClipEncoder], roots: TenantRoots) -> list[Any]:
+    def _load(
+        self, ref: ObjectRef, encoders: list[ClipEncoder], roots: TenantRoots
+    ) -> tuple[list[Any], MediaChunk]:
         s = self.settings
         data = store_for(ref.uri, roots).read(ref.uri, s.max_object_bytes, ref.generation)
         mime = sniff(data[:HEAD_BYTES])
@@ -372,8 +379,12 @@ class BatchEncodeActivities:
                 if ref.media_type in IMAGE_TYPES
                 else f"not an image: the bytes are {mime or 'unrecognised'}"
             )
-        image = self._decode_image(data, mime)
-        return [enc.preprocess(image) for enc in encoders]
+        chunk = self.sandboxes.decode_image_chunk(
+            data, mime, self.limits, self.settings.image_decode_time_limit_s
+        )
+        image, chunk.image = chunk.image, None
+        assert image is not None
+        return [enc.preprocess(image) for enc in encoders], chunk
 
     def _decode_image(self, data: bytes, mime: str = "") -> Image.Image:
         """An ingested or query image, decoded in a sandboxed child under

@@ -170,20 +170,23 @@ def test_a_file_is_only_parsed_as_its_sniffed_type() -> None:
 
 
 # -- PDFs ----------------------------------------------------------------------------------
-def test_pdf_pages_become_page_and_text_chunks() -> None:
+def test_pdf_pages_become_page_and_passage_chunks() -> None:
     chunks = decode_all(pdf_bytes(REPORT_PAGES), PDF, LIMITS)
     assert [c.locator for c in chunks] == [
         "page:1",
-        "page:1:text",
+        "page:1:p:1",
         "page:2",
-        "page:2:text",
+        "page:2:p:1",
         "page:3",
-        "page:3:text",
+        "page:3:p:1",
     ]
     page2 = chunks[2]
     assert page2.image is not None and page2.image.size == (512, 512)
-    assert page2.snippet.startswith("quarterly report red circle")
-    assert chunks[3].image is None and chunks[3].text == page2.snippet
+    assert page2.snippet == ""  # a page's words live in its passages, not twice
+    passage = chunks[3]
+    assert passage.image is None and passage.text == passage.snippet
+    assert passage.snippet.startswith("quarterly report red circle")
+    assert passage.origin == "text-layer"
     # The red circle is drawn, centred, and the page is padded to a square with white.
     assert close_colour(page2.image.getpixel((256, 290)), (220, 30, 30), 20)  # type: ignore[arg-type]
     assert page2.image.getpixel((5, 256)) == (255, 255, 255)
@@ -201,9 +204,9 @@ def test_pdf_resumes_after_a_page() -> None:
     resumed = list(iter_steps(pdf_bytes(REPORT_PAGES), PDF, LIMITS, steps[0].cursor))
     assert [c.locator for s in resumed for c in s.chunks] == [
         "page:2",
-        "page:2:text",
+        "page:2:p:1",
         "page:3",
-        "page:3:text",
+        "page:3:p:1",
     ]
 
 
@@ -303,7 +306,7 @@ def test_sandbox_streams_pages_and_frames_and_is_reused(
 ) -> None:
     report, clip = write_pdf(tmp_path / "r.pdf"), write_video(tmp_path / "c.mp4")
     steps = list(sandbox.stream(str(report), PDF, LIMITS, None, 30))
-    assert [c.locator for s in steps for c in s.chunks][:2] == ["page:1", "page:1:text"]
+    assert [c.locator for s in steps for c in s.chunks][:2] == ["page:1", "page:1:p:1"]
     pid = sandbox.pid
     with pytest.raises(BadMediaError, match="corrupt PDF"):
         list(sandbox.stream(str(clip), PDF, LIMITS, None, 30))  # a clean refusal ...
@@ -408,7 +411,7 @@ async def test_mixed_folder_reports_the_right_counts_and_reasons(
 
     good_images = len(forms) + 1
     assert (result.ingested, result.failed) == (good_images + 2, len(hostile)), result.failures
-    assert result.vectors == good_images + 6 + 2  # 3 pages + 3 text chunks, 2 keyframes
+    assert result.vectors == good_images + 6 + 2  # 3 pages + 3 passages, 2 keyframes
     reasons = {f.uri.rsplit("/", 1)[-1]: f.reason for f in result.failures}
     for name, words in hostile.items():
         assert words in reasons[name], f"{name}: {reasons[name]!r} lacks {words!r}"
@@ -420,7 +423,7 @@ async def test_mixed_folder_reports_the_right_counts_and_reasons(
     pks = set(milvus_pks(tenant))
     assert len(pks) == result.vectors
     pdf_id, video_id = aid(report), aid(clip)
-    assert {f"{pdf_id}:page:{n}{s}" for n in (1, 2, 3) for s in ("", ":text")} <= pks
+    assert {f"{pdf_id}:page:{n}{s}" for n in (1, 2, 3) for s in ("", ":p:1")} <= pks
     assert {f"{video_id}:frame:0.000", f"{video_id}:frame:2.000"} <= pks
     assert not {p.split(":")[0] for p in pks} & {aid(folder / "hostile" / n) for n in hostile}
 
@@ -457,8 +460,9 @@ async def test_ask_returns_pdf_pages_and_video_frames_with_locators(
         return (await asyncio.wait_for(ask(client, inp), timeout=60)).sources
 
     page = (await top("a red circle on a white background", PDF))[0]
-    assert page.uri.endswith("quarterly-report.pdf") and page.chunk in ("page:2", "page:2:text")
-    assert page.snippet.startswith("quarterly report red circle")
+    assert page.uri.endswith("quarterly-report.pdf") and page.chunk in ("page:2", "page:2:p:1")
+    # The page's image has no snippet (its words are its passage's).
+    assert page.snippet.startswith("quarterly report red circle") or page.chunk == "page:2"
     assert (await top("a green triangle on a white background", MP4))[0].chunk == "frame:2.000"
     assert (await top("a blue square on a white background", MP4))[0].chunk == "frame:0.000"
     # Unfiltered, the PDF page stands among the images that show the same thing.
@@ -721,11 +725,11 @@ async def test_pdf_and_video_from_gcs(
         "frame:0.000",
         "frame:2.000",
         "page:1",
-        "page:1:text",
+        "page:1:p:1",
         "page:2",
-        "page:2:text",
+        "page:2:p:1",
         "page:3",
-        "page:3:text",
+        "page:3:p:1",
     ]
     spooled = [f"mmrag-media-{p.split(':')[0][:16]}-*" for p in milvus_pks(tenant)]
     assert not [f for g in spooled for f in Path(tempfile.gettempdir()).glob(g)], "copies left"

@@ -9,8 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from PIL import Image
+
 from activities.media.formats import (
     IMAGE_TYPES,
+    OCR,
     PDF_TYPES,
     SUPPORTED_WORDS,
     VIDEO_TYPES,
@@ -22,6 +25,7 @@ from activities.media.formats import (
     read_file,
 )
 from activities.media.images import decode_image
+from activities.media.ocr import budget_for, read_if_text
 
 
 def iter_steps(
@@ -69,4 +73,15 @@ def _image_steps(source: MediaInput, mime: str, limits: MediaLimits) -> Iterator
     image = decode_image(
         data, limits.max_object_bytes, limits.max_image_pixels, mime, limits.render_max_side
     )
-    yield Step([MediaChunk("image", image=image)], {"done": True})
+    budget = budget_for(limits)
+
+    def full() -> Image.Image:
+        # The original when it was small enough to be decoded whole, else again at OCR size.
+        if max(image.size) < limits.render_max_side:
+            return image
+        side = max(limits.ocr_max_side, limits.render_max_side)
+        return decode_image(data, limits.max_object_bytes, limits.max_image_pixels, mime, side)
+
+    text = read_if_text(image, full, budget, "the image")
+    chunk = MediaChunk("image", image=image, snippet=text, origin=OCR if text else "")
+    yield Step([chunk], {"done": True}, note=budget.take_note())

@@ -91,6 +91,15 @@ class MediaLimits:
     video_frame_interval_s: float = 5.0
     video_scene_threshold: float = 0.2
     video_max_frames: int = 200
+    # Text of pages, images and frames (activities/media/passages.py, activities/media/ocr.py).
+    passage_tokens: int = 60
+    passage_overlap_tokens: int = 15
+    ocr_enabled: bool = True
+    ocr_languages: str = "eng"
+    ocr_min_text_chars: int = 40
+    ocr_max_side: int = 2000
+    ocr_time_budget_s: float = 120.0
+    ocr_page_timeout_s: float = 10.0
 
     @classmethod
     def from_settings(cls, settings: Any) -> MediaLimits:
@@ -116,14 +125,20 @@ class MediaLimits:
 class MediaChunk:
     """One vector-to-be: an image for the CLIP image tower, or text for the text tower.
 
-    ``locator`` is the chunk's stable name inside its asset ("image", "page:3",
-    "page:3:text", "frame:12.500"); the vector's primary key is ``<asset_id>:<locator>``.
+    ``locator`` is the chunk's stable name inside its asset ("image", "page:3", a page's
+    passage "page:3:p:2", "frame:12.500"; "page:3:text" in indexes built before passages);
+    the vector's primary key is ``<asset_id>:<locator>``.
     """
 
     locator: str
     image: Image.Image | None = None
     text: str = ""  # embedded with the text tower when ``image`` is None
     snippet: str = ""  # what a search result shows and the LLM reads
+    # Where the words came from: TEXT_LAYER (a PDF's own text), OCR, or "" (no words).
+    origin: str = ""
+
+
+TEXT_LAYER, OCR = "text-layer", "ocr"
 
 
 @dataclass

@@ -1,14 +1,19 @@
-"""PDF pages as chunks: each page rendered (pypdfium2) plus its text layer.
+"""PDF pages as chunks: each page rendered (pypdfium2) plus its text, cut into passages.
 
-Each page becomes an image chunk ``page:N`` (1-based) whose snippet is the page's text, and,
-when the page has words, a text chunk ``page:N:text`` embedded with CLIP's text tower, so a
-question can match a page by what it shows or by what it says.
+Each page becomes an image chunk ``page:N`` (1-based; no snippet: its words live in its
+passages) and, when the page has words, one text chunk per passage, ``page:N:p:K``
+(activities/media/passages.py), embedded with CLIP's text tower and snippet of its own, so
+a question can match a page by what it shows or a passage by what it says. The words are
+the page's text layer or, when that is empty or thin (a scan; fewer than
+``ocr_min_text_chars`` letters and digits), what OCR reads on the page rendered again at
+``ocr_max_side`` pixels (activities/media/ocr.py); each passage's ``origin`` says which.
 
 Bounds: the page count is checked before any page is touched (``pdf_max_pages``: a PDF
 with thousands of pages is refused, not rendered), every page is rendered so that its
 longer side is ``render_max_side`` pixels whatever size the page declares, and text is
-cut to ``media.MAX_TEXT_CHARS`` per page. Time and memory of a hostile page are bounded
-by the decoder sandbox that runs this module in the worker.
+cut to ``PAGE_TEXT_CHARS`` per page; OCR has its own time budget per document. Time and
+memory of a hostile page are bounded by the decoder sandbox that runs this module in the
+worker.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from activities.media.formats import (
+    MAX_TEXT_CHARS,
+    OCR,
+    TEXT_LAYER,
     BadMediaError,
     MediaChunk,
     MediaInput,
@@ -29,12 +37,15 @@ from activities.media.formats import (
     has_words,
 )
 from activities.media.images import pad_square
+from activities.media.ocr import OcrBudget, budget_for
+from activities.media.passages import passages
 
 # PDFium is not thread-safe: one call into it at a time per process. (The sandbox runs one
 # document per process anyway; this guards in-process use such as the fuzz tests.)
 _PDFIUM = threading.RLock()
 _MAX_SCALE = 4.0  # a tiny page is rendered at most 4x (288 dpi)
 _PAPER = (255, 255, 255)
+PAGE_TEXT_CHARS = 4 * MAX_TEXT_CHARS  # a dense page's whole text: every passage is findable
 
 _OPEN_ERRORS = {
     4: (
@@ -77,16 +88,18 @@ def iter_pdf(source: MediaInput, limits: MediaLimits, cursor: dict[str, Any]) ->
                 "document or raise the limit"
             )
         start = int(cursor.get("page", 0))
+        budget = budget_for(limits, float(cursor.get("ocr_s", 0.0)))
         for index in range(max(0, start), count):
             with _PDFIUM:
-                chunks = _page_chunks(pdf, index, limits)
-            yield Step(chunks, {"page": index + 1})
+                chunks = _page_chunks(pdf, index, limits, budget)
+            cursor_out = {"page": index + 1, "ocr_s": round(budget.spent_s, 3)}
+            yield Step(chunks, cursor_out, note=budget.take_note())
     finally:
         with _PDFIUM:
             pdf.close()
 
 
-def _page_chunks(pdf: Any, index: int, limits: MediaLimits) -> list[MediaChunk]:
+def _page_chunks(pdf: Any, index: int, limits: MediaLimits, budget: OcrBudget) -> list[MediaChunk]:
     import pypdfium2 as pdfium
 
     number = index + 1
@@ -105,12 +118,34 @@ def _page_chunks(pdf: Any, index: int, limits: MediaLimits) -> list[MediaChunk]:
             raise BadMediaError(f"corrupt PDF: page {number} cannot be rendered ({e})") from e
         textpage = page.get_textpage()
         try:
-            text = clean_text(textpage.get_text_range())
+            text = clean_text(textpage.get_text_range(), PAGE_TEXT_CHARS)
         finally:
             textpage.close()
+        origin = TEXT_LAYER
+        if budget.enabled and sum(c.isalnum() for c in text) < limits.ocr_min_text_chars:
+            read = _ocr_page(page, number, width, height, limits, budget)
+            if len(read) > len(text):
+                text, origin = read, OCR
     finally:
         page.close()
-    chunks = [MediaChunk(f"page:{number}", image=pad_square(image, _PAPER), snippet=text)]
-    if has_words(text):
-        chunks.append(MediaChunk(f"page:{number}:text", text=text, snippet=text))
+    chunks = [MediaChunk(f"page:{number}", image=pad_square(image, _PAPER))]
+    size, overlap = limits.passage_tokens, limits.passage_overlap_tokens
+    for k, passage in enumerate((p for p in passages(text, size, overlap) if has_words(p)), 1):
+        chunks.append(
+            MediaChunk(f"page:{number}:p:{k}", text=passage, snippet=passage, origin=origin)
+        )
     return chunks
+
+
+def _ocr_page(
+    page: Any, number: int, width: float, height: float, limits: MediaLimits, budget: OcrBudget
+) -> str:
+    """A scanned (or text-less) page's words: rendered at ``ocr_max_side`` and read."""
+    import pypdfium2 as pdfium
+
+    scale = min(2 * _MAX_SCALE, limits.ocr_max_side / max(width, height))
+    try:
+        image = page.render(scale=scale, may_draw_forms=True).to_pil()
+    except pdfium.PdfiumError:
+        return ""  # rendered once already: the page's image chunk stands without its words
+    return clean_text(budget.read(image, f"page {number}"), PAGE_TEXT_CHARS)

@@ -43,7 +43,7 @@ child -> parent first: ``{"type": "ready", "network", "detail"}`` or ``{"type": 
 parent -> child: ``{"path" | "data_len", "mime", "limits", "cursor", "cpu_s"}`` (when
 ``data_len``, the file's bytes follow as one raw message), or ``{"type": "probe"}``;
 child -> parent: ``{"type": "step", "cursor", "note", "chunks": [{"locator", "text",
-"snippet", "size": [w, h] | null}]}`` followed by one raw message per chunk with a size,
+"snippet", "origin", "size": [w, h] | null}]}`` followed by one raw message per chunk with a size,
 repeated; then ``{"type": "end", "cpu_s"}`` or ``{"type": "error", "reason", "cpu_s"}``
 (``{"type": "fatal", "reason"}`` when a limit cannot be set, then the child exits).
 
@@ -53,6 +53,7 @@ must change together.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -347,6 +348,7 @@ class DecoderSandbox:
                             image=image,
                             text=str(spec.get("text", "")),
                             snippet=str(spec.get("snippet", "")),
+                            origin=str(spec.get("origin", "")),
                         )
                     )
                 yield Step(chunks, dict(header.get("cursor") or {}), str(header.get("note", "")))
@@ -370,17 +372,28 @@ class DecoderSandbox:
         setting: str = IMAGE_TIME_SETTING,
     ) -> Image.Image:
         """One image from its bytes, decoded in the child as ``media.decode_image`` would
-        (shrunk to ``limits.render_max_side``); ``BadMediaError`` says why not."""
+        (shrunk to ``limits.render_max_side``), without OCR (Ask's query images: their
+        words would not change the query's vector); ``BadMediaError`` says why not."""
+        chunk = self.decode_image_chunk(data, mime, _without_ocr(limits), time_limit_s, setting)
+        assert chunk.image is not None
+        return chunk.image
+
+    def decode_image_chunk(
+        self,
+        data: bytes,
+        mime: str,
+        limits: MediaLimits,
+        time_limit_s: float,
+        setting: str = IMAGE_TIME_SETTING,
+    ) -> MediaChunk:
+        """An ingested image's chunk: its pixels and, when
+        ``limits.ocr_enabled`` and it shows text, the words OCR read (``snippet``)."""
         mime = image_type(data, limits.max_object_bytes, mime)
-        images = [
-            chunk.image
-            for step in list(self.stream(data, mime, limits, None, time_limit_s, setting))
-            for chunk in step.chunks
-            if chunk.image is not None
-        ]
-        if len(images) != 1:
-            raise BadMediaError(f"decoder protocol error: {len(images)} images for one image")
-        return images[0]
+        steps = list(self.stream(data, mime, limits, None, time_limit_s, setting))
+        chunks = [chunk for step in steps for chunk in step.chunks if chunk.image is not None]
+        if len(chunks) != 1:
+            raise BadMediaError(f"decoder protocol error: {len(chunks)} images for one image")
+        return chunks[0]
 
     def probe(self, connect: tuple[str, int] | None = None) -> dict[str, Any]:
         """What the child sees and reaches, reported from inside it: its environment and
@@ -582,6 +595,13 @@ class SandboxPool:
         with self.lease() as sandbox:
             return sandbox.decode_image(data, mime, limits, time_limit_s)
 
+    def decode_image_chunk(
+        self, data: bytes, mime: str, limits: MediaLimits, time_limit_s: float
+    ) -> MediaChunk:
+        """:meth:`DecoderSandbox.decode_image_chunk` in a pooled child."""
+        with self.lease() as sandbox:
+            return sandbox.decode_image_chunk(data, mime, limits, time_limit_s)
+
     def pids(self) -> list[int]:
         """The idle children's process ids (for benchmarks and diagnostics)."""
         with self._lock:
@@ -592,6 +612,11 @@ class SandboxPool:
             idle, self._idle = self._idle, []
         for sandbox in idle:
             sandbox.kill()
+
+
+@functools.lru_cache(maxsize=16)
+def _without_ocr(limits: MediaLimits) -> MediaLimits:
+    return dataclasses.replace(limits, ocr_enabled=False)
 
 
 @functools.lru_cache(maxsize=16)
@@ -861,6 +886,7 @@ def _main(config: dict[str, Any]) -> None:
     import pypdfium2  # noqa: F401
     from PIL import Image
 
+    import activities.media.ocr  # noqa: F401  (OCR runs Tesseract as a child of this one)
     import activities.media.pdf  # noqa: F401
     import activities.media.video  # noqa: F401
     from activities.media.decode import iter_steps
@@ -919,6 +945,7 @@ def _main(config: dict[str, Any]) -> None:
                             "locator": chunk.locator,
                             "text": chunk.text,
                             "snippet": chunk.snippet,
+                            "origin": chunk.origin,
                             "size": size_wh,
                         }
                     )

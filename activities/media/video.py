@@ -13,6 +13,8 @@ the expensive part. A frame is kept when
 
 Each kept frame becomes chunk ``frame:<seconds, 3 decimals>``, rendered at most
 ``render_max_side`` pixels on its longer side and padded to a square (CLIP centre-crops).
+A kept frame that shows text (``ocr.text_likely``) is read by OCR at up to ``ocr_max_side``
+pixels within the video's OCR budget; the words are the chunk's snippet.
 
 Resuming: every step's cursor holds the kept frame's time and the detector's state; given
 it, decoding seeks to the keyframe before that time, skips what was already seen and
@@ -27,6 +29,7 @@ bounded by the decoder sandbox that runs this module in the worker.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +42,7 @@ from activities.media.formats import (
     AVI,
     MATROSKA,
     MP4,
+    OCR,
     QUICKTIME,
     WEBM,
     BadMediaError,
@@ -49,6 +53,7 @@ from activities.media.formats import (
     finite_positive,
 )
 from activities.media.images import fit_within, pad_square
+from activities.media.ocr import OcrBudget, budget_for, read_if_text
 
 PROBE_GAP_S = 0.1  # scene-change probes: at most 10 per second of video
 MIN_SCENE_GAP_S = 0.5  # a scene change closer than this to the last kept frame is ignored
@@ -101,13 +106,16 @@ def iter_video(
             f"corrupt or truncated video: the {mime} container cannot be opened ({e}); "
             "re-upload it or " + _REMUX_HINT
         ) from e
+    budget = budget_for(limits, float(cursor.get("ocr_s") or 0.0))
     try:
-        yield from _keyframes(container, mime, limits, _Detector.from_cursor(cursor))
+        yield from _keyframes(container, mime, limits, _Detector.from_cursor(cursor), budget)
     finally:
         container.close()
 
 
-def _keyframes(container: Any, mime: str, limits: MediaLimits, state: _Detector) -> Iterator[Step]:
+def _keyframes(
+    container: Any, mime: str, limits: MediaLimits, state: _Detector, budget: OcrBudget
+) -> Iterator[Step]:
     import av
 
     if not container.streams.video:
@@ -178,7 +186,7 @@ def _keyframes(container: Any, mime: str, limits: MediaLimits, state: _Detector)
         if state.kept >= limits.video_max_frames:
             yield Step(
                 [],
-                state.cursor(),
+                {**state.cursor(), "ocr_s": round(budget.spent_s, 3)},
                 note=(
                     f"capped at {limits.video_max_frames} keyframes (MMRAG_VIDEO_MAX_FRAMES): "
                     f"frames after {state.last_kept or 0.0:.3f} s are not indexed"
@@ -191,7 +199,16 @@ def _keyframes(container: Any, mime: str, limits: MediaLimits, state: _Detector)
         state.last_kept = state.last_probe = t
         state.hist = hist
         state.kept += 1
-        yield Step([MediaChunk(f"frame:{t:.3f}", image=image)], state.cursor())
+        ow, oh = fit_within(frame.width, frame.height, limits.ocr_max_side)
+        text = read_if_text(
+            image,
+            functools.partial(frame.to_image, width=ow, height=oh),
+            budget,
+            f"the frame at {t:.3f} s",
+        )
+        chunk = MediaChunk(f"frame:{t:.3f}", image=image, snippet=text, origin=OCR if text else "")
+        cursor = {**state.cursor(), "ocr_s": round(budget.spent_s, 3)}
+        yield Step([chunk], cursor, note=budget.take_note())
     if state.kept == 0:
         raise BadMediaError(
             "broken video stream: no frame could be decoded; " + _REMUX_HINT
