@@ -13,6 +13,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# Tesseract (Debian's package ships its English model: nothing downloads at run time) for
+# OCR in the decoder sandbox of encode workers (activities/media/ocr.py, docs/media.md).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends tesseract-ocr tesseract-ocr-eng \
+    && rm -rf /var/lib/apt/lists/*
+
 RUN groupadd --system --gid 10001 mmrag \
     && useradd --system --uid 10001 --gid mmrag --create-home --home-dir /home/mmrag mmrag
 

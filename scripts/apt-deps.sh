@@ -8,8 +8,12 @@ set -eu
 PACKAGES="
 chromium
 chromium-driver
+tesseract-ocr
+tesseract-ocr-eng
 "
 # chromium, chromium-driver: tests/test_web_browser.py (headless Chromium via selenium)
+# tesseract-ocr, tesseract-ocr-eng: OCR in the decoder sandbox (activities/media/ocr.py),
+#   tests/test_ocr.py and every PDF/image test that reads a scan; workers need it too
 
 missing=""
 for pkg in $PACKAGES; do
