@@ -4,6 +4,7 @@ checks, and registry + audit writes. None of them touches pixels."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from temporalio.exceptions import ApplicationError
 
@@ -26,12 +27,15 @@ from workflows.activities import ingest as ingest_stubs
 from workflows.activities.ingest import (
     CreateIndexInput,
     RecordOutcomesInput,
+    RetagInput,
+    RetagResult,
     ScanPageInput,
     ScanPageResult,
 )
 from workflows.contracts import (
     FAILED,
     INGESTED,
+    RETAGGED,
     SKIPPED,
     UNCHANGED,
     AssetOutcome,
@@ -39,6 +43,57 @@ from workflows.contracts import (
     ObjectRef,
     asset_id_for,
 )
+
+
+@dataclass
+class StorageRefusal:
+    kind: str  # the ApplicationError type
+    say: str  # one line: what is wrong and what to set
+    missing: bool = False  # the source does not exist (a failed source, not a failed run)
+
+
+def storage_refusal(source: str, error: Exception) -> StorageRefusal | None:
+    """What a listing error means when no retry can fix it (no credentials, refused, a
+    bucket that does not exist, a malformed name); None for anything else (an outage).
+
+    Without this, ``mmrag ingest gs://... --wait`` on a worker with no Google credentials
+    retried the listing with no end and printed nothing."""
+    from google.api_core import exceptions as api
+    from google.auth import exceptions as auth
+
+    if isinstance(error, auth.DefaultCredentialsError):
+        return StorageRefusal(
+            "MissingCredentials",
+            f"{source}: the worker has no Google Cloud credentials: set "
+            "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file in the worker's "
+            "environment (or run it where the metadata server answers; STORAGE_EMULATOR_HOST "
+            "for an emulator)",
+        )
+    if isinstance(error, auth.RefreshError) and not getattr(error, "retryable", False):
+        return StorageRefusal(
+            "MissingCredentials",
+            f"{source}: the worker's Google Cloud credentials were refused when refreshed "
+            f"({_first_line(error)}): replace the key GOOGLE_APPLICATION_CREDENTIALS names",
+        )
+    if isinstance(error, (api.Forbidden, api.Unauthorized)):
+        return StorageRefusal(
+            "PermissionRefused",
+            f"{source}: Google Cloud Storage refused the worker ({error.code}: "
+            f"{_first_line(error)}): grant its service account storage.objects.list and "
+            "storage.objects.get on the bucket",
+        )
+    if isinstance(error, api.NotFound):
+        return StorageRefusal("NoSuchBucket", f"{source}: no such bucket", missing=True)
+    if isinstance(error, api.BadRequest):
+        return StorageRefusal(
+            "BadSource", f"{source}: not a valid bucket or prefix ({_first_line(error)})", True
+        )
+    return None
+
+
+def _first_line(error: Exception) -> str:
+    message = getattr(error, "message", "") or str(error)
+    return message.strip().splitlines()[0][:200] if message.strip() else type(error).__name__
 
 
 class IngestActivities:
@@ -98,6 +153,17 @@ class IngestActivities:
             return ScanPageResult(
                 rejected=[AssetOutcome(uri=inp.source, asset_id="", status=FAILED, reason=str(e))]
             )
+        except Exception as e:
+            refusal = storage_refusal(inp.source, e)
+            if refusal is None:
+                raise  # an outage or a bug: the workflow's bounded retries
+            if refusal.missing:  # a bucket that does not exist: this source fails alone
+                return ScanPageResult(
+                    rejected=[
+                        AssetOutcome(uri=inp.source, asset_id="", status=FAILED, reason=refusal.say)
+                    ]
+                )
+            raise ApplicationError(refusal.say, type=refusal.kind, non_retryable=True) from None
 
         for ref in page.objects:
             ref.asset_id = asset_id_for(inp.tenant, ref.uri)
@@ -137,9 +203,15 @@ class IngestActivities:
                 and (previous.generation, previous.status, previous.index_version)
                 == (ref.generation, INGESTED, inp.index_version)
             ):
-                result.unchanged.append(
-                    AssetOutcome(ref.uri, ref.asset_id, UNCHANGED, generation=ref.generation)
-                )
+                # Tags define the index entry too (filters match them): other tags, same
+                # bytes -> retag without encoding. Older workflows (no retag step) and
+                # callers that send no tags keep the entry as it is.
+                if inp.tags is not None and previous.tags != inp.tags:
+                    result.retag.append(ref)
+                else:
+                    result.unchanged.append(
+                        AssetOutcome(ref.uri, ref.asset_id, UNCHANGED, generation=ref.generation)
+                    )
             else:
                 candidates.append(ref)
         if reingest:
@@ -170,6 +242,39 @@ class IngestActivities:
         except (BadMediaError, ObjectMissingError, OutsideRootsError) as e:
             return str(e)
         return ""
+
+    @implements(ingest_stubs.retag_assets)
+    def retag_assets(self, inp: RetagInput) -> RetagResult:
+        """New tags for unchanged assets: their rows in every writable version rewritten
+        with the new tags (vectors kept), then the registry and one audit row each; the
+        registry last, so a failure in between leaves the next ingest to retag again."""
+        store = get_store(
+            self.settings.milvus_endpoint(), self.settings.milvus_token.get_secret_value()
+        )
+        ids = [ref.asset_id for ref in inp.objects]
+        kept = set(ids)
+        for target in [inp.index, *inp.extra_targets]:
+            kept &= store.retag_assets(target.collection, inp.tenant, ids, inp.tags)
+        # lexical index: activities/store/lexical.py does not exist yet; when it does, its
+        # rows of these assets need the new tags as well.
+        retagged = [ref for ref in inp.objects if ref.asset_id in kept]
+        workflow_id, run_id = workflow_ids()
+        registry.retag(
+            self.engine,
+            inp.tenant,
+            retagged,
+            inp.tags,
+            inp.index.version,
+            workflow_id=workflow_id,
+            run_id=run_id,
+        )
+        return RetagResult(
+            outcomes=[
+                AssetOutcome(ref.uri, ref.asset_id, RETAGGED, generation=ref.generation)
+                for ref in retagged
+            ],
+            to_encode=[ref for ref in inp.objects if ref.asset_id not in kept],
+        )
 
     @implements(ingest_stubs.record_outcomes)
     def record_outcomes(self, inp: RecordOutcomesInput) -> None:

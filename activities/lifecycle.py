@@ -33,7 +33,14 @@ from workflows.activities.lifecycle import (
     SwapInput,
     SwapResult,
 )
-from workflows.contracts import FAILED, FULL, INCREMENTAL, AssetOutcome, IndexTarget
+from workflows.contracts import (
+    FAILED,
+    FULL,
+    INCREMENTAL,
+    STILL_FAILING,
+    AssetOutcome,
+    IndexTarget,
+)
 
 
 class LifecycleActivities:
@@ -149,7 +156,20 @@ class LifecycleActivities:
             current.asset_id = asset.ref.asset_id
             current.media_type = asset.ref.media_type
             changed = current.generation != asset.ref.generation
-            if changed or status == FAILED or version != inp.target.version:
+            if not changed and status == FAILED and version == inp.target.version:
+                # It failed on these very bytes for this version (unsupported, corrupt):
+                # encoding it again fails again. Listed, retried once the object changes.
+                page.still_failing.append(
+                    AssetOutcome(
+                        asset.ref.uri,
+                        asset.ref.asset_id,
+                        FAILED,
+                        generation=asset.ref.generation,
+                        reason=asset.reason,
+                        note=STILL_FAILING,
+                    )
+                )
+            elif changed or status == FAILED or version != inp.target.version:
                 page.items.append(ReindexItem(asset.tenant, current, tags.get(key, {})))
             else:
                 page.unchanged += 1

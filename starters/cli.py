@@ -27,8 +27,6 @@ from starters.waiting import Notices, result_with_notices
 from workers.temporal_client import run_client_command
 
 if TYPE_CHECKING:
-    from temporalio.client import Client
-
     from settings import Settings
     from workflows.contracts import AskInput, AskResult
 
@@ -358,10 +356,15 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 
 
 async def _reindex(args: argparse.Namespace) -> int:
-    from starters.lifecycle import start_reindex
+    from starters.lifecycle import reindex_flags_problem, start_reindex
     from workers.temporal_client import connect
     from workflows.contracts import ReindexInput, ReindexProgress
 
+    problem = reindex_flags_problem(
+        args.mode, args.tenant, args.model, args.pretrained, args.checkpoint
+    )
+    if problem:
+        raise UserError(f"reindex {args.mode}: {problem}")
     client = await connect()
     handle = await start_reindex(
         client,
@@ -406,32 +409,17 @@ async def _reindex(args: argparse.Namespace) -> int:
         f"{r.embedded} re-embedded, {r.failed} failed"
         + (f", verified {r.verified_assets} assets, alias swapped" if r.swapped else "")
     )
-    if r.failed:
-        await _print_failures(client, handle.id, handle.first_execution_run_id, r.failed)
-    return 1 if r.failed else 0
-
-
-async def _print_failures(client: Client, workflow_id: str, run_id: str | None, count: int) -> None:
-    """Each object a run failed on, with its reason (from the run's history)."""
-    from rich.table import Table
-    from rich.text import Text
-
-    from starters.display import display_uri, printable
-    from starters.lifecycle import run_failures
-
-    failures, found = await run_failures(client, workflow_id, run_id)
-    if failures:
-        table = Table("object", "why it failed", show_lines=False)
-        for uri, reason in failures:
-            table.add_row(Text(display_uri(uri)), Text(printable(reason)))
-        console.print(table)
-    if count > len(failures):
+    if r.still_failing:
         console.print(
-            f"... {count - len(failures)} more failure(s)"
-            + (f" ({found} distinct objects in the history)" if found > len(failures) else "")
-            + f": workflow {workflow_id} in the Temporal Web UI shows each one",
+            f"{r.still_failing} still failing: unchanged since they failed, so not retried "
+            "(they are retried once the object changes; `mmrag forget` removes them)",
             highlight=False,
         )
+    from starters.display import print_failures
+
+    shown = r.failed + r.still_failing
+    print_failures(r.failures, shown, console, f"workflow {handle.id} in the Temporal Web UI")
+    return 1 if r.failed else 0  # only new failures: a still-failing file fails no run
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:

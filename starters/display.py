@@ -11,7 +11,14 @@ would drive the terminal) and bytes that are not UTF-8 come out as ``%XX``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from urllib.parse import unquote, urlsplit
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from workflows.contracts import AssetOutcome
 
 
 def display_uri(uri: str) -> str:
@@ -34,3 +41,19 @@ def printable(text: str) -> str:
 def _escaped(ch: str) -> str:
     raw = ch.encode("utf-8", errors="surrogateescape")
     return "".join(f"%{b:02X}" for b in raw)
+
+
+def print_failures(
+    failures: Sequence[AssetOutcome], count: int, console: Console, where: str
+) -> None:
+    """Each failed object with its reason (and its note, e.g. "still failing"), then how
+    many more there were than the run kept and ``where`` to find them: wherever the CLI
+    prints a count of failures, the reasons follow."""
+    if failures:
+        table = Table("object", "why it failed", show_lines=False)
+        for f in failures:
+            reason = f"{f.reason} ({f.note})" if f.note else f.reason
+            table.add_row(Text(display_uri(f.uri)), Text(printable(reason)))
+        console.print(table)
+    if count > len(failures):
+        console.print(f"... and {count - len(failures)} more ({where})", highlight=False)

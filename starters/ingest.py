@@ -18,14 +18,12 @@ from typing import TypedDict, Unpack
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from rich.text import Text
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy
 
 from activities.store.objects import normalize_uri
 from activities.store.roots import register_local_root
-from starters.display import display_uri, printable
+from starters.display import print_failures
 from starters.waiting import Notices
 from workflows.contracts import (
     INGEST_BATCH_WORKFLOW,
@@ -169,21 +167,18 @@ def print_summary(result: IngestResult, console: Console) -> None:
         f"[green]{result.ingested} ingested[/green], {result.unchanged} unchanged, "
         f"[red]{result.failed} failed[/red] ({result.vectors} vectors written)"
         + (
+            f", {result.retagged} retagged (unchanged, given the new tags without encoding)"
+            if result.retagged
+            else ""
+        )
+        + (
             f", {result.skipped} skipped (forgotten; `mmrag ingest --allow-forgotten` "
             "re-ingests them)"
             if result.skipped
             else ""
         )
     )
-    if result.failures:
-        table = Table("object", "why it failed", show_lines=False)
-        for f in result.failures:
-            table.add_row(Text(display_uri(f.uri)), Text(printable(f.reason)))
-        console.print(table)
-        if result.failed > len(result.failures):
-            console.print(
-                f"... and {result.failed - len(result.failures)} more (see the audit log)"
-            )
+    print_failures(result.failures, result.failed, console, "see the audit log")
 
 
 def result_json(result: IngestResult) -> str:

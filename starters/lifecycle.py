@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
-from temporalio.api.enums.v1 import EventType
 from temporalio.client import (
     Client,
     Schedule,
@@ -33,7 +31,6 @@ from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from workflows.contracts import (
-    FAILED,
     FORGET_WORKFLOW,
     FULL,
     INCREMENTAL,
@@ -97,6 +94,23 @@ async def start_watch(
     )
 
 
+def reindex_flags_problem(
+    mode: str, tenant: str, model: str, pretrained: str, checkpoint: str
+) -> str:
+    """What is wrong with a re-index's flags for its mode ("" when nothing): a flag that
+    mode would ignore is refused, so no one believes a model or tenant was applied."""
+    if tenant and mode != INCREMENTAL:
+        return f"--tenant: a {mode} re-index covers every tenant; drop --tenant"
+    given = [f for f, v in (("--model", model), ("--pretrained", pretrained)) if v]
+    if checkpoint:
+        given.append("--checkpoint")
+    if given and mode != FULL:
+        return f"{', '.join(given)} choose the model of a full re-index; they need `full`"
+    if (pretrained or checkpoint) and not model:
+        return f"{given[-1]} belongs to a model: add --model"
+    return ""
+
+
 def schedule_id(kind: str, tenant: str) -> str:
     return f"mmrag-reindex-{kind}-{tenant or 'all'}"
 
@@ -124,8 +138,9 @@ async def create_schedule(
     workflow's scope lock refuses a second re-index of a tenant however it is started)."""
     if kind not in SCHEDULE_KINDS:
         raise ValueError(f"unknown schedule kind {kind!r}: use incremental or full")
-    if kind == FULL and tenant:
-        raise ValueError("a full re-index covers every tenant: drop --tenant")
+    problem = reindex_flags_problem(kind, tenant, model, pretrained, checkpoint)
+    if problem:
+        raise ValueError(problem)
     inp = ReindexInput(
         mode=kind, tenant=tenant, model=model, pretrained=pretrained, checkpoint=checkpoint
     )
@@ -247,47 +262,3 @@ def _ranges(ranges: Sequence[ScheduleRange], full: tuple[int, int]) -> str:
             text = f"{r.start}-{end}"
         out.append(text + (f"/{step}" if step > 1 else ""))
     return ",".join(out)
-
-
-# -- what a re-index failed on ---------------------------------------------------------------
-async def run_failures(
-    client: Client, workflow_id: str, first_run_id: str | None, limit: int = 20
-) -> tuple[list[tuple[str, str]], int]:
-    """``(uri, reason)`` of the objects a run failed on (at most ``limit``) and how many
-    there were, read from its activities' results across continue-as-new runs.
-
-    ``ReindexResult`` carries only a count; the reasons are in the history, as the
-    ``AssetOutcome`` entries (status ``failed``) its activities returned."""
-    found: dict[tuple[str, str], None] = {}
-    run_id = first_run_id
-    while True:
-        handle = client.get_workflow_handle(workflow_id, run_id=run_id)
-        next_run = ""
-        async for event in handle.fetch_history_events():
-            if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
-                payloads = event.activity_task_completed_event_attributes.result.payloads
-                if payloads:
-                    (value,) = await client.data_converter.decode(payloads[:1])
-                    for outcome in _failed_outcomes(value):
-                        found.setdefault(outcome, None)
-            elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW:
-                attrs = event.workflow_execution_continued_as_new_event_attributes
-                next_run = attrs.new_execution_run_id
-        if not next_run:
-            break
-        run_id = next_run
-    failures = list(found)
-    return failures[:limit], len(failures)
-
-
-def _failed_outcomes(value: Any) -> Iterator[tuple[str, str]]:
-    """Every ``{"uri", "status": "failed", "reason"}`` object inside a decoded result."""
-    if isinstance(value, dict):
-        if value.get("status") == FAILED and "uri" in value and "reason" in value:
-            yield str(value["uri"]), str(value["reason"])
-            return
-        for item in value.values():
-            yield from _failed_outcomes(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _failed_outcomes(item)

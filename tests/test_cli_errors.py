@@ -195,12 +195,12 @@ async def test_auto_queue_trusts_only_live_query_workers(
     assert await running_workflows(test_stack, empty_namespace, "Ask") == []
 
 
-async def test_ingest_of_a_bucket_without_credentials_is_not_silent(
+async def test_ingest_of_a_bucket_without_credentials_fails_in_one_line(
     test_stack: ServerStack, empty_namespace: str
 ) -> None:
-    """A worker without Google credentials (no emulator, no metadata server): the
-    listing step fails, and the command says why while the step retries (or, once the step
-    gives up, in the one-line failure), instead of printing nothing."""
+    """A worker without Google credentials (no emulator, no metadata server): the listing
+    step fails without retries (no retry brings credentials), and the command ends with one
+    line naming what to set, exit status 1, and the run Failed, not Running."""
     env = in_namespace(test_stack, empty_namespace)
     setup = mmrag(env, "temporal", "setup", "--namespace", empty_namespace)
     assert setup.returncode == 0, setup.stderr
@@ -214,19 +214,27 @@ async def test_ingest_of_a_bucket_without_credentials_is_not_silent(
     worker = WorkerProcess.start(test_stack.state_dir, "all", worker_env)
     try:
         tenant = f"gcs-{uuid.uuid4().hex[:6]}"
-        ingest = Running(
-            env, "ingest", "gs://mmrag-no-credentials/prefix/", "--tenant", tenant, "--wait"
+        out = mmrag(
+            env,
+            "ingest",
+            "gs://mmrag-no-credentials/prefix/",
+            "--tenant",
+            tenant,
+            "--wait",
+            timeout=READ_LIMIT_S,
         )
-        started = ingest.wait_for(lambda text: text.startswith("started IngestBatch"))
-        line = ingest.wait_for(lambda text: "credentials" in text.lower())
-        assert "scan_page" in line and "Traceback" not in line
-        ingest.interrupt()
+        assert out.returncode == 1, (out.stdout, out.stderr)
+        assert "Traceback" not in out.stderr
+        last = out.stderr.strip().splitlines()[-1]
+        assert "scan_page" in last and "GOOGLE_APPLICATION_CREDENTIALS" in last, out.stderr
+        workflow_id = next(
+            line.split()[-1] for line in out.stderr.splitlines() if "IngestBatch" in line
+        )
         client = await Client.connect(
             test_stack.endpoints["temporal_address"], namespace=empty_namespace
         )
-        handle = client.get_workflow_handle(started.split()[-1])
-        if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
-            await handle.terminate(reason="test cleanup")
+        described = await client.get_workflow_handle(workflow_id).describe()
+        assert described.status == WorkflowExecutionStatus.FAILED
     finally:
         worker.stop(timeout=10)
 

@@ -42,7 +42,17 @@ INTERNAL = {"ObjectRef", "IndexTarget", "IngestTotals"}
 # Continuation state the workflows set for themselves; callers leave it out.
 CONTINUATION = {
     "IngestBatchInput": {"cursor_source", "cursor_page_token", "totals"},
-    "ReindexInput": {"target_version", "cursor", "done", "failed", "total", "phase", "embedded"},
+    "ReindexInput": {
+        "target_version",
+        "cursor",
+        "done",
+        "failed",
+        "total",
+        "phase",
+        "embedded",
+        "failures",
+        "still_failing",
+    },
     "WatchPrefixInput": {"passes"},
 }
 

@@ -74,6 +74,7 @@ ROLE_ACTIVITIES: dict[str, tuple[Callable[..., Any], ...]] = {
         ingest_stubs.create_first_index,
         ingest_stubs.scan_page,
         ingest_stubs.record_outcomes,
+        ingest_stubs.retag_assets,  # tags changed on an unchanged object (issue 18)
         ask_stubs.retrieve,
         ask_stubs.retrieve_and_answer,
         ask_stubs.finalize_answer,

@@ -16,18 +16,26 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import re
+import typing
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 import temporalio.converter
+from temporalio.api.common.v1 import Payload
 from temporalio.client import Client, Interceptor
 from temporalio.common import HeaderCodecBehavior
 from temporalio.converter import (
+    CompositePayloadConverter,
     DataConverter,
     DefaultFailureConverter,
     DefaultFailureConverterWithEncodedAttributes,
+    DefaultPayloadConverter,
+    JSONPlainPayloadConverter,
+    JSONTypeConverter,
 )
 from temporalio.envconfig import ClientConfig
+from temporalio.exceptions import ApplicationError
 from temporalio.runtime import Runtime
 
 from settings import Settings, get_settings
@@ -49,8 +57,74 @@ def connect_config(settings: Settings | None = None) -> dict[str, Any]:
     return config
 
 
+#: Error type of an input that cannot be decoded into its dataclass (workflows/limits.py
+#: BAD_INPUT: the same type the workflows give the inputs they refuse).
+BAD_INPUT = "BadInput"
+_FIELD = re.compile(r"^Failed converting field (\w+) on dataclass <class '(?:[\w.]*\.)?(\w+)'>$")
+_ITEM = re.compile(r"^Failed converting (?:value for key (.+) in mapping|.+ index (\d+)$)")
+
+
+class _NoStringAsList(JSONTypeConverter):
+    """A JSON string where a list is declared is refused: the SDK would take
+    ``"sources": "gs://b/p"`` as the list of its characters and ingest ``g``, ``s``, ..."""
+
+    def to_typed_value(self, hint: type, value: Any) -> Any:
+        if typing.get_origin(hint) is list and isinstance(value, str):
+            raise TypeError(f"Expected a list, was the string {value[:60]!r}")
+        return JSONTypeConverter.Unhandled
+
+
+class CheckedPayloadConverter(DefaultPayloadConverter):
+    """The default converter, except that a payload which does not fit its declared type
+    (``"top_k": "five"``, a missing ``tenant``, a string for a list) raises a non-retryable
+    ``BadInput`` ApplicationError naming the field, instead of a ``TypeError``.
+
+    Why: the SDK decodes a workflow's input before ``run`` starts, and a ``TypeError`` there
+    fails the *workflow task*, which Temporal retries for ever: the run stays Running and
+    says nothing to whoever started it. An ApplicationError is a failure error, so the SDK
+    fails the *workflow* at once with this message (and an activity's input the same way:
+    its attempt fails without retries). ``workflow_failure_exception_types=[TypeError]``
+    would do it too, but would also turn every ``TypeError`` bug in workflow code into
+    failed runs instead of tasks that recover once a fixed worker is deployed."""
+
+    def __init__(self) -> None:
+        converters = [
+            JSONPlainPayloadConverter(custom_type_converters=[_NoStringAsList()])
+            if isinstance(c, JSONPlainPayloadConverter)
+            else c
+            for c in DefaultPayloadConverter.default_encoding_payload_converters
+        ]
+        CompositePayloadConverter.__init__(self, *converters)
+
+    def from_payloads(
+        self, payloads: Sequence[Payload], type_hints: list[type] | None = None
+    ) -> list[Any]:
+        try:
+            return super().from_payloads(payloads, type_hints)
+        except (TypeError, ValueError) as e:
+            raise ApplicationError(input_problem(e), type=BAD_INPUT, non_retryable=True) from None
+
+
+def input_problem(error: BaseException) -> str:
+    """One line from the SDK's chain of conversion errors: the field's path (``AskInput.
+    filters.created_after``), what was wrong, what to do."""
+    path = ""
+    while error.__cause__ is not None:
+        if field := _FIELD.match(str(error)):
+            path += f".{field[1]}" if path else f"{field[2]}.{field[1]}"
+        elif item := _ITEM.match(str(error)):
+            path += f"[{item[1] or item[2]}]"
+        else:
+            break
+        error = error.__cause__
+    where = f"field {path}" if path else "the input"
+    what = str(error).replace("<class '", "").replace("'>", "")
+    return f"{where} cannot be read: {what}; fix it and start the run again"
+
+
 def data_converter(settings: Settings | None = None) -> DataConverter:
-    """The default JSON converter plus the payload codec of ``MMRAG_CODEC_*``.
+    """The JSON converter that refuses ill-typed input (:class:`CheckedPayloadConverter`)
+    plus the payload codec of ``MMRAG_CODEC_*``.
 
     With a key, failure messages and stack traces are encrypted too
     (``encode_common_attributes``): they quote URIs and questions. Without one the codec
@@ -63,7 +137,10 @@ def data_converter(settings: Settings | None = None) -> DataConverter:
         DefaultFailureConverterWithEncodedAttributes if codec.enabled else DefaultFailureConverter
     )
     return dataclasses.replace(
-        temporalio.converter.default(), payload_codec=codec, failure_converter_class=failures
+        temporalio.converter.default(),
+        payload_converter_class=CheckedPayloadConverter,
+        payload_codec=codec,
+        failure_converter_class=failures,
     )
 
 

@@ -43,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
         ASK_WORKFLOW,
         ENCODE_TASK_QUEUE,
         GENERATE_TASK_QUEUE,
+        MEDIA_TYPES,
         QUERY_TASK_QUEUE,
         AskInput,
         AskResult,
@@ -94,7 +95,8 @@ class Ask:
                 type="BadQuery",
                 non_retryable=True,
             )
-        refuse_if(filters_problem(inp.filters), BAD_QUERY)  # fail now, not after 90 s of retries
+        # Fail now, not after 90 s of retries, and never answer another question than asked.
+        refuse_if(filters_problem(inp.filters) or _ask_problem(inp), BAD_QUERY)
         started = workflow.now()
         encode_input = EncodeQueryInput(
             text=inp.text,
@@ -219,6 +221,23 @@ class Ask:
             reason,
             llm_model,
         )
+
+
+def _ask_problem(inp: AskInput) -> str:
+    """What to fix in an Ask the workers would otherwise answer differently than asked
+    (``top_k`` 0 raised to 1, a media type the index never holds matching nothing)."""
+    if inp.top_k < 1:
+        return (
+            f"top_k={inp.top_k}: ask for 1 or more sources (default 5; the workers cap it "
+            "at MMRAG_MAX_TOP_K)"
+        )
+    for media_type in inp.filters.media_types:
+        if media_type not in MEDIA_TYPES:
+            return (
+                f"filters.media_types: {media_type!r} is not a type mmrag indexes; use one "
+                f"of {', '.join(MEDIA_TYPES)}"
+            )
+    return ""
 
 
 def _encodes_locally() -> bool:

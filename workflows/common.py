@@ -41,9 +41,18 @@ def source_attribute(tenant: str, uris: list[str]) -> SearchAttributeUpdate[str]
 # (workers/run.py LIVENESS_HEARTBEAT): a killed worker's activity is retried after this.
 LIVENESS_TIMEOUT = timedelta(seconds=20)
 
+# Every activity's retries are bounded (issue 18): errors no retry fixes are raised
+# non-retryable by the activities (BadInput, MissingCredentials, PermissionRefused, ...),
+# and anything else (a Postgres or Milvus restart) is retried for about 8 minutes
+# (1+2+4+8+16 s, then every 30 s), then the run fails with the step's last error instead of
+# retrying unseen for ever.
 DB_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30)
+    initial_interval=timedelta(seconds=1),
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=20,
 )
+# Local activities that only compute (no outside system): a failure is a bug, not an outage.
+PURE_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_attempts=3)
 ENCODE_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2),
     maximum_interval=timedelta(seconds=60),

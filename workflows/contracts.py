@@ -13,7 +13,7 @@ decoding a payload does not evaluate them again each time.
 import hashlib
 from dataclasses import dataclass, field
 
-CONTRACT_VERSION = 3
+CONTRACT_VERSION = 4  # 4: IngestResult.retagged, ReindexResult failures and still_failing
 
 # Task queues (docs/architecture.md): workflows and CPU activities, CLIP encoding, LLM generation.
 TASK_QUEUE = "mmrag"
@@ -43,6 +43,10 @@ INGESTED = "ingested"
 UNCHANGED = "unchanged"
 FAILED = "failed"
 SKIPPED = "skipped"  # e.g. forgotten by a right-to-be-forgotten request
+RETAGGED = "retagged"  # unchanged object ingested with other tags: tags updated, not re-encoded
+# AssetOutcome.note of a failed asset an incremental re-index did not retry: it failed on the
+# same bytes for the same index version before (ReindexResult.still_failing).
+STILL_FAILING = "still failing: unchanged since it failed; retried when the object changes"
 
 
 def asset_id_for(tenant: str, uri: str) -> str:
@@ -74,7 +78,7 @@ class AssetOutcome:
 
     uri: str
     asset_id: str
-    status: str  # ingested | unchanged | failed
+    status: str  # ingested | unchanged | retagged | failed | skipped
     generation: str = ""
     reason: str = ""  # why it failed, in words a user can act on
     chunks: int = 0  # vectors written for it
@@ -115,6 +119,7 @@ class IngestTotals:
     vectors: int = 0
     failures: list[AssetOutcome] = field(default_factory=list)  # capped, see MAX_REPORTED_FAILURES
     skipped: int = 0
+    retagged: int = 0
 
 
 MAX_REPORTED_FAILURES = 200
@@ -156,6 +161,7 @@ class IngestResult:
     vectors: int
     failures: list[AssetOutcome] = field(default_factory=list)
     skipped: int = 0
+    retagged: int = 0  # unchanged objects whose tags changed: updated without re-encoding
 
 
 @dataclass
@@ -176,6 +182,24 @@ class IngestProgress:
 # -- Ask ----------------------------------------------------------------------------------
 ASK_WORKFLOW = "Ask"
 MAX_INLINE_IMAGE_BYTES = 256 * 1024  # larger query images go by URI
+# What ``AskFilters.media_types`` may name: every type the index can hold (the ingest's
+# sniffer, activities/media/formats.py, finds no other; tests/test_new_user.py keeps the two
+# equal). An Ask naming another one is refused rather than finding nothing.
+MEDIA_TYPES = (
+    "image/jpeg",
+    "image/png",
+    "image/gif",
+    "image/bmp",
+    "image/tiff",
+    "image/webp",
+    "image/avif",
+    "application/pdf",
+    "video/mp4",
+    "video/quicktime",
+    "video/webm",
+    "video/x-matroska",
+    "video/x-msvideo",
+)
 
 
 @dataclass
@@ -274,6 +298,8 @@ class ReindexInput:
     total: int = 0
     phase: str = ""
     embedded: int = 0
+    failures: list[AssetOutcome] = field(default_factory=list)
+    still_failing: int = 0
 
 
 @dataclass
@@ -299,6 +325,12 @@ class ReindexResult:
     failed: int
     verified_assets: int
     swapped: bool
+    # What failed, with reasons (at most MAX_REPORTED_FAILURES): this run's new failures,
+    # and assets that failed before at the same generation (note "still failing"), which an
+    # incremental run does not retry until the object changes: ``failed`` counts only the
+    # new ones, ``still_failing`` the others.
+    failures: list[AssetOutcome] = field(default_factory=list)
+    still_failing: int = 0
 
 
 @dataclass

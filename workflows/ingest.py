@@ -18,6 +18,7 @@ with workflow.unsafe.imports_passed_through():
         CreateIndexInput,
         EncodeBatchInput,
         RecordOutcomesInput,
+        RetagInput,
         ScanPageInput,
         ScanPageResult,
         create_first_index,
@@ -25,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
         encode_batch,
         record_outcomes,
         resolve_index,
+        retag_assets,
         scan_page,
     )
     from workflows.activities.limits import Knobs
@@ -44,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
         INGEST_BATCH_WORKFLOW,
         INGESTED,
         MAX_REPORTED_FAILURES,
+        RETAGGED,
         SKIPPED,
         AssetOutcome,
         IndexTarget,
@@ -59,6 +62,9 @@ with workflow.unsafe.imports_passed_through():
 # Pages processed per run before continuing as new: keeps histories far below the
 # suggested limit even for very large buckets.
 PAGES_PER_RUN = 20
+# Patch id: an unchanged object ingested with other tags is retagged (retag_assets) since
+# issue 18; runs from before compared generations only and replay without the step.
+RETAG_UNCHANGED = "retag-unchanged-objects"
 
 
 async def active_or_first_index() -> IndexTarget:
@@ -98,16 +104,43 @@ async def scan(
     force: bool,
     single_object: bool = False,
     allow_forgotten: bool = False,
+    tags: dict[str, str] | None = None,
 ) -> ScanPageResult:
     return await workflow.execute_activity(
         scan_page,
         ScanPageInput(
-            tenant, source, token, page_size, index.version, force, single_object, allow_forgotten
+            tenant,
+            source,
+            token,
+            page_size,
+            index.version,
+            force,
+            single_object,
+            allow_forgotten,
+            tags,
         ),
         start_to_close_timeout=timedelta(minutes=5),
         retry_policy=DB_RETRY,
         summary=f"list + check {source}",
     )
+
+
+async def retag(
+    tenant: str, index: IndexTarget, page: ScanPageResult, tags: dict[str, str]
+) -> list[AssetOutcome]:
+    """Retag what the scan found unchanged but tagged otherwise; what lost its vectors on
+    the way (a worker killed mid-rewrite) joins ``page.to_encode``."""
+    if not page.retag:
+        return []
+    done = await workflow.execute_activity(
+        retag_assets,
+        RetagInput(tenant, index, page.retag, tags, page.extra_targets),
+        start_to_close_timeout=timedelta(minutes=5),
+        retry_policy=DB_RETRY,
+        summary=f"new tags for {len(page.retag)} unchanged objects",
+    )
+    page.to_encode.extend(done.to_encode)
+    return done.outcomes
 
 
 async def encode_and_record(
@@ -163,6 +196,8 @@ def count(totals: IngestTotals, outcomes: list[AssetOutcome]) -> None:
                 totals.failures.append(o)
         elif o.status == SKIPPED:
             totals.skipped += 1
+        elif o.status == RETAGGED:
+            totals.retagged += 1
         else:
             totals.unchanged += 1
 
@@ -178,6 +213,7 @@ def result_of(tenant: str, index: IndexTarget, totals: IngestTotals) -> IngestRe
         vectors=totals.vectors,
         failures=totals.failures,
         skipped=totals.skipped,
+        retagged=totals.retagged,
     )
 
 
@@ -200,6 +236,7 @@ class IngestBatch:
         self._input = inp
         self._totals = inp.totals
         refuse_if(tags_problem(inp.tags), BAD_INPUT)
+        retags = workflow.patched(RETAG_UNCHANGED)
         knobs = await bounded_knobs(
             Knobs(
                 page_size=inp.page_size,
@@ -246,9 +283,11 @@ class IngestBatch:
                     index,
                     inp.force,
                     allow_forgotten=inp.allow_forgotten,
+                    tags=inp.tags if retags else None,
                 )
                 await record(inp.tenant, index, [], page.rejected, inp.tags)
                 count(self._totals, page.unchanged + page.rejected)
+                count(self._totals, await retag(inp.tenant, index, page, inp.tags))
                 chunks = [
                     page.to_encode[i : i + batch_size]
                     for i in range(0, len(page.to_encode), batch_size)
@@ -295,6 +334,7 @@ class IngestAsset:
     @workflow.run
     async def run(self, inp: IngestAssetInput) -> IngestResult:
         refuse_if(tags_problem(inp.tags), BAD_INPUT)
+        retags = workflow.patched(RETAG_UNCHANGED)
         index = await active_or_first_index()
         workflow.upsert_search_attributes(
             [
@@ -313,10 +353,13 @@ class IngestAsset:
             inp.force,
             single_object=True,
             allow_forgotten=inp.allow_forgotten,
+            tags=inp.tags if retags else None,
         )
         await record(inp.tenant, index, [], page.rejected, inp.tags)
         count(totals, page.unchanged + page.rejected)
-        asset_ids = [o.asset_id for o in page.to_encode + page.unchanged + page.rejected]
+        retagged = await retag(inp.tenant, index, page, inp.tags)
+        count(totals, retagged)
+        asset_ids = [o.asset_id for o in page.to_encode + page.unchanged + page.rejected + retagged]
         if asset_ids and asset_ids[0]:
             workflow.upsert_search_attributes([ASSET_ID_KEY.value_set(asset_ids[0])])
         if page.to_encode:

@@ -24,6 +24,7 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 from workflows.activities.limits import Knobs, bound_knobs
+from workflows.common import PURE_RETRY
 from workflows.contracts import AskFilters
 
 #: Tags per asset: the ``tags`` ARRAY field of a collection (``max_capacity``).
@@ -124,5 +125,6 @@ async def bounded_knobs(knobs: Knobs) -> Knobs:
         bound_knobs,
         knobs,
         start_to_close_timeout=timedelta(seconds=10),
+        retry_policy=PURE_RETRY,  # a local activity's default retries are unbounded
         summary="bound the caller's load knobs",
     )

@@ -61,7 +61,9 @@ with workflow.unsafe.imports_passed_through():
         FAILED,
         FULL,
         INCREMENTAL,
+        MAX_REPORTED_FAILURES,
         REINDEX_WORKFLOW,
+        AssetOutcome,
         IndexTarget,
         ReindexInput,
         ReindexProgress,
@@ -174,7 +176,9 @@ class Reindex:
             if not cursor:
                 inp.total = page.total
             inp.failed += len(page.failures)
-            inp.done += page.unchanged + len(page.failures)
+            inp.still_failing += len(page.still_failing)
+            inp.done += page.unchanged + len(page.failures) + len(page.still_failing)
+            self._report(page.failures + page.still_failing)
             await self._embed(target, page.items, page.extra_targets)
             cursor = page.next_cursor
             pages += 1
@@ -230,6 +234,7 @@ class Reindex:
                     )
                 inp.done += len(outcomes)
                 inp.failed += sum(o.status == FAILED for o in outcomes)
+                self._report(outcomes)
                 inp.embedded += sum(o.status != FAILED for o in outcomes)
                 self._done_this_run += len(outcomes)
 
@@ -256,6 +261,8 @@ class Reindex:
                 failed=inp.failed,
                 verified_assets=0,
                 swapped=False,
+                failures=inp.failures,
+                still_failing=inp.still_failing,
             )
         inp.phase = "verifying"
         check = ReconcileResult()
@@ -298,6 +305,8 @@ class Reindex:
             failed=inp.failed,
             verified_assets=check.registry_assets,
             swapped=True,
+            failures=inp.failures,
+            still_failing=inp.still_failing,
         )
 
     async def _rollback(self) -> ReindexResult:
@@ -321,6 +330,12 @@ class Reindex:
             verified_assets=0,
             swapped=True,
         )
+
+    def _report(self, outcomes: list[AssetOutcome]) -> None:
+        """Keep what failed, with its reason, for the result (carried across continue-as-new,
+        at most MAX_REPORTED_FAILURES): a count alone tells no one what to fix."""
+        room = MAX_REPORTED_FAILURES - len(self._inp.failures)
+        self._inp.failures.extend([o for o in outcomes if o.status == FAILED][: max(0, room)])
 
     @workflow.query(name="progress")
     def progress(self) -> ReindexProgress:

@@ -120,6 +120,7 @@ class KnownAsset:
     status: str
     index_version: int
     allow_reingest: bool
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 def known_generations(
@@ -136,12 +137,59 @@ def known_generations(
                 Asset.status,
                 Asset.index_version,
                 Asset.allow_reingest,
+                Asset.tags,
             ).where(Asset.tenant == tenant, Asset.asset_id.in_(asset_ids))
         )
         return {
-            r.asset_id: KnownAsset(r.generation, r.status, r.index_version, r.allow_reingest)
+            r.asset_id: KnownAsset(
+                r.generation, r.status, r.index_version, r.allow_reingest, dict(r.tags or {})
+            )
             for r in rows
         }
+
+
+def retag(
+    engine: Engine,
+    tenant: str,
+    refs: Sequence[ObjectRef],
+    tags: dict[str, str],
+    index_version: int,
+    workflow_id: str,
+    run_id: str,
+) -> None:
+    """Give ingested assets new tags (their vectors already carry them) and append one
+    ``asset.retag`` audit row each; the tags themselves stay out of the audit row, as in
+    ``asset.ingest`` (a tag may name a person). Only rows still ingested at the generation
+    the scan saw are changed: an object re-encoded meanwhile keeps that ingest's tags."""
+    if not refs:
+        return
+    with Session(engine) as session, session.begin():
+        for ref in refs:
+            session.execute(
+                update(Asset)
+                .where(
+                    Asset.tenant == tenant,
+                    Asset.asset_id == ref.asset_id,
+                    Asset.generation == ref.generation,
+                    Asset.status == INGESTED,
+                )
+                .values(tags=tags, updated_at=func.now())
+            )
+        write_audit(
+            session,
+            [
+                AuditRecord(
+                    tenant=tenant,
+                    action="asset.retag",
+                    idempotency_key=f"{run_id}/asset.retag/{ref.asset_id}/{ref.generation}",
+                    asset_id=ref.asset_id,
+                    workflow_id=workflow_id,
+                    run_id=run_id,
+                    details={"generation": ref.generation, "index_version": index_version},
+                )
+                for ref in refs
+            ],
+        )
 
 
 def allow_reingest(engine: Engine, tenant: str, asset_ids: Sequence[str]) -> None:
@@ -158,6 +206,8 @@ def allow_reingest(engine: Engine, tenant: str, asset_ids: Sequence[str]) -> Non
 class LiveAsset:
     tenant: str
     ref: ObjectRef
+    status: str = INGESTED
+    reason: str = ""  # why it failed, for a failed asset
 
 
 def live_assets_page(
@@ -174,13 +224,7 @@ def live_assets_page(
         )
     with Session(engine) as session:
         rows = list(session.scalars(query.order_by(Asset.tenant, Asset.asset_id).limit(limit)))
-    assets = [
-        LiveAsset(
-            r.tenant,
-            _ref(r),
-        )
-        for r in rows
-    ]
+    assets = [LiveAsset(r.tenant, _ref(r), r.status, r.reason or "") for r in rows]
     next_cursor = f"{rows[-1].tenant}\x00{rows[-1].asset_id}" if len(rows) == limit else ""
     return assets, next_cursor
 

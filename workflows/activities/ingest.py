@@ -13,6 +13,7 @@ CREATE_FIRST_INDEX = "create_first_index"
 SCAN_PAGE = "scan_page"
 ENCODE_BATCH = "encode_batch"
 RECORD_OUTCOMES = "record_outcomes"
+RETAG_ASSETS = "retag_assets"
 
 
 @dataclass
@@ -42,6 +43,9 @@ class ScanPageInput:
     force: bool = False
     single_object: bool = False  # the source must be exactly one object, not a prefix
     allow_forgotten: bool = False
+    # The run's tags: an unchanged object with other tags is listed in ``retag``. None (a
+    # run from before the retag step): unchanged objects stay unchanged whatever the tags.
+    tags: Optional[dict[str, str]] = None  # noqa: UP045 (the converter needs Optional)
 
 
 @dataclass
@@ -53,6 +57,8 @@ class ScanPageResult:
     # Index versions besides the active one that must receive the same writes (a re-index
     # building, a retired version kept for rollback).
     extra_targets: list[IndexTarget] = field(default_factory=list)
+    # Unchanged objects ingested with other tags than their index entry: retag, not encode.
+    retag: list[ObjectRef] = field(default_factory=list)
 
 
 @dataclass
@@ -71,6 +77,23 @@ class RecordOutcomesInput:
     objects: list[ObjectRef]
     outcomes: list[AssetOutcome]
     tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RetagInput:
+    tenant: str
+    index: IndexTarget
+    objects: list[ObjectRef]
+    tags: dict[str, str] = field(default_factory=dict)
+    extra_targets: list[IndexTarget] = field(default_factory=list)
+
+
+@dataclass
+class RetagResult:
+    outcomes: list[AssetOutcome] = field(default_factory=list)  # status retagged
+    # Objects with no vectors left to rewrite (a worker died between a retag's delete and
+    # insert): encode them again.
+    to_encode: list[ObjectRef] = field(default_factory=list)
 
 
 @stub(RESOLVE_INDEX)
@@ -107,3 +130,9 @@ def encode_batch(inp: EncodeBatchInput) -> list[AssetOutcome]:
 def record_outcomes(inp: RecordOutcomesInput) -> None:
     """Write a batch's outcomes to the registry (and their audit rows)."""
     raise not_here(RECORD_OUTCOMES)
+
+
+@stub(RETAG_ASSETS, milvus=MILVUS_WRITE)
+def retag_assets(inp: RetagInput) -> RetagResult:
+    """Give unchanged assets new tags in every writable version and the registry."""
+    raise not_here(RETAG_ASSETS)

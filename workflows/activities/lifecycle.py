@@ -56,6 +56,9 @@ class ReindexPage:
     next_cursor: str = ""
     total: int = 0  # assets in scope (first page only)
     extra_targets: list[IndexTarget] = field(default_factory=list)
+    # Assets that failed at this generation when last encoded for this version
+    # (unsupported, corrupt): not retried until the object changes, not new failures.
+    still_failing: list[AssetOutcome] = field(default_factory=list)
 
 
 @dataclass

@@ -7,7 +7,7 @@
  * tests/test_starters.py checks that every interface here matches its Python dataclass.
  */
 
-export const CONTRACT_VERSION = 3;
+export const CONTRACT_VERSION = 4;
 
 // Task queues. Starters use TASK_QUEUE: the workflows route their own activities to the GPU
 // queues. An Ask may instead start on QUERY_TASK_QUEUE where a query worker is deployed
@@ -26,7 +26,7 @@ export const FORGET_WORKFLOW = 'Forget';
 export const WATCH_PREFIX_WORKFLOW = 'WatchPrefix';
 
 /** Outcome statuses of one object in an ingest. */
-export type AssetStatus = 'ingested' | 'unchanged' | 'failed' | 'skipped';
+export type AssetStatus = 'ingested' | 'unchanged' | 'retagged' | 'failed' | 'skipped';
 
 // -- Ingest -------------------------------------------------------------------------------
 
@@ -85,6 +85,8 @@ export interface IngestResult {
   vectors: number;
   failures: AssetOutcome[];
   skipped: number;
+  /** unchanged objects whose tags changed: updated without re-encoding */
+  retagged: number;
 }
 
 /** Answer of the `progress` query on `IngestBatch`. */
@@ -205,6 +207,9 @@ export interface ReindexResult {
   failed: number;
   verified_assets: number;
   swapped: boolean;
+  /** new failures, and (note "still failing") assets not retried until they change */
+  failures: AssetOutcome[];
+  still_failing: number;
 }
 
 /** Input of `Forget`: one asset, every asset under a URI prefix, or a tag match. */
