@@ -22,6 +22,11 @@ Behaviour is switched at run time with :meth:`LlmTestServer.set_mode`:
 - ``"reply"``: exactly ``text`` (a scripted answer: what a model that obeyed an injected
   instruction would say, say).
 
+Caption requests (:func:`is_caption_request`: activities/captions.py's system prompt and one
+``data:image/...`` part) are answered in ``ok`` mode with :func:`caption_answer`, a
+description of the picture actually sent (its main colour and how bright it is), so a test
+can tell which picture was captioned; they follow the request mode like any other.
+
 Chunk summarisation requests (:func:`is_summary_request`: the generator's summary system
 prompt) are answered in ``ok`` mode with :func:`summary_answer` (the passage's own
 sentences, last first, within the request's token cap) and follow the same mode, unless
@@ -56,6 +61,18 @@ HALLUCINATION = "The Eiffel Tower was painted purple in 1850 by Napoleon's engin
 # How activities.llm.client's summary system prompt starts (kept literal: a test server
 # that imported the code under test would agree with it by construction).
 SUMMARY_PROMPT_START = "You condense one source passage"
+# How activities.captions' caption system prompt starts.
+CAPTION_PROMPT_START = "You describe one picture"
+# Named colours the caption answer picks the nearest of.
+_COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (30, 60, 200),
+    "yellow": (230, 210, 40),
+    "white": (245, 245, 245),
+    "black": (10, 10, 10),
+    "grey": (128, 128, 128),
+}
 
 # Source S1's text: between <source id="S1" ...> and </source> (the prompt's delimiters),
 # or after an "[S1] ..." header line (prompts from before the delimiters).
@@ -87,6 +104,56 @@ def is_summary_request(body: dict[str, Any]) -> bool:
         ):
             return True
     return False
+
+
+def image_urls(body: dict[str, Any]) -> list[str]:
+    """The ``image_url`` URLs of a chat request's user messages, in order."""
+    urls = []
+    for msg in body.get("messages") or []:
+        content = msg.get("content")
+        if msg.get("role") == "user" and isinstance(content, list):
+            urls += [
+                str((p.get("image_url") or {}).get("url", ""))
+                for p in content
+                if p.get("type") == "image_url"
+            ]
+    return urls
+
+
+def is_caption_request(body: dict[str, Any]) -> bool:
+    """Whether a chat request asks for a picture's caption."""
+    return any(
+        msg.get("role") == "system" and str(msg.get("content", "")).startswith(CAPTION_PROMPT_START)
+        for msg in body.get("messages") or []
+    )
+
+
+def caption_answer(body: dict[str, Any]) -> str:
+    """The ``ok`` caption: the picture's dominant named colour, read from the pixels sent
+    ("A picture mostly red."), or that no picture came."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    urls = [u for u in image_urls(body) if u.startswith("data:image/")]
+    if not urls:
+        return "No picture was sent."
+    raw = base64.b64decode(urls[0].split(",", 1)[1])
+    with Image.open(io.BytesIO(raw)) as image:
+        small = image.convert("RGB").resize((16, 16))
+    counts: dict[str, int] = {}
+    data = small.tobytes()
+    for i in range(0, len(data), 3):
+        pixel = tuple(data[i : i + 3])
+        name = min(_COLOURS, key=lambda n: _distance(pixel, _COLOURS[n]))  # noqa: B023
+        counts[name] = counts.get(name, 0) + 1
+    colour = max(counts, key=lambda n: counts[n])
+    return f"A picture mostly {colour}."
+
+
+def _distance(a: Any, b: tuple[int, int, int]) -> int:
+    return sum((x - y) ** 2 for x, y in zip(a, b, strict=True))
 
 
 def summary_answer(body: dict[str, Any]) -> str:
@@ -188,6 +255,8 @@ class _Handler(BaseHTTPRequestHandler):
             text = str(params.get("text", ""))
         elif is_summary_request(body):
             text = summary_answer(body)
+        elif is_caption_request(body):
+            text = caption_answer(body)
         else:
             text = grounded_answer(user)
         prompt_tokens = max(1, len(json.dumps(body.get("messages", ""))) // 4)
@@ -290,10 +359,18 @@ class LlmTestServer:
             return [b for b in self.requests if is_summary_request(b)]
 
     @property
+    def caption_requests(self) -> list[dict[str, Any]]:
+        """The caption requests recorded, in arrival order."""
+        with self._lock:
+            return [b for b in self.requests if is_caption_request(b)]
+
+    @property
     def answer_requests(self) -> list[dict[str, Any]]:
         """The question-answering requests recorded, in arrival order."""
         with self._lock:
-            return [b for b in self.requests if not is_summary_request(b)]
+            return [
+                b for b in self.requests if not (is_summary_request(b) or is_caption_request(b))
+            ]
 
     @property
     def request_count(self) -> int:

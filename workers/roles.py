@@ -35,6 +35,7 @@ from workflows.activities import (
     implementations,
 )
 from workflows.activities import ask as ask_stubs
+from workflows.activities import captions as caption_stubs
 from workflows.activities import ingest as ingest_stubs
 from workflows.activities import lifecycle as lifecycle_stubs
 from workflows.activities import limits as limits_stubs
@@ -85,6 +86,8 @@ ROLE_ACTIVITIES: dict[str, tuple[Callable[..., Any], ...]] = {
         lifecycle_stubs.finish_reindex,
         lifecycle_stubs.forget_page,
         limits_stubs.bound_knobs,  # local: the workflows' load knobs, clamped to MMRAG_MAX_*
+        caption_stubs.plan_captions,  # local: which pictures need a caption; the cache
+        caption_stubs.store_captions,  # local
     ),
     "encode": (
         ingest_stubs.describe_encoder,
@@ -92,7 +95,7 @@ ROLE_ACTIVITIES: dict[str, tuple[Callable[..., Any], ...]] = {
         ingest_stubs.encode_batch,
         ask_stubs.encode_query,
     ),
-    "generate": (ask_stubs.generate,),
+    "generate": (ask_stubs.generate, caption_stubs.caption_media),
     # Ask on the query queue: encode + search in one local activity, then finalise.
     "query": (ask_stubs.encode_and_retrieve, ask_stubs.finalize_answer),
 }
@@ -135,6 +138,7 @@ def bind(role: str, *objects: object) -> list[Callable[..., Any]]:
 def cpu_role(settings: Settings) -> RoleContent:
     settings = settings.for_milvus_role("cpu").for_database_role("cpu")
     from activities.ask import AskActivities
+    from activities.captions import CaptionStoreActivities
     from activities.ingest import IngestActivities
     from activities.lifecycle import LifecycleActivities
     from activities.limits import LimitActivities
@@ -148,10 +152,11 @@ def cpu_role(settings: Settings) -> RoleContent:
     ask = AskActivities(settings)
     lifecycle = LifecycleActivities(settings)
     limits = LimitActivities(settings)
+    captions = CaptionStoreActivities(settings)
     return RoleContent(
         TASK_QUEUE,
         workflows=[IngestBatch, IngestAsset, Ask, Reindex, Forget, WatchPrefix],
-        activities=bind("cpu", ingest, ask, lifecycle, limits),
+        activities=bind("cpu", ingest, ask, lifecycle, limits, captions),
         max_concurrent_activities=settings.max_concurrent_activities,
     )
 
@@ -177,15 +182,19 @@ def encode_role(settings: Settings) -> RoleContent:
 
 
 def generate_role(settings: Settings) -> RoleContent:
+    from activities.captions import CaptionActivities
     from activities.generate import GenerateActivities
 
     settings = settings.for_database_role("generate")  # no database
     generate = GenerateActivities(settings=settings)
     llm = generate.config.model if generate.generator else "none (extractive answers)"
     log.info("LLM: %s", llm)
+    captions = CaptionActivities(settings, generate.config)  # decoder children on first use
+    if settings.caption_model:
+        log.info("captions: %s", settings.caption_model)
     return RoleContent(
         GENERATE_TASK_QUEUE,
-        activities=bind("generate", generate),
+        activities=bind("generate", generate, captions),
         max_concurrent_activities=settings.max_concurrent_activities,
     )
 

@@ -12,8 +12,18 @@ from dataclasses import replace
 from datetime import timedelta
 
 from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
+    from workflows.activities.captions import (
+        CaptionInput,
+        PlanCaptionsInput,
+        StoreCaptionsInput,
+        caption_media,
+        plan_captions,
+        store_captions,
+    )
     from workflows.activities.ingest import (
         CreateIndexInput,
         EncodeBatchInput,
@@ -35,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
         DB_RETRY,
         ENCODE_RETRY,
         INDEX_VERSION_KEY,
+        LIVENESS_TIMEOUT,
         OUTCOME_KEY,
         TENANT_KEY,
         source_attribute,
@@ -42,6 +53,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.contracts import (
         ENCODE_TASK_QUEUE,
         FAILED,
+        GENERATE_TASK_QUEUE,
         INGEST_ASSET_WORKFLOW,
         INGEST_BATCH_WORKFLOW,
         INGESTED,
@@ -65,6 +77,16 @@ PAGES_PER_RUN = 20
 # Patch id: an unchanged object ingested with other tags is retagged (retag_assets) since
 # issue 18; runs from before compared generations only and replay without the step.
 RETAG_UNCHANGED = "retag-unchanged-objects"
+# Patch id: ingested images and keyframes are captioned after their batch is recorded
+# (activities/captions.py) since issue 15; runs from before replay without the step.
+CAPTION_PICTURES = "caption-pictures"
+# Captions are optional: a few tries, then the ingest goes on without them.
+CAPTION_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=2),
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=4,
+    non_retryable_error_types=["CaptionsUnavailable", "LlmUnavailable", "PermanentLlmError"],
+)
 
 
 async def active_or_first_index() -> IndexTarget:
@@ -163,7 +185,54 @@ async def encode_and_record(
         summary=f"encode {len(objects)} objects",
     )
     await record(tenant, index, objects, outcomes, tags)
+    if workflow.patched(CAPTION_PICTURES):
+        await caption(tenant, objects, outcomes)
     return outcomes
+
+
+async def caption(tenant: str, objects: list[ObjectRef], outcomes: list[AssetOutcome]) -> None:
+    """Captions for the batch's ingested images and keyframes, when the cpu worker has a
+    caption model configured (plan_captions says none otherwise, without I/O): cached
+    captions are copied, the rest asked of the vision model on the generate queue. A model
+    that fails costs only the captions (logged); the batch's outcomes stand."""
+    ingested = {o.asset_id for o in outcomes if o.status == INGESTED}
+    pictures = [
+        o
+        for o in objects
+        if o.asset_id in ingested and o.media_type.startswith(("image/", "video/"))
+    ]
+    if not pictures:
+        return
+    plan = await workflow.execute_local_activity(
+        plan_captions,
+        PlanCaptionsInput(tenant, pictures),
+        start_to_close_timeout=timedelta(minutes=2),
+        retry_policy=DB_RETRY,
+        summary="captions to make (local)",
+    )
+    if not plan.items:
+        return
+    try:
+        made = await workflow.execute_activity(
+            caption_media,
+            CaptionInput(tenant, plan.model, plan.items),
+            task_queue=GENERATE_TASK_QUEUE,
+            start_to_close_timeout=timedelta(minutes=10),
+            heartbeat_timeout=LIVENESS_TIMEOUT,
+            retry_policy=CAPTION_RETRY,
+            summary=f"caption {len(plan.items)} pictures",
+        )
+    except ActivityError as e:
+        workflow.logger.warning("captions not made for this batch: %s", e.cause or e)
+        return
+    if made.captions:
+        await workflow.execute_local_activity(
+            store_captions,
+            StoreCaptionsInput(tenant, made.captions),
+            start_to_close_timeout=timedelta(minutes=1),
+            retry_policy=DB_RETRY,
+            summary="store captions (local)",
+        )
 
 
 async def record(
