@@ -154,10 +154,13 @@ _BEZIER_K = 0.5523  # control-point distance of a cubic Bezier quarter circle, p
 
 @dataclass
 class PdfPage:
-    """One page: lines of text at the top and, optionally, a filled (colour, shape)."""
+    """One page: lines of text at the top and, optionally, a filled (colour, shape).
+    ``font_size`` in points; lines are ``1.3 * font_size`` apart (11 pt fits ~50 lines of
+    ~12 words, a dense document page)."""
 
     lines: list[str] = field(default_factory=list)
     shape: tuple[str, str] | None = None
+    font_size: int = 20
 
 
 def build_pdf(objects: list[bytes], trailer_extra: bytes = b"") -> bytes:
@@ -226,9 +229,11 @@ def pdf_bytes(pages: list[PdfPage], page_size: tuple[int, int] = PDF_PAGE_SIZE) 
         content = bytearray()
         if page.shape:
             content += _pdf_shape(*page.shape, width, height)
+        step = round(1.3 * page.font_size)
         for i, line in enumerate(page.lines):
-            content += b"BT /F1 20 Tf 54 %d Td (%s) Tj ET\n" % (
-                height - 60 - 26 * i,
+            content += b"BT /F1 %d Tf 54 %d Td (%s) Tj ET\n" % (
+                page.font_size,
+                height - 60 - step * i,
                 _pdf_text(line),
             )
         objects.append(
@@ -240,12 +245,172 @@ def pdf_bytes(pages: list[PdfPage], page_size: tuple[int, int] = PDF_PAGE_SIZE) 
     return build_pdf(objects)
 
 
+def image_pdf_bytes(
+    images: list[Image.Image], page_size: tuple[int, int] = PDF_PAGE_SIZE, quality: int = 85
+) -> bytes:
+    """A scanned document: one JPEG per page filling it, and no text layer at all (the
+    words exist only as pixels, as in a scanner's PDF)."""
+    if not images:
+        raise ValueError("a PDF needs at least one page")
+    width, height = page_size
+    page_numbers = [3 + 3 * i for i in range(len(images))]
+    kids = b" ".join(b"%d 0 R" % n for n in page_numbers)
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [%s] /Count %d >>" % (kids, len(images)),
+    ]
+    for number, image in zip(page_numbers, images, strict=True):
+        jpeg = io.BytesIO()
+        image.convert("L").save(jpeg, format="JPEG", quality=quality)
+        data = jpeg.getvalue()
+        objects.append(
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 %d %d] "
+            b"/Resources << /XObject << /Im1 %d 0 R >> >> /Contents %d 0 R >>"
+            % (width, height, number + 2, number + 1)
+        )
+        objects.append(pdf_stream(b"q %d 0 0 %d 0 0 cm /Im1 Do Q" % (width, height)))
+        objects.append(
+            b"<< /Type /XObject /Subtype /Image /Width %d /Height %d /ColorSpace /DeviceGray "
+            b"/BitsPerComponent 8 /Filter /DCTDecode /Length %d >>\nstream\n"
+            % (image.width, image.height, len(data))
+            + data
+            + b"\nendstream"
+        )
+    return build_pdf(objects)
+
+
+# -- text as pixels: scans, slides, screenshots, video text cards ----------------------------
+
+
+def text_image(
+    lines: list[str],
+    size: tuple[int, int] = (1240, 1754),
+    font_size: int = 28,
+    rng: random.Random | None = None,
+    background: tuple[int, int, int] = (250, 250, 247),
+    ink: tuple[int, int, int] = (20, 20, 20),
+    scan: bool = False,
+    margin: int = 80,
+) -> Image.Image:
+    """``lines`` drawn as pixels (Pillow's bundled FreeType font, the same on every
+    machine). With ``scan`` (and an ``rng``) it looks scanned: a paper tint, a slight tilt,
+    speckle noise. The default size is an A4 page at 150 dpi."""
+    from PIL import ImageFont
+
+    font = ImageFont.load_default(size=font_size)
+    image = Image.new("RGB", size, background)
+    draw = ImageDraw.Draw(image)
+    y = margin
+    for line in lines:
+        draw.text((margin, y), line, fill=ink, font=font)
+        y += round(font_size * 1.45)
+    if scan and rng is not None:
+        image = image.rotate(
+            rng.uniform(-1.2, 1.2), resample=Image.Resampling.BICUBIC, fillcolor=background
+        )
+        pixels = image.load()
+        assert pixels is not None
+        for _ in range(size[0] * size[1] // 400):
+            x, yy = rng.randrange(size[0]), rng.randrange(size[1])
+            grey = rng.randint(90, 200)
+            pixels[x, yy] = (grey, grey, grey)
+    return image
+
+
+def text_video_bytes(
+    cards: list[tuple[list[str], tuple[int, int, int], float]],
+    size: tuple[int, int] = (640, 360),
+    fps: int = 10,
+    font_size: int = 30,
+) -> bytes:
+    """A video of text cards, one per ``(lines, background RGB, seconds)``: a different
+    background per card makes each cut a scene change."""
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        assert isinstance(stream, av.VideoStream)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.bit_rate = 1_500_000
+        for lines, background, seconds in cards:
+            ink = (255, 255, 255) if sum(background) < 380 else (15, 15, 15)
+            picture = text_image(lines, size, font_size, background=background, ink=ink, margin=40)
+            frame = av.VideoFrame.from_image(picture)
+            for _ in range(max(1, round(seconds * fps))):
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buffer.getvalue()
+
+
 # The demo's report: the red circle is on page 2 (queries must find "page:2").
 REPORT_PAGES = [
     PdfPage(["Quarterly report", "Summary: a yellow square"], ("yellow", "square")),
     PdfPage(["quarterly report red circle", "Figure 1: a red circle"], ("red", "circle")),
     PdfPage(["Appendix", "This page has text only: no figure, no chart, no table."]),
 ]
+
+
+# The demo's handbook: a fact in the fifth paragraph of page 3, among ordinary paragraphs.
+HANDBOOK_FACT = (
+    "The emergency generator in building C is tested every Tuesday at 07:30 by the "
+    "facilities team, and the test log is kept in binder FM-2231."
+)
+HANDBOOK_QUESTION = "When is the emergency generator in building C tested?"
+_HANDBOOK_FILLER = (
+    "Visitors sign in at reception and wear their badge at all times while on site.",
+    "Desks are shared; please clear yours at the end of each day and lock your drawer.",
+    "The canteen serves lunch from noon until two, and coffee is free in every kitchen.",
+    "Report any damage to the service desk so that repairs can be planned quickly.",
+    "Fire doors must stay closed; the assembly point is the car park behind building A.",
+    "Meeting rooms are booked through the calendar and released if unused for 15 minutes.",
+)
+
+
+def handbook_pages() -> list[PdfPage]:
+    """A 4-page site handbook: six paragraphs a page, :data:`HANDBOOK_FACT` the fifth
+    paragraph of page 3, so it is findable only by what the paragraph itself says."""
+    import textwrap
+
+    pages = []
+    for number in range(1, 5):
+        paragraphs = [
+            f"Section {number}.{k + 1}. "
+            + " ".join(_HANDBOOK_FILLER[(number + k + j) % 6] for j in range(3))
+            for k in range(6)
+        ]
+        if number == 3:
+            paragraphs[4] = f"Section 3.5. {HANDBOOK_FACT} {_HANDBOOK_FILLER[2]}"
+        lines = [f"Site handbook, page {number}", ""]
+        for para in paragraphs:
+            lines += textwrap.wrap(para, 88) + [""]
+        pages.append(PdfPage(lines, font_size=10))
+    return pages
+
+
+# The demo's scanned memo: a PDF page that is only a picture (no text layer).
+MEMO_LINES = [
+    "MEMO 2026-114",
+    "",
+    "To: all staff        From: facilities",
+    "",
+    "From 1 December the visitor car park closes at 19:00.",
+    "Late visitors use gate 4 on Harbour Street and call",
+    "security on extension 5120.",
+]
+MEMO_QUESTION = "When does the visitor car park close?"
+
+
+def write_scanned_memo(path: Path, seed: int = 114) -> Path:
+    """Write :data:`MEMO_LINES` as a one-page scanned PDF: pixels only, no text layer."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page = text_image(MEMO_LINES, font_size=34, rng=random.Random(seed), scan=True)
+    path.write_bytes(image_pdf_bytes([page]))
+    return path
 
 
 def write_pdf(path: Path, pages: list[PdfPage] | None = None) -> Path:
