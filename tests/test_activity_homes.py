@@ -8,6 +8,7 @@ import inspect
 import typing
 
 from activities.ask import AskActivities
+from activities.captions import CaptionActivities, CaptionStoreActivities
 from activities.encode_batch import BatchEncodeActivities
 from activities.encode_query import QueryEncodeActivities
 from activities.generate import GenerateActivities
@@ -21,6 +22,8 @@ from workflows.activities import home_of, implementations
 
 IMPLEMENTATIONS = (
     AskActivities,
+    CaptionActivities,
+    CaptionStoreActivities,
     BatchEncodeActivities,
     QueryEncodeActivities,
     GenerateActivities,
