@@ -138,7 +138,8 @@ class AskActivities:
         candidates' stored words in one SQL statement, reciprocal rank fusion, then
         re-ranking."""
         s = self.settings
-        use_lexical = s.lexical and bool(lexical.query_terms(inp.question))
+        share = inp.lexical_share  # 0 for an even or image-heavy image + text query
+        use_lexical = s.lexical and share > 0 and bool(lexical.query_terms(inp.question))
         pool = top_k * RERANK_POOL if inp.rerank or use_lexical else top_k
         store = get_store(s.milvus_endpoint(), s.milvus_token.get_secret_value())
         dense = [
@@ -163,7 +164,7 @@ class AskActivities:
         if use_lexical:
             hits = fuse_rrf(
                 {DENSE: dense, LEXICAL: found.hits},
-                {DENSE: s.fusion_dense_weight, LEXICAL: s.fusion_lexical_weight},
+                {DENSE: s.fusion_dense_weight, LEXICAL: s.fusion_lexical_weight * share},
                 s.rrf_k,
             )
         else:

@@ -263,6 +263,8 @@ def _retrieve_input(inp: AskInput, query: QueryVector | None = None) -> Retrieve
         inp.max_answer_tokens,
         query.collection if query else "",
         query.index_version if query else 0,
+        has_image=bool(inp.image_uri or inp.image_base64),
+        hybrid_weight=inp.hybrid_weight,
     )
 
 

@@ -45,6 +45,20 @@ class RetrieveInput:
     max_answer_tokens: int
     collection: str = ""  # search exactly the collection the query was encoded for
     index_version: int = 0
+    # An image + text query: the lexical leg reads the text alone, so it speaks only for the
+    # text's share beyond the image's (RetrieveInput.lexical_share, docs/retrieval.md).
+    has_image: bool = False
+    hybrid_weight: float = 0.5
+
+    @property
+    def lexical_share(self) -> float:
+        """How much the lexical leg counts in fusion: 1 for a text query; for an image +
+        text query ``1 - 2 * hybrid_weight`` (at least 0): an even or image-heavy hybrid
+        (``hybrid_weight`` >= 0.5) ranks by the vectors alone, as ``hybrid_weight`` always
+        meant, and a text-heavy one adds the lexical leg as the text's weight grows."""
+        if not self.has_image:
+            return 1.0
+        return max(0.0, min(1.0, 1.0 - 2.0 * self.hybrid_weight))
 
 
 @dataclass
