@@ -255,9 +255,9 @@ class IngestActivities:
         kept = set(ids)
         for target in [inp.index, *inp.extra_targets]:
             kept &= store.retag_assets(target.collection, inp.tenant, ids, inp.tags)
-        # lexical index: activities/store/lexical.py does not exist yet; when it does, its
-        # rows of these assets need the new tags as well.
         retagged = [ref for ref in inp.objects if ref.asset_id in kept]
+        with self.engine.begin() as conn:  # the lexical leg filters on tags too
+            lexical.set_tags(conn, inp.tenant, [ref.asset_id for ref in retagged], inp.tags)
         workflow_id, run_id = workflow_ids()
         registry.retag(
             self.engine,

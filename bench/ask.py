@@ -8,8 +8,9 @@ p50 / p99 / mean over ``--asks`` varied questions (never repeated, so the query-
 prompt caches stay cold) of retrieval-only asks (``generate=False``) and full asks against the
 zero-latency OpenAI-compatible test server (``tests/llm_server.py``, mode ``ok``):
 
-- in-process: ``encode_query`` -> ``retrieve`` -> ``generate`` -> ``finalize_answer`` called
-  directly, no Temporal (``finalize_answer`` reads ``activity.info()``, so it runs under
+- in-process: ``encode_query`` -> ``retrieve`` -> ``generate`` -> ``finalize_answer`` (the
+  product's activity code, with the inputs ``workflows/ask.py`` builds) called directly, no
+  Temporal (``finalize_answer`` reads ``activity.info()``, so it runs under
   ``temporalio.testing.ActivityEnvironment`` with a fresh run id per ask: the same code and
   the same audit insert, plus a context variable set around the call);
 - ``Ask`` with the product's workers (``workers.run.build_workers``) in this process on the
@@ -19,9 +20,11 @@ zero-latency OpenAI-compatible test server (``tests/llm_server.py``, mode ``ok``
   on both queues;
 - the same ``Ask`` code on bench-only task queues whose cpu-role worker (built by
   ``build_workers``, only the task queue and workflow runner overridden) passes the workflow
-  payload modules through the sandbox, or runs unsandboxed; and ``AskVariant``, a bench-only
-  copy of ``Ask`` with encoding (and generation) as local activities, to price placement, or
-  with every step in one local activity (the floor of a durable Ask). Notes and figures:
+  payload modules through the sandbox, or runs unsandboxed; and ``AskFloor``, a bench-only
+  workflow that runs the in-process pipeline (the product's activity code) as one local
+  activity: the floor of a durable Ask. The bench holds no copy of ``Ask``: the in-process
+  baseline builds every step's input with ``workflows/ask.py``'s own builders, and the
+  placement with encoding local is the product's query queue. Notes and figures:
   ``bench/README-ask.md``.
 
 All variants of one round run back to back, each round with fresh questions, so the noise of
@@ -59,39 +62,21 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from temporalio import activity, workflow  # noqa: E402
-from temporalio.common import SearchAttributePair  # noqa: E402
-from temporalio.exceptions import ActivityError  # noqa: E402
 
+import workflows.ask as ask_steps  # noqa: E402
 from activities.clip import TINY_MODEL_DIR  # noqa: E402
 from settings import get_settings
 from stack.servers import LATENCY_DYNAMIC_CONFIG, Temporal  # noqa: E402
 from stack.services import Stack, StackPorts  # noqa: E402
-from workflows.activities.ask import (
-    ENCODE_QUERY,
-    FINALIZE_ANSWER,
-    GENERATE,
-    RETRIEVE,
-    EncodeQueryInput,
-    FinalAnswer,
-    FinalizeInput,
-    GenerateInput,
-    Generation,
-    QueryVector,
-    Retrieval,
-    RetrieveInput,
-)
-from workflows.ask import LLM_RETRY, QUICK_RETRY, UNAVAILABLE, _degraded_reason  # noqa: E402
+from workflows.ask import QUICK_RETRY  # noqa: E402
 from workflows.contracts import (  # noqa: E402
     ASK_WORKFLOW,
-    ENCODE_TASK_QUEUE,
-    GENERATE_TASK_QUEUE,
     QUERY_TASK_QUEUE,
     TASK_QUEUE,
     AskInput,
     AskResult,
     asset_id_for,
 )
-from workflows.ingest import INDEX_VERSION_KEY, OUTCOME_KEY, TENANT_KEY  # noqa: E402
 
 TENANT = "bench"
 BASE_RPS_FLAG = LATENCY_DYNAMIC_CONFIG[0]  # what stack/servers.py sets
@@ -223,25 +208,12 @@ class Questions:
         return f"{t.format(c=c, s=s)} (query {n})"
 
 
-def retrieve_input(inp: AskInput, query: QueryVector) -> RetrieveInput:
-    """``RetrieveInput`` as ``workflows/ask.py`` builds it, field by field by name (so the
-    bench follows fields added to the payloads): renamed fields, then the AskInput's, then
-    the QueryVector's (collection, index version)."""
-    renamed = {"question": inp.text, "vector": query.vector, "encoder_model": query.model}
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(RetrieveInput):
-        if f.name in renamed:
-            values[f.name] = renamed[f.name]
-        elif hasattr(inp, f.name):
-            values[f.name] = getattr(inp, f.name)
-        elif hasattr(query, f.name):
-            values[f.name] = getattr(query, f.name)
-    return RetrieveInput(**values)
-
-
 # -- the in-process baseline ------------------------------------------------------------------
 class InProcess:
-    """The Ask workflow's steps, called directly in this process: no Temporal anywhere."""
+    """The Ask workflow's steps, called directly in this process: no Temporal anywhere. The
+    same activity code the workers run, given the inputs ``workflows/ask.py`` builds (its
+    ``encode_query_input`` / ``retrieve_input`` / ``generate_input`` / ``finalize_input``), so
+    the baseline follows every change to the product's pipeline."""
 
     def __init__(self) -> None:
         from temporalio.testing import ActivityEnvironment
@@ -258,27 +230,20 @@ class InProcess:
 
     def run(self, inp: AskInput) -> tuple[float, dict[str, float], AskResult]:
         t0 = time.perf_counter()
-        query = self.encode.encode_query(
-            EncodeQueryInput(inp.text, inp.image_uri, inp.image_base64, inp.hybrid_weight)
-        )
+        query = self.encode.encode_query(ask_steps.encode_query_input(inp))
         t1 = time.perf_counter()
-        retrieval = self.ask.retrieve(retrieve_input(inp, query))
+        retrieval = self.ask.retrieve(ask_steps.retrieve_input(inp, query))
         t2 = time.perf_counter()
         stages = {"encode": (t1 - t0) * 1000, "retrieve": (t2 - t1) * 1000}
         answer, kind, llm = retrieval.extractive_answer, "extractive", ""
+        context = retrieval.context
         if not retrieval.sources:
             kind = "none"
         elif inp.generate:
-            gen = self.generate.generate(
-                GenerateInput(
-                    retrieval.system_prompt,
-                    retrieval.user_prompt,
-                    inp.max_answer_tokens,
-                    [s.id for s in retrieval.sources],
-                )
-            )
+            gen = self.generate.generate(ask_steps.generate_input(inp, retrieval))
             if gen.kind == "generated":
                 answer, kind, llm = gen.text, gen.kind, gen.model
+                context = gen.context or retrieval.context
         t3 = time.perf_counter()
         if inp.generate:
             stages["generate"] = (t3 - t2) * 1000
@@ -288,18 +253,7 @@ class InProcess:
         )
         final = self.env.run(
             self.ask.finalize_answer,
-            FinalizeInput(
-                inp.tenant,
-                inp.text,
-                answer,
-                kind,
-                retrieval.sources,
-                retrieval.context,
-                False,
-                "",
-                (t3 - t0) * 1000,
-                retrieval.index_version,
-            ),
+            ask_steps.finalize_input(inp, retrieval, answer, kind, context, "", (t3 - t0) * 1000),
         )
         t4 = time.perf_counter()
         stages["finalize"] = (t4 - t3) * 1000
@@ -308,8 +262,6 @@ class InProcess:
             sources=retrieval.sources,
             latency_ms=round((t4 - t0) * 1000, 1),
             stage_ms=stages,
-            degraded=False,
-            degraded_reason="",
             answer_kind=final.answer_kind,
             index_version=retrieval.index_version,
             encoder_model=query.model,
@@ -318,16 +270,8 @@ class InProcess:
         return (t4 - t0) * 1000, stages, result
 
 
-# -- a bench-only copy of Ask with other placements (not product code) ------------------------
-@dataclass
-class VariantInput:
-    ask: AskInput
-    local_encode: bool = False  # encode_query as a local activity on the workflow's worker
-    local_generate: bool = False  # generate as a local activity on the workflow's worker
-    one_local_activity: bool = False  # every step in one local activity (the floor)
-
-
-VARIANT_WORKFLOW = "BenchAskVariant"
+# -- the floor of a durable Ask (bench-only; runs the product's activity code) -----------------
+FLOOR_WORKFLOW = "BenchAskFloor"
 ONE_LA = "bench_ask_in_one_local_activity"
 
 
@@ -342,127 +286,20 @@ class OneLocalActivity:
         return self.inproc.run(inp)[2]
 
 
-@workflow.defn(name=VARIANT_WORKFLOW)
-class AskVariant:
-    """``workflows.ask.Ask`` step for step (same activities, options and payloads) with steps
-    movable to local activities; run under the same sandbox passthrough runner as the
-    product's ``Ask`` it is compared with. Used only to price a placement."""
+@workflow.defn(name=FLOOR_WORKFLOW)
+class AskFloor:
+    """One local activity and nothing else: what a durable Ask costs at the least (one
+    workflow task, one marker), to compare the product's ``Ask`` with. Not a copy of Ask:
+    it orders no steps of its own."""
 
     @workflow.run
-    async def run(self, v: VariantInput) -> AskResult:
-        inp = v.ask
-        if v.one_local_activity:
-            return await workflow.execute_local_activity(
-                ONE_LA,
-                inp,
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=QUICK_RETRY,
-                result_type=AskResult,
-            )
-        started = workflow.now()
-        enc_in = EncodeQueryInput(inp.text, inp.image_uri, inp.image_base64, inp.hybrid_weight)
-        if v.local_encode:
-            query = await workflow.execute_local_activity(
-                ENCODE_QUERY,
-                enc_in,
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=QUICK_RETRY,
-                result_type=QueryVector,
-            )
-        else:
-            query = await workflow.execute_activity(
-                ENCODE_QUERY,
-                enc_in,
-                task_queue=ENCODE_TASK_QUEUE,
-                start_to_close_timeout=timedelta(seconds=30),
-                schedule_to_start_timeout=timedelta(seconds=30),
-                retry_policy=QUICK_RETRY,
-                result_type=QueryVector,
-            )
-        retrieval = await workflow.execute_local_activity(
-            RETRIEVE,
-            retrieve_input(inp, query),
-            start_to_close_timeout=timedelta(seconds=10),
+    async def run(self, inp: AskInput) -> AskResult:
+        return await workflow.execute_local_activity(
+            ONE_LA,
+            inp,
+            start_to_close_timeout=timedelta(seconds=30),
             retry_policy=QUICK_RETRY,
-            result_type=Retrieval,
-        )
-        stage_ms = {"encode": query.ms, "retrieve": retrieval.ms}
-        answer, kind, llm_model = retrieval.extractive_answer, "extractive", ""
-        degraded, reason = False, ""
-        if not retrieval.sources:
-            kind = "none"
-        elif inp.generate:
-            gen_in = GenerateInput(
-                retrieval.system_prompt,
-                retrieval.user_prompt,
-                inp.max_answer_tokens,
-                [s.id for s in retrieval.sources],
-            )
-            try:
-                if v.local_generate:
-                    generation = await workflow.execute_local_activity(
-                        GENERATE,
-                        gen_in,
-                        start_to_close_timeout=timedelta(seconds=30),
-                        schedule_to_close_timeout=timedelta(seconds=60),
-                        retry_policy=LLM_RETRY,
-                        result_type=Generation,
-                    )
-                else:
-                    generation = await workflow.execute_activity(
-                        GENERATE,
-                        gen_in,
-                        task_queue=GENERATE_TASK_QUEUE,
-                        start_to_close_timeout=timedelta(seconds=30),
-                        schedule_to_close_timeout=timedelta(seconds=60),
-                        retry_policy=LLM_RETRY,
-                        result_type=Generation,
-                    )
-                stage_ms["generate"] = generation.ms
-                if generation.kind == "generated":
-                    answer, kind, llm_model = generation.text, generation.kind, generation.model
-            except ActivityError as e:
-                degraded, reason = True, _degraded_reason(e)
-                answer = f"{UNAVAILABLE}: {reason}."
-                kind = "degraded"
-        latency_ms = (workflow.now() - started).total_seconds() * 1000
-        final = await workflow.execute_local_activity(
-            FINALIZE_ANSWER,
-            FinalizeInput(
-                inp.tenant,
-                inp.text,
-                answer,
-                kind,
-                retrieval.sources,
-                retrieval.context,
-                degraded,
-                reason,
-                latency_ms,
-                retrieval.index_version,
-            ),
-            start_to_close_timeout=timedelta(seconds=10),
-            retry_policy=QUICK_RETRY,
-            result_type=FinalAnswer,
-        )
-        stage_ms["finalize"] = final.ms
-        workflow.upsert_search_attributes(
-            [
-                SearchAttributePair(TENANT_KEY, inp.tenant),
-                SearchAttributePair(INDEX_VERSION_KEY, retrieval.index_version),
-                SearchAttributePair(OUTCOME_KEY, final.answer_kind),
-            ]
-        )
-        return AskResult(
-            answer=final.answer,
-            sources=retrieval.sources,
-            latency_ms=round((workflow.now() - started).total_seconds() * 1000, 1),
-            stage_ms=stage_ms,
-            degraded=degraded,
-            degraded_reason=reason,
-            answer_kind=final.answer_kind,
-            index_version=retrieval.index_version,
-            encoder_model=query.model,
-            llm_model=llm_model,
+            result_type=AskResult,
         )
 
 
@@ -473,7 +310,7 @@ class AskVariant:
 PT_DATA_QUEUE = "mmrag-bench-ptdata"
 PT_QUEUE = "mmrag-bench-pt"  # also the prefix of the worker-tuning queues
 UNSANDBOXED_QUEUE = "mmrag-bench-unsandboxed"
-VARIANT_QUEUE = "mmrag-bench-pt-variant"  # passthrough runner + AskVariant
+FLOOR_QUEUE = "mmrag-bench-pt-floor"  # passthrough runner + AskFloor
 DATA_MODULES = ("workflows.contracts", "workflows.activities")
 RUNNERS = {
     PT_DATA_QUEUE: DATA_MODULES,
@@ -484,7 +321,7 @@ RUNNERS = {
 
 def runner_for(queue: str, extra: list[str] | None = None) -> Any:
     """The workflow runner of a bench queue; ``extra`` modules are passed through as well
-    (the bench's own module, for ``AskVariant``)."""
+    (the bench's own module, for ``AskFloor``)."""
     from temporalio.worker import UnsandboxedWorkflowRunner
     from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
@@ -507,26 +344,18 @@ def product_workers(
 ) -> list[Any]:
     """``workers.run.build_workers(role)``, exactly as the product builds its workers, with
     only what the bench varies overridden: Worker keyword arguments (``tuning``), and for a
-    bench queue the task queue, the workflow runner and, on the unsandboxed queue, the
-    bench-only ``AskVariant`` with ``encode_query`` and ``generate`` registered so they can
-    run as its local activities."""
+    bench queue the task queue, the workflow runner and, on the floor's queue, the bench-only
+    ``AskFloor`` and its one local activity."""
     import workers.run as run_module
-    from workers.roles import ROLE_BUILDERS
 
     settings = get_settings()
     extra_activities: list[Any] = []
     extra_workflows: list[Any] = []
-    if queue == VARIANT_QUEUE:
+    if queue == FLOOR_QUEUE:
         # This file under an importable name, so its sandbox can pass it through by name.
         me = importlib.import_module("bench.ask")
-        extra_workflows = [me.AskVariant]
-        extra_activities = [
-            fn
-            for name in ("encode", "generate")
-            for fn in ROLE_BUILDERS[name](settings).activities
-            if fn.__name__ in (ENCODE_QUERY, GENERATE)  # method names = activity names
-        ]
-        extra_activities.append(me.OneLocalActivity().run)
+        extra_workflows = [me.AskFloor]
+        extra_activities = [me.OneLocalActivity().run]
     product_worker = run_module.Worker
 
     def worker(client: Any, **kwargs: Any) -> Any:
@@ -658,29 +487,19 @@ def start_worker_processes(state: Path, env: dict[str, str], bench_queues: list[
 
 # -- asks through Temporal ----------------------------------------------------------------------
 async def temporal_ask(
-    client: Any, inp: AskInput, eager: bool, queue: str, variant: VariantInput | None = None
+    client: Any, inp: AskInput, eager: bool, queue: str
 ) -> tuple[float, AskResult, str]:
     wid = f"bench-ask/{uuid.uuid4().hex}"
     started = time.perf_counter()
-    if variant is None:
-        handle = await client.start_workflow(
-            ASK_WORKFLOW,
-            inp,
-            id=wid,
-            task_queue=queue,
-            result_type=AskResult,
-            static_summary=f"ask for tenant {inp.tenant}",
-            request_eager_start=eager,
-        )
-    else:
-        handle = await client.start_workflow(
-            VARIANT_WORKFLOW,
-            variant,
-            id=wid,
-            task_queue=queue,
-            result_type=AskResult,
-            request_eager_start=eager,
-        )
+    handle = await client.start_workflow(
+        FLOOR_WORKFLOW if queue == FLOOR_QUEUE else ASK_WORKFLOW,
+        inp,
+        id=wid,
+        task_queue=queue,
+        result_type=AskResult,
+        static_summary=f"ask for tenant {inp.tenant}",
+        request_eager_start=eager,
+    )
     result = await handle.result()
     return (time.perf_counter() - started) * 1000, result, wid
 
@@ -735,20 +554,12 @@ def inprocess_runner(inproc: InProcess, generate: bool) -> Variant:
     return run
 
 
-def temporal_runner(
-    client: Any,
-    generate: bool,
-    eager: bool,
-    queue: str = TASK_QUEUE,
-    variant: dict[str, bool] | None = None,
-) -> Variant:
-    """``variant=None``: the product's ``Ask``; else the bench's ``AskVariant`` with these
-    ``VariantInput`` flags."""
+def temporal_runner(client: Any, generate: bool, eager: bool, queue: str = TASK_QUEUE) -> Variant:
+    """The product's ``Ask`` on ``queue`` (``FLOOR_QUEUE``: the bench's ``AskFloor``)."""
 
     async def run(question: str, s: Series) -> None:
         inp = AskInput(tenant=TENANT, text=question, generate=generate)
-        v = None if variant is None else VariantInput(inp, **variant)
-        ms, result, wid = await temporal_ask(client, inp, eager, queue, v)
+        ms, result, wid = await temporal_ask(client, inp, eager, queue)
         _check(result, generate)
         s.wall.append(ms)
         s.stages.append(result.stage_ms)
@@ -944,6 +755,7 @@ AS_IS = "Ask eager (as is)"
 QUERY = "Ask eager, query queue (encode local)"
 QUERY_SEP = "Ask, worker processes, query queue"
 PT = "Ask eager, sandbox passthrough"
+FLOOR = "floor eager, passthrough, all steps in 1 local act."
 
 
 def main_variants(client: Any, inproc: InProcess, kind: str) -> dict[str, Variant]:
@@ -958,21 +770,12 @@ def main_variants(client: Any, inproc: InProcess, kind: str) -> dict[str, Varian
         ),
         f"{kind}/{PT}": temporal_runner(client, g, True, PT_QUEUE),
         f"{kind}/Ask eager, unsandboxed": temporal_runner(client, g, True, UNSANDBOXED_QUEUE),
-        f"{kind}/copy eager, passthrough, encode local": temporal_runner(
-            client, g, True, VARIANT_QUEUE, {"local_encode": True}
-        ),
+        f"{kind}/{FLOOR}": temporal_runner(client, g, True, FLOOR_QUEUE),
     }
-    if g:
-        variants[f"{kind}/copy eager, passthrough, encode+generate local"] = temporal_runner(
-            client, g, True, VARIANT_QUEUE, {"local_encode": True, "local_generate": True}
-        )
-    variants[f"{kind}/copy eager, passthrough, all steps in 1 local act."] = temporal_runner(
-        client, g, True, VARIANT_QUEUE, {"one_local_activity": True}
-    )
     return variants
 
 
-ALL_BENCH_QUEUES = [PT_DATA_QUEUE, PT_QUEUE, UNSANDBOXED_QUEUE, VARIANT_QUEUE]
+ALL_BENCH_QUEUES = [PT_DATA_QUEUE, PT_QUEUE, UNSANDBOXED_QUEUE, FLOOR_QUEUE]
 
 
 async def phase_main(
@@ -1268,17 +1071,9 @@ HEADLINE: dict[str, tuple[str, str | dict[str, str]]] = {
     "eager_passthrough": ("main", PT),
     "worker_processes_as_is": ("sep", "Ask, worker processes (as is)"),
     "worker_processes_passthrough": ("sep", "Ask, worker processes, sandbox passthrough"),
-    "eager_passthrough_local_placement": (
-        "main",
-        {
-            "retrieval": "copy eager, passthrough, encode local",
-            "full": "copy eager, passthrough, encode+generate local",
-        },
-    ),
-    "eager_one_local_activity_floor": (
-        "main",
-        "copy eager, passthrough, all steps in 1 local act.",
-    ),
+    # The placement with encoding local is the product's own: an Ask on the query queue.
+    "eager_passthrough_local_placement": ("main", QUERY),
+    "eager_one_local_activity_floor": ("main", FLOOR),
 }
 
 

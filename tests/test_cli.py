@@ -136,6 +136,16 @@ def test_postgres_down_is_one_line(test_stack: ServerStack) -> None:
     assert "Postgres is unreachable" in out.stderr
 
 
+def test_milvus_down_is_one_line() -> None:
+    """The one command that still talks to Milvus itself (searches are Asks, which wait
+    for Milvus inside the workflow): an outage is one line naming the address, exit 2."""
+    uri = f"http://127.0.0.1:{closed_port()}"
+    out = mmrag({**os.environ, "MMRAG_MILVUS_URI": uri}, "milvus", "provision-rbac")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"Milvus at {uri} is unreachable" in lines[0], out.stderr
+
+
 def test_user_errors_say_what_to_do(test_stack: ServerStack) -> None:
     out = mmrag(test_stack.env, "ask", "--filter", "colour=red", "x")
     assert out.returncode == 2 and "not a filter" in out.stderr and "Traceback" not in out.stderr

@@ -28,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
         FinalizeInput,
         GenerateInput,
         QueryVector,
+        Retrieval,
         RetrieveAndAnswerInput,
         RetrievedAnswer,
         RetrieveInput,
@@ -98,18 +99,12 @@ class Ask:
         # Fail now, not after 90 s of retries, and never answer another question than asked.
         refuse_if(filters_problem(inp.filters) or _ask_problem(inp), BAD_QUERY)
         started = workflow.now()
-        encode_input = EncodeQueryInput(
-            text=inp.text,
-            image_uri=inp.image_uri,
-            image_base64=inp.image_base64,
-            hybrid_weight=inp.hybrid_weight,
-            tenant=inp.tenant,
-        )
+        encode_input = encode_query_input(inp)
         if _encodes_locally():
             step = await workflow.execute_local_activity(
                 encode_and_retrieve,
                 EncodeAndRetrieveInput(
-                    encode_input, _retrieve_input(inp), not inp.generate, _ms_since(started)
+                    encode_input, retrieve_input(inp), not inp.generate, _ms_since(started)
                 ),
                 start_to_close_timeout=timedelta(seconds=30),
                 schedule_to_close_timeout=VECTOR_STORE_WAIT,
@@ -135,7 +130,7 @@ class Ask:
             if not inp.generate and workflow.patched(RETRIEVAL_ONLY_IN_ONE_STEP):
                 done = await workflow.execute_local_activity(
                     retrieve_and_answer,
-                    RetrieveAndAnswerInput(_retrieve_input(inp, query), _ms_since(started)),
+                    RetrieveAndAnswerInput(retrieve_input(inp, query), _ms_since(started)),
                     start_to_close_timeout=timedelta(seconds=10),
                     schedule_to_close_timeout=VECTOR_STORE_WAIT,
                     retry_policy=VECTOR_STORE_RETRY,
@@ -144,7 +139,7 @@ class Ask:
                 return _answered(inp, started, query, done)
             retrieval = await workflow.execute_local_activity(
                 retrieve,
-                _retrieve_input(inp, query),
+                retrieve_input(inp, query),
                 start_to_close_timeout=timedelta(seconds=10),
                 schedule_to_close_timeout=VECTOR_STORE_WAIT,
                 retry_policy=VECTOR_STORE_RETRY,
@@ -152,24 +147,14 @@ class Ask:
             )
         stage_ms = {"encode": query.ms, "retrieve": retrieval.ms}
         answer, kind, llm_model = retrieval.extractive_answer, "extractive", ""
-        degraded, reason, context = False, "", retrieval.context
+        reason, context = "", retrieval.context
         if not retrieval.sources:
             kind = "none"
         elif inp.generate:
             try:
                 generation = await workflow.execute_activity(
                     generate,
-                    GenerateInput(
-                        system_prompt=retrieval.system_prompt,
-                        user_prompt=retrieval.user_prompt,
-                        max_tokens=inp.max_answer_tokens,
-                        source_ids=[s.id for s in retrieval.sources],
-                        image_uris=[
-                            s.uri for s in retrieval.sources if s.media_type.startswith("image/")
-                        ],
-                        fusion=retrieval.fusion,
-                        tenant=inp.tenant,
-                    ),
+                    generate_input(inp, retrieval),
                     task_queue=GENERATE_TASK_QUEUE,
                     start_to_close_timeout=timedelta(seconds=30),
                     schedule_to_close_timeout=timedelta(seconds=60),
@@ -189,23 +174,11 @@ class Ask:
                     answer, kind, llm_model = generation.text, generation.kind, generation.model
                     context = generation.context or retrieval.context
             except ActivityError as e:
-                degraded, reason = True, _degraded_reason(e)
-                answer = f"{UNAVAILABLE}: {reason}. The most relevant sources are listed below."
-                kind = "degraded"
+                reason = _degraded_reason(e)
+                answer, kind = degraded_answer(reason), "degraded"
         final = await workflow.execute_local_activity(
             finalize_answer,
-            FinalizeInput(
-                inp.tenant,
-                inp.text,
-                answer,
-                kind,
-                retrieval.sources,
-                context,
-                degraded,
-                reason,
-                _ms_since(started),
-                retrieval.index_version,
-            ),
+            finalize_input(inp, retrieval, answer, kind, context, reason, _ms_since(started)),
             start_to_close_timeout=timedelta(seconds=10),
             retry_policy=QUICK_RETRY,
             summary="validate + cite + audit",
@@ -250,7 +223,58 @@ def _encodes_locally() -> bool:
     return False
 
 
-def _retrieve_input(inp: AskInput, query: QueryVector | None = None) -> RetrieveInput:
+# -- each step's input, from the Ask's: one definition for the workflow and for bench/ask.py,
+# whose in-process baseline calls the same activity code with the same payloads.
+def encode_query_input(inp: AskInput) -> EncodeQueryInput:
+    return EncodeQueryInput(
+        text=inp.text,
+        image_uri=inp.image_uri,
+        image_base64=inp.image_base64,
+        hybrid_weight=inp.hybrid_weight,
+        tenant=inp.tenant,
+    )
+
+
+def generate_input(inp: AskInput, retrieval: Retrieval) -> GenerateInput:
+    return GenerateInput(
+        system_prompt=retrieval.system_prompt,
+        user_prompt=retrieval.user_prompt,
+        max_tokens=inp.max_answer_tokens,
+        source_ids=[s.id for s in retrieval.sources],
+        image_uris=[s.uri for s in retrieval.sources if s.media_type.startswith("image/")],
+        fusion=retrieval.fusion,
+        tenant=inp.tenant,
+    )
+
+
+def finalize_input(
+    inp: AskInput,
+    retrieval: Retrieval,
+    answer: str,
+    kind: str,
+    context: str,
+    degraded_reason: str,
+    latency_ms: float,
+) -> FinalizeInput:
+    return FinalizeInput(
+        tenant=inp.tenant,
+        question=inp.text,
+        answer=answer,
+        answer_kind=kind,
+        sources=retrieval.sources,
+        context=context,
+        degraded=bool(degraded_reason),
+        degraded_reason=degraded_reason,
+        latency_ms=latency_ms,
+        index_version=retrieval.index_version,
+    )
+
+
+def degraded_answer(reason: str) -> str:
+    return f"{UNAVAILABLE}: {reason}. The most relevant sources are listed below."
+
+
+def retrieve_input(inp: AskInput, query: QueryVector | None = None) -> RetrieveInput:
     """The search of this Ask; without ``query`` its vector is filled in where it is encoded."""
     return RetrieveInput(
         inp.tenant,

@@ -174,6 +174,21 @@ def delete_assets(conn: Connection, tenant: str, asset_ids: Sequence[str]) -> in
     return int(result.rowcount or 0)
 
 
+def set_tags(conn: Connection, tenant: str, asset_ids: Sequence[str], tags: dict[str, str]) -> int:
+    """New tags for every row of these assets, words and captions kept: an unchanged object
+    ingested again with other tags (activities/ingest.py ``retag_assets``)."""
+    if not asset_ids:
+        return 0
+    t = lexical_chunks
+    values = LexicalRow(tenant, "", "", "", "", tags=tags).values()
+    result = conn.execute(
+        sa.update(t)
+        .where(t.c.tenant == tenant, t.c.asset_id.in_(list(asset_ids)))
+        .values(tags=values["tags"], tag_text=values["tag_text"], updated_at=sa.func.now())
+    )
+    return int(result.rowcount or 0)
+
+
 def set_caption(
     engine: Engine, tenant: str, asset_id: str, chunk: str, caption: str, content_hash: str
 ) -> bool:
