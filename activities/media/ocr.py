@@ -88,8 +88,10 @@ def text_likely(image: Image.Image) -> bool:
         .swapaxes(1, 2)
         .reshape(-1, _TILE * _TILE)
     )
-    low = np.percentile(tiles, 5, axis=1)
-    high = np.percentile(tiles, 95, axis=1)
+    # The 2nd-darkest and 2nd-brightest pixel: a lone speck does not make contrast, and a
+    # partial sort is ~10x cheaper than percentiles.
+    ordered = np.partition(tiles, (1, tiles.shape[1] - 2), axis=1)
+    low, high = ordered[:, 1], ordered[:, -2]
     contrast = high - low
     middle = ((low + high) / 2)[:, None]
     bimodal = (np.abs(tiles - middle) > contrast[:, None] * 0.3).mean(axis=1)
