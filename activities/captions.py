@@ -5,11 +5,12 @@ description instead of its file name.
 Three activities (homes in workflows/activities/captions.py), called by the ingest
 workflows after a batch is recorded, only when a caption model is configured:
 
-- ``plan_captions`` (cpu, local): the batch's image and keyframe chunks that have no
-  caption yet. Each is keyed by a **content hash**: the SHA-256 of the object's bytes (and,
-  for a keyframe, its locator). A hash already captioned for this tenant is a cache hit:
-  the caption is copied and no model is asked. So unchanged content (a re-upload, a copy
-  under another name, a retried batch) is never captioned twice.
+- ``plan_captions`` (cpu, local): the batch's image and keyframe chunks whose caption (if
+  any) does not describe their current content. Each is keyed by a **content hash**: the
+  SHA-256 of the object's bytes (and, for a keyframe, its locator). A hash already
+  captioned for this tenant is a cache hit: the caption is copied and no model is asked.
+  So unchanged content (a re-upload, a copy under another name, a retried batch) is never
+  captioned twice.
 - ``caption_media`` (``mmrag-gpu-generate``): reads each object next to the model, checks
   it still has the planned hash, decodes it in the decoder sandbox (keyframes by the same
   rules ingest used), and asks the model through the generation client: same endpoint,
@@ -29,9 +30,9 @@ import dataclasses
 import hashlib
 import io
 import logging
+import os
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any
 
 import sqlalchemy as sa
 from PIL import Image
@@ -57,7 +58,12 @@ from activities.rag.fusion import FusedPrompt
 from activities.rag.guardrails import redact_pii
 from activities.store import lexical, registry
 from activities.store.objects import ObjectMissingError, UnsupportedUriError, store_for
-from activities.store.roots import OutsideRootsError, StorageRoots
+from activities.store.roots import (
+    OutsideRootsError,
+    StorageRoots,
+    TenantRoots,
+    open_regular_file,
+)
 from settings import Settings
 from workflows.activities import captions as caption_stubs
 from workflows.activities import implements
@@ -111,27 +117,46 @@ def caption_for_hash(engine: sa.engine.Engine, tenant: str, key: str) -> str | N
     return str(found) if found else None
 
 
-def _picture_chunks(engine: sa.engine.Engine, tenant: str, asset_id: str) -> list[str]:
-    """The asset's image and keyframe chunks in the lexical index that have no caption."""
+def _picture_chunks(engine: sa.engine.Engine, tenant: str, asset_id: str) -> dict[str, str]:
+    """The asset's image and keyframe chunks in the lexical index, each with the content
+    hash its caption describes ("" when it has no caption)."""
     t = lexical.lexical_chunks
     with engine.connect() as conn:
         rows = conn.execute(
-            sa.select(t.c.chunk).where(
+            sa.select(t.c.chunk, t.c.caption, t.c.content_hash).where(
                 t.c.tenant == tenant,
                 t.c.asset_id == asset_id,
                 sa.or_(t.c.chunk == IMAGE_CHUNK, t.c.chunk.startswith(FRAME_PREFIX)),
-                t.c.caption == "",
             )
         )
-        return sorted(str(r.chunk) for r in rows)
+        return {str(r.chunk): str(r.content_hash) if r.caption else "" for r in rows}
 
 
-def _read(roots: Any, ref_uri: str, media_type: str, generation: str, limits: MediaLimits) -> bytes:
+def _source(
+    roots: TenantRoots, uri: str, media_type: str, generation: str, limits: MediaLimits
+) -> tuple[str, bytes | str]:
+    """The object's SHA-256 and what the decoder reads: the bytes, or for a local video the
+    confined path (hashed in 1 MiB pieces: a 1 GB video is never held in memory here)."""
     limit, setting = limits.max_bytes_for(media_type)
-    data = store_for(ref_uri, roots).read(ref_uri, limit, generation)
+    too_large = BadMediaError(f"file too large: more than {limit} bytes ({setting})")
+    if uri.startswith("file://") and media_type in VIDEO_TYPES:
+        path = roots.confine_path(uri)
+        try:
+            fd = open_regular_file(path)
+        except OSError as e:
+            raise ObjectMissingError(f"{uri}: no such regular file") from e
+        digest, total = hashlib.sha256(), 0
+        with os.fdopen(fd, "rb") as f:
+            while piece := f.read(1 << 20):
+                total += len(piece)
+                if total > limit:
+                    raise too_large
+                digest.update(piece)
+        return digest.hexdigest(), str(path)
+    data = store_for(uri, roots).read(uri, limit, generation)
     if len(data) > limit:
-        raise BadMediaError(f"file too large: more than {limit} bytes ({setting})")
-    return data
+        raise too_large
+    return hashlib.sha256(data).hexdigest(), data
 
 
 class CaptionStoreActivities:
@@ -160,7 +185,7 @@ class CaptionStoreActivities:
             if not chunks:
                 continue
             try:
-                data = _read(roots, ref.uri, ref.media_type, ref.generation, self.limits)
+                sha, _ = _source(roots, ref.uri, ref.media_type, ref.generation, self.limits)
             except (
                 BadMediaError,
                 ObjectMissingError,
@@ -169,10 +194,10 @@ class CaptionStoreActivities:
             ) as e:
                 log.info("no captions for %s: %s", ref.uri, e)
                 continue
-            sha = hashlib.sha256(data).hexdigest()
-            del data
-            for chunk in chunks:
+            for chunk, described in sorted(chunks.items()):
                 key = content_hash(sha, chunk)
+                if described == key:
+                    continue  # its caption describes exactly this content
                 cached = caption_for_hash(self.engine, inp.tenant, key)
                 if cached is not None:
                     lexical.set_caption(self.engine, inp.tenant, ref.asset_id, chunk, cached, key)
@@ -230,13 +255,14 @@ class CaptionActivities:
         for items in by_asset.values():
             first = items[0]
             try:
-                data = _read(roots, first.uri, first.media_type, first.generation, self.limits)
-                sha = hashlib.sha256(data).hexdigest()
+                sha, source = _source(
+                    roots, first.uri, first.media_type, first.generation, self.limits
+                )
                 wanted = {i.chunk: i for i in items if i.content_hash == content_hash(sha, i.chunk)}
                 for i in items:
                     if i.chunk not in wanted:
                         result.skipped[f"{i.asset_id}:{i.chunk}"] = "content changed since ingest"
-                for chunk, picture in self._pictures(data, first.media_type, set(wanted)):
+                for chunk, picture in self._pictures(source, first.media_type, set(wanted)):
                     item = wanted.pop(chunk)
                     text = self._caption(inp.model, picture)
                     if text:
@@ -255,19 +281,19 @@ class CaptionActivities:
         return result
 
     def _pictures(
-        self, data: bytes, media_type: str, chunks: set[str]
+        self, source: bytes | str, media_type: str, chunks: set[str]
     ) -> Iterator[tuple[str, Image.Image]]:
         """The pictures of ``chunks`` in the object, decoded in the sandbox."""
         if not chunks:
             return
         time_limit = self.settings.decode_time_limit_s
-        if media_type in IMAGE_TYPES:
+        if media_type in IMAGE_TYPES and isinstance(source, bytes):
             limit = self.settings.image_decode_time_limit_s
-            yield IMAGE_CHUNK, self.sandboxes.decode_image(data, media_type, self.limits, limit)
+            yield IMAGE_CHUNK, self.sandboxes.decode_image(source, media_type, self.limits, limit)
             return
         left = set(chunks)
         with self.sandboxes.lease() as sandbox:
-            steps = sandbox.stream(data, media_type, self.limits, None, time_limit)
+            steps = sandbox.stream(source, media_type, self.limits, None, time_limit)
             try:
                 for step in steps:
                     for chunk in step.chunks:
