@@ -279,6 +279,14 @@ class IngestActivities:
     @implements(ingest_stubs.record_outcomes)
     def record_outcomes(self, inp: RecordOutcomesInput) -> None:
         workflow_id, run_id = workflow_ids()
+        # The lexical index copies the batch's Milvus rows (the encode worker has no database
+        # login): replaced for ingested assets, removed for failed ones (store/lexical.py).
+        # Before the registry moves on: an asset whose generation it still holds is unchanged
+        # (a re-index) and keeps its captions.
+        store = get_store(
+            self.settings.milvus_endpoint(), self.settings.milvus_token.get_secret_value()
+        )
+        lexical.index_outcomes(self.engine, store, inp.index_version, inp.tenant, inp.outcomes)
         try:
             registry.record_outcomes(
                 self.engine,
@@ -292,9 +300,3 @@ class IngestActivities:
             )
         except ValueError as e:  # malformed input: retrying cannot help
             raise ApplicationError(str(e), non_retryable=True) from e
-        # The lexical index copies the batch's Milvus rows (the encode worker has no database
-        # login): replaced for ingested assets, removed for failed ones (store/lexical.py).
-        store = get_store(
-            self.settings.milvus_endpoint(), self.settings.milvus_token.get_secret_value()
-        )
-        lexical.index_outcomes(self.engine, store, inp.index_version, inp.tenant, inp.outcomes)

@@ -376,3 +376,32 @@ def test_rerank_reads_a_chunks_words_never_its_file_name() -> None:
     captioned.caption = "A red circle on grey"
     ranked = rerank("a red circle", [named, tagged, captioned])
     assert [h.asset_id for h in ranked] == ["b", "c", "a"]
+
+
+async def test_a_caption_survives_re_encoding_the_same_bytes_not_a_change(
+    worker: Workers, client: Client, tmp_path: Path, tenant: str
+) -> None:
+    """A forced re-ingest (as a re-index) re-writes an asset's lexical rows: the caption
+    of unchanged content stays (never captioned twice); a changed object's goes with it."""
+    photo = tmp_path / "IMG_0001.png"
+    photo.write_bytes(png_bytes((48, 48), (30, 160, 60)))
+    await _ingest(client, tenant, [photo], {})
+    asset_id = asset_id_for(tenant, photo.resolve().as_uri())
+    assert lexical.set_caption(engine(), tenant, asset_id, "image", "A green square", "h:1")
+
+    def caption() -> str:
+        t = lexical.lexical_chunks
+        with engine().connect() as conn:
+            return str(
+                conn.execute(
+                    sa.select(t.c.caption).where(t.c.tenant == tenant, t.c.asset_id == asset_id)
+                ).scalar_one()
+            )
+
+    handle = await start_ingest(client, tenant, [str(photo)], force=True)
+    again = await asyncio.wait_for(handle.result(), timeout=120)
+    assert (again.ingested, again.failed) == (1, 0), again  # type: ignore[attr-defined]
+    assert caption() == "A green square"
+    photo.write_bytes(png_bytes((48, 48), (200, 200, 30)))  # new bytes, a new generation
+    await _ingest(client, tenant, [photo], {})
+    assert caption() == ""

@@ -39,7 +39,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Engine
 
 from activities.rag.rerank import SearchHit
-from activities.store import index_versions
+from activities.store import index_versions, registry
 from workflows.contracts import FAILED, INGESTED, AskFilters, AssetOutcome
 from workflows.limits import filters_problem
 
@@ -130,33 +130,41 @@ def origin_of(media_type: str, chunk: str, body: str) -> str:
 
 # -- writes --------------------------------------------------------------------------------
 def replace_assets(
-    conn: Connection, tenant: str, asset_ids: Sequence[str], rows: Iterable[LexicalRow]
+    conn: Connection,
+    tenant: str,
+    asset_ids: Sequence[str],
+    rows: Iterable[LexicalRow],
+    unchanged: Iterable[str] = (),
 ) -> int:
     """The lexical rows of these assets become exactly ``rows`` (re-ingest replaces, a failed
-    asset loses its rows), in the caller's transaction. Captions already written for a chunk
-    whose content is unchanged are kept (a caption is never redone for the same content).
+    asset loses its rows), in the caller's transaction. The ``unchanged`` assets (same
+    object generation: a re-index, a retried batch) keep the captions of their chunks, so a
+    caption is never redone for the same content; a changed object's are dropped with it.
     Returns how many rows were written."""
     if not asset_ids:
         return 0
     t = lexical_chunks
-    kept = {
-        (r.asset_id, r.chunk, r.content_hash): r.caption
-        for r in conn.execute(
-            sa.select(t.c.asset_id, t.c.chunk, t.c.content_hash, t.c.caption).where(
-                t.c.tenant == tenant,
-                t.c.asset_id.in_(list(asset_ids)),
-                t.c.caption != "",
+    same = list(set(unchanged) & set(asset_ids))
+    kept = (
+        {
+            (r.asset_id, r.chunk): (r.caption, r.content_hash)
+            for r in conn.execute(
+                sa.select(t.c.asset_id, t.c.chunk, t.c.content_hash, t.c.caption).where(
+                    t.c.tenant == tenant, t.c.asset_id.in_(same), t.c.caption != ""
+                )
             )
-        )
-    }
+        }
+        if same
+        else {}
+    )
     conn.execute(sa.delete(t).where(t.c.tenant == tenant, t.c.asset_id.in_(list(asset_ids))))
     values = []
     for row in rows:
         if row.tenant != tenant or row.asset_id not in asset_ids:
             raise ValueError(f"lexical row {row.asset_id}:{row.chunk} is not in this batch")
         v = row.values()
-        if not v["caption"] and row.content_hash:
-            v["caption"] = kept.get((row.asset_id, row.chunk, row.content_hash), "")
+        if not v["caption"] and (row.asset_id, row.chunk) in kept:
+            v["caption"], v["content_hash"] = kept[(row.asset_id, row.chunk)]
         values.append(v)
     if values:
         conn.execute(sa.insert(t), values)
@@ -212,11 +220,13 @@ def index_assets(
     tenant: str,
     ingested: Sequence[str],
     failed: Sequence[str] = (),
+    unchanged: Iterable[str] = (),
 ) -> int:
     """Copy the chunk rows an encode batch wrote for ``ingested`` assets from Milvus (Strong
     read of ``collection``) into the lexical index, replacing the assets' rows; ``failed``
     assets lose theirs, as they lost their vectors. Idempotent: a retried batch writes the
-    same rows again. ``store`` is a :class:`activities.store.vectors.VectorStore`."""
+    same rows again; ``unchanged`` assets keep their captions (:func:`replace_assets`).
+    ``store`` is a :class:`activities.store.vectors.VectorStore`."""
     chunk_rows = store.chunk_rows(collection, tenant, list(ingested)) if ingested else []
     rows = [
         LexicalRow(
@@ -233,7 +243,7 @@ def index_assets(
         for r in chunk_rows
     ]
     with engine.begin() as conn:
-        return replace_assets(conn, tenant, [*ingested, *failed], rows)
+        return replace_assets(conn, tenant, [*ingested, *failed], rows, unchanged)
 
 
 def index_outcomes(
@@ -241,8 +251,19 @@ def index_outcomes(
 ) -> int:
     """:func:`index_assets` for a recorded batch: its ingested assets' rows copied from the
     collection of ``index_version``, its failed assets' rows removed (record_outcomes, on
-    the cpu worker, after every encode batch of an ingest or a re-index)."""
+    the cpu worker, after every encode batch of an ingest or a re-index, before the registry
+    records the batch: an asset whose generation the registry still holds is unchanged and
+    keeps its captions)."""
     ingested = [o.asset_id for o in outcomes if o.status == INGESTED]
+    known = registry.known_generations(engine, tenant, ingested)
+    unchanged = [
+        o.asset_id
+        for o in outcomes
+        if o.status == INGESTED
+        and o.asset_id in known
+        and known[o.asset_id].generation == o.generation
+        and known[o.asset_id].status == INGESTED
+    ]
     failed = [o.asset_id for o in outcomes if o.status == FAILED]
     if not ingested and not failed:
         return 0
@@ -252,7 +273,7 @@ def index_outcomes(
     )
     if not collection:  # the version was dropped meanwhile: nothing to copy from
         ingested = []
-    return index_assets(engine, store, collection, tenant, ingested, failed)
+    return index_assets(engine, store, collection, tenant, ingested, failed, unchanged)
 
 
 # -- reads ---------------------------------------------------------------------------------
