@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from activities.media.decode import decode_all, iter_steps
 from activities.media.formats import MP4, PDF, PNG, MediaLimits
-from activities.media.ocr import tesseract_path, text_likely
+from activities.media.ocr import ocr_limits, tesseract_path, text_likely
 from activities.media.passages import count_tokens, passages
 from activities.media.sandbox import DecoderSandbox
 from starters.synthetic_corpus import PdfPage, pdf_bytes
@@ -86,6 +86,17 @@ def png(image: Image.Image) -> bytes:
 def test_tesseract_is_installed() -> None:
     """`make test` installs it (scripts/apt-deps.sh); workers without it ingest without OCR."""
     assert tesseract_path(), "install Debian's tesseract-ocr: sh scripts/apt-deps.sh"
+
+
+def test_a_worker_without_tesseract_ingests_without_ocr_and_bad_languages_are_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="install tesseract-ocr-xyz"):
+        ocr_limits(dataclasses.replace(LIMITS, ocr_languages="eng+xyz"))
+    with pytest.raises(ValueError, match="language codes joined by"):
+        ocr_limits(dataclasses.replace(LIMITS, ocr_languages="eng --psm 0"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no tesseract anywhere
+    assert ocr_limits(LIMITS).ocr_enabled is False
 
 
 # -- passages -------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import shutil
 import subprocess
 import time
@@ -227,6 +228,28 @@ def budget_for(limits: MediaLimits, spent_s: float = 0.0) -> OcrBudget:
 
 
 _warned_missing = False
+_LANGUAGES = re.compile(r"[A-Za-z0-9_]+(?:\+[A-Za-z0-9_]+)*")
+
+
+def _check_languages(languages: str) -> None:
+    """Refuse (at worker start) languages Tesseract cannot read: a typo, or a language whose
+    Debian package is not installed; else every page would fail its OCR one by one."""
+    if not _LANGUAGES.fullmatch(languages):
+        raise ValueError(
+            f"MMRAG_OCR_LANGUAGES={languages!r}: Tesseract language codes joined by '+', "
+            "e.g. eng or eng+deu"
+        )
+    listed = subprocess.run(
+        [TESSERACT, "--list-langs"], capture_output=True, text=True, timeout=30, check=False
+    )
+    installed = set(listed.stdout.split()[1:] if listed.returncode == 0 else [])
+    missing = [lang for lang in languages.split("+") if lang not in installed]
+    if missing:
+        raise ValueError(
+            f"MMRAG_OCR_LANGUAGES={languages!r}: Tesseract has no {', '.join(missing)} model "
+            f"here; install {' '.join('tesseract-ocr-' + m.lower() for m in missing)} "
+            "(apt-get) or change the setting"
+        )
 
 
 def ocr_limits(limits: MediaLimits) -> MediaLimits:
@@ -234,7 +257,10 @@ def ocr_limits(limits: MediaLimits) -> MediaLimits:
     is not installed (the worker still ingests; pages and pictures just keep no OCR text).
     """
     global _warned_missing
-    if not limits.ocr_enabled or tesseract_path():
+    if not limits.ocr_enabled:
+        return limits
+    if tesseract_path():
+        _check_languages(limits.ocr_languages)
         return limits
     if not _warned_missing:
         _warned_missing = True
