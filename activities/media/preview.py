@@ -13,6 +13,7 @@ up to the frame, as at ingest, so its keyframe choice is the same.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 from collections.abc import Generator
@@ -78,6 +79,7 @@ def render_preview(
     Raises :class:`BadLocatorError` (the locator), or ``BadMediaError`` (the file, as the
     decoders word it; also a page or frame the file does not have)."""
     target = parse_locator(locator, mime)
+    limits = dataclasses.replace(limits, ocr_enabled=False)  # a preview shows pixels only
     side = max(MIN_SIDE, min(MAX_SIDE, side))
     setting = IMAGE_TIME_SETTING if target.kind == "image" else STREAM_TIME_SETTING
     cursor = {"page": target.page - 1} if target.kind == "page" else None
