@@ -60,7 +60,7 @@ from activities.media.formats import (
     truncate_utf8,
     type_note,
 )
-from activities.media.ocr import ocr_limits
+from activities.media.ocr import ocr_allowance_s, ocr_limits
 from activities.media.sandbox import DecoderSandbox, SandboxPool
 from activities.runtime import metrics
 from activities.store.objects import ObjectMissingError, UnsupportedUriError, store_for
@@ -379,6 +379,7 @@ class BatchEncodeActivities:
                 if ref.media_type in IMAGE_TYPES
                 else f"not an image: the bytes are {mime or 'unrecognised'}"
             )
+        # An image's OCR (at most MMRAG_OCR_PAGE_TIMEOUT_S) counts within its decode limit.
         chunk = self.sandboxes.decode_image_chunk(
             data, mime, self.limits, self.settings.image_decode_time_limit_s
         )
@@ -481,7 +482,8 @@ class BatchEncodeActivities:
         even when keyframes are sparse.
         """
         s = self.settings
-        steps = sandbox.stream(str(path), mime, self.limits, cursor, s.decode_time_limit_s)
+        time_limit = s.decode_time_limit_s + ocr_allowance_s(self.limits)
+        steps = sandbox.stream(str(path), mime, self.limits, cursor, time_limit)
 
         def prepare(step: Step) -> tuple[Step, list[list[Any]]]:
             images = [c.image for c in step.chunks if c.image is not None]

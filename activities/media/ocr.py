@@ -269,3 +269,10 @@ def ocr_limits(limits: MediaLimits) -> MediaLimits:
             "(`apt-get install tesseract-ocr`) or set MMRAG_OCR_ENABLED=false to silence this"
         )
     return dataclasses.replace(limits, ocr_enabled=False)
+
+
+def ocr_allowance_s(limits: MediaLimits) -> float:
+    """Time added to a PDF's or video's decode time limit for its OCR budget, so OCR never
+    makes a document fail that decodes in time. (An image's OCR, at most
+    ``ocr_page_timeout_s``, counts within its own decode limit.)"""
+    return limits.ocr_time_budget_s if limits.ocr_enabled else 0.0
