@@ -166,6 +166,7 @@ class AskActivities:
                 {DENSE: dense, LEXICAL: found.hits},
                 {DENSE: s.fusion_dense_weight, LEXICAL: s.fusion_lexical_weight * share},
                 s.rrf_k,
+                s.fusion_agreement,
             )
         else:
             hits = dense  # scores stay CLIP cosines, as before hybrid retrieval

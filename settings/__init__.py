@@ -297,6 +297,9 @@ class Settings(BaseSettings):
     fusion_dense_weight: float = Field(default=1.0, ge=0.0, le=100.0)
     fusion_lexical_weight: float = Field(default=1.0, ge=0.0, le=100.0)
     rrf_k: int = Field(default=60, ge=1, le=10000)
+    # What a chunk's other leg adds to its best leg's reciprocal rank: 1 is the classic RRF
+    # sum, 0 the best leg alone (activities/rag/rerank.py fuse_rrf; docs/retrieval.md).
+    fusion_agreement: float = Field(default=0.25, ge=0.0, le=1.0)
     # -- end of hybrid retrieval settings -----------------------------------------------------
 
     def stack_endpoint(self, key: str) -> str:

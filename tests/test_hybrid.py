@@ -358,12 +358,19 @@ def _hit(chunk: str, **kw: object) -> SearchHit:
 
 def test_fusion_keeps_what_one_leg_finds_and_weights_each_leg() -> None:
     dense = [_hit("d1", dense_score=0.9), _hit("both", dense_score=0.5)]
-    lexical_hits = [_hit("both", lexical_score=3.0, snippet="words"), _hit("l1", lexical_score=2.0)]
-    fused = fuse_rrf({DENSE: dense, LEXICAL: lexical_hits}, {DENSE: 1.0, LEXICAL: 1.0}, 60)
-    assert [h.chunk for h in fused] == ["both", "d1", "l1"]  # found by both legs first
+    lexical_hits = [
+        _hit("both", lexical_score=3.0, lexical_coverage=1.0, snippet="words"),
+        _hit("l1", lexical_score=2.0, lexical_coverage=1.0),
+        _hit("weak", lexical_score=1.0, lexical_coverage=0.1),
+    ]
+    fused = fuse_rrf({DENSE: dense, LEXICAL: lexical_hits}, {DENSE: 1.0, LEXICAL: 1.0}, 60, 0.25)
+    # Found by both legs first; then each leg's best, whichever leg; a chunk holding a
+    # tenth of the question's words last.
+    assert [h.chunk for h in fused] == ["both", "d1", "l1", "weak"]
     both = fused[0]
     assert (both.dense_score, both.lexical_score, both.snippet) == (0.5, 3.0, "words")
-    assert both.score == pytest.approx(1 / 62 + 1 / 61)
+    assert both.score == pytest.approx(1 / 61 + 0.25 / 62)
+    assert fused[1].score == pytest.approx(1 / 61)
     muted = fuse_rrf({DENSE: dense, LEXICAL: lexical_hits}, {DENSE: 1.0, LEXICAL: 0.0}, 60)
     assert [h.chunk for h in muted][:2] == ["d1", "both"]  # the lexical weight 0: dense order
 

@@ -3,12 +3,15 @@ then re-ranked by how much of the question each chunk's own words hold.
 
 - **Search hits are typed** (:class:`SearchHit`), from Milvus (dense) and from the lexical
   index alike, through fusion, re-ranking and the prompt.
-- **Reciprocal rank fusion** (:func:`fuse_rrf`): a chunk's fused score is
-  ``sum(weight_leg / (k + rank_leg))`` over the legs that found it. Ranks, not scores: a
-  cosine and a ``ts_rank`` are not on one scale, and a chunk found by one leg only keeps
-  the score that leg gave it, so fusion never loses what the stronger leg found when the
-  other is weak. The weights and ``k`` are settings (MMRAG_FUSION_DENSE_WEIGHT,
-  MMRAG_FUSION_LEXICAL_WEIGHT, MMRAG_RRF_K).
+- **Reciprocal rank fusion** (:func:`fuse_rrf`): each leg gives a chunk
+  ``weight_leg / (k + rank_leg)`` (a lexical hit's scaled by the share of the question's
+  words it holds); the fused score is the best leg's plus a share of the other's
+  (MMRAG_FUSION_AGREEMENT, 1 = the classic sum). Ranks,
+  not scores: a cosine and a ``ts_rank`` are not on one scale. The best leg's, not the
+  plain sum: with the sum, a chunk a weak leg ranks high and the other ranks fifth beats
+  the one chunk the strong leg is sure of (measured, docs/retrieval.md), and fusion must
+  not lose what one leg finds when the other is weak. The weights and ``k`` are settings
+  (MMRAG_FUSION_DENSE_WEIGHT, MMRAG_FUSION_LEXICAL_WEIGHT, MMRAG_RRF_K).
 - **Re-ranking** (:func:`rerank`): the fused score (scaled to the best candidate's) blended
   with the share of the question's words found in the chunk's text, caption and tags. Never
   the file name: a name such as ``IMG_2034`` says nothing of the content, and a descriptive
@@ -58,6 +61,7 @@ class SearchHit:
     origin: str = ""
     dense_score: float | None = None
     lexical_score: float | None = None
+    lexical_coverage: float = 0.0  # share of the question's words it holds (lexical leg)
     score: float = 0.0
 
     @property
@@ -96,12 +100,20 @@ def fuse_rrf(
     legs: Mapping[str, Sequence[SearchHit]],
     weights: Mapping[str, float],
     k: int,
+    agreement: float = 1.0,
 ) -> list[SearchHit]:
-    """Reciprocal rank fusion of ranked lists of hits: one hit per chunk, fused score
-    ``sum(weights[leg] / (k + rank))`` (1-based ranks), best first; ties keep the first
-    leg's order. A chunk found by several legs merges their scores into the first copy."""
+    """Reciprocal rank fusion of ranked lists of hits, one hit per chunk, best first.
+
+    Each leg gives a chunk ``weights[leg] / (k + rank)`` (1-based rank); a lexical hit's is
+    scaled by the share of the question's words it holds (``lexical_coverage``: a chunk
+    holding one common word of a long question is a weak find). A chunk's fused score is
+    its best leg's plus ``agreement`` times the others' (1: the classic sum; an Ask's is
+    MMRAG_FUSION_AGREEMENT): below 1 the legs' top hits stay on
+    top whichever leg found them, so fusion never buries what one leg is sure of under
+    what a weak leg ranks high everywhere, and a chunk both legs found ranks above one
+    found by one leg at the same rank. Ties keep the first leg's order."""
     fused: dict[tuple[str, str], SearchHit] = {}
-    scores: dict[tuple[str, str], float] = {}
+    parts: dict[tuple[str, str], list[float]] = {}
     for leg, hits in legs.items():
         weight = float(weights.get(leg, 1.0))
         for rank, hit in enumerate(hits, 1):
@@ -111,13 +123,15 @@ def fuse_rrf(
                     kept.dense_score = hit.dense_score
                 if hit.lexical_score is not None:
                     kept.lexical_score = hit.lexical_score
+                    kept.lexical_coverage = hit.lexical_coverage
                 kept.snippet = kept.snippet or hit.snippet
                 kept.caption = kept.caption or hit.caption
                 kept.origin = kept.origin or hit.origin
-            scores[hit.key] = scores.get(hit.key, 0.0) + weight / (k + rank)
-    order = sorted(fused, key=lambda key: -scores[key])  # stable: ties keep arrival order
+            share = hit.lexical_coverage if leg == LEXICAL else 1.0
+            parts.setdefault(hit.key, []).append(weight * share / (k + rank))
+    scores = {key: max(p) + agreement * (sum(p) - max(p)) for key, p in parts.items()}
     out = []
-    for key in order:
+    for key in sorted(fused, key=lambda key: -scores[key]):  # stable: ties keep arrival order
         hit = fused[key]
         hit.score = scores[key]
         out.append(hit)

@@ -326,7 +326,7 @@ _COLUMNS = (
 )
 
 
-def _hit(row: Any, lexical_score: float | None) -> SearchHit:
+def _hit(row: Any, lexical_score: float | None, coverage: float = 0.0) -> SearchHit:
     return SearchHit(
         asset_id=row.asset_id,
         chunk=row.chunk,
@@ -338,6 +338,7 @@ def _hit(row: Any, lexical_score: float | None) -> SearchHit:
         caption=row.caption,
         origin=row.origin,
         lexical_score=lexical_score,
+        lexical_coverage=coverage,
     )
 
 
@@ -369,20 +370,21 @@ def search(
     terms = query_terms(question) if limit > 0 else []
     parts: list[str] = []
     if terms:
-        groups = []
-        weights = []
+        groups, weights, full = [], [], []
         for i, term in enumerate(terms):
             params[f"t{i}"] = term
-            groups.append(f"plainto_tsquery('{TS_CONFIG}', :t{i})")
-            weights.append(
-                f"CASE WHEN c.document @@ plainto_tsquery('{TS_CONFIG}', :t{i}) "
-                f"THEN {2 if _DIGIT.search(term) else 1} ELSE 0 END"
-            )
+            one = f"plainto_tsquery('{TS_CONFIG}', :t{i})"
+            weight = 2 if _DIGIT.search(term) else 1
+            groups.append(one)
+            weights.append(f"CASE WHEN c.document @@ {one} THEN {weight} ELSE 0 END")
+            full.append(f"CASE WHEN numnode({one}) > 0 THEN {weight} ELSE 0 END")  # stop words: 0
         query = " || ".join(groups)
-        rank = rank_sql.format(coverage=" + ".join(weights))
+        coverage = " + ".join(weights)
+        rank = rank_sql.format(coverage=coverage)
         parts.append(
-            f"(SELECT 'l' AS leg, {_COLUMNS}, {rank} AS rank "
-            f"FROM lexical_chunks c, (SELECT {query} AS query) q "
+            f"(SELECT 'l' AS leg, {_COLUMNS}, {rank} AS rank, "
+            f"({coverage})::float / greatest(q.total, 1) AS coverage "
+            f"FROM lexical_chunks c, (SELECT {query} AS query, {' + '.join(full)} AS total) q "
             f"WHERE {' AND '.join(where)} AND c.document @@ q.query "
             f"ORDER BY rank DESC, c.asset_id, c.chunk LIMIT :limit)"
         )
@@ -390,7 +392,7 @@ def search(
         params["fetch_assets"] = [a for a, _ in fetch]
         params["fetch_chunks"] = [c for _, c in fetch]
         parts.append(
-            f"(SELECT 'd' AS leg, {_COLUMNS}, 0.0 AS rank FROM lexical_chunks c "
+            f"(SELECT 'd' AS leg, {_COLUMNS}, 0.0 AS rank, 0.0 AS coverage FROM lexical_chunks c "
             "WHERE c.tenant = :tenant AND (c.asset_id, c.chunk) IN "
             "(SELECT * FROM unnest(CAST(:fetch_assets AS text[]), "
             "CAST(:fetch_chunks AS text[]))))"
@@ -401,7 +403,7 @@ def search(
     stored: dict[tuple[str, str], SearchHit] = {}
     for row in conn.execute(sa.text(" UNION ALL ".join(parts)), params):
         if row.leg == "l":
-            hits.append(_hit(row, float(row.rank)))
+            hits.append(_hit(row, float(row.rank), float(row.coverage)))
         else:
             stored[(row.asset_id, row.chunk)] = _hit(row, None)
     return LexicalResult(hits, stored)
