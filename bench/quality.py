@@ -30,7 +30,8 @@ slice the hybrid at least as good as the better of its two legs. A mode whose se
 product does not have is reported as missing, never simulated. Everything it starts is
 stopped by pid; the temporary directory is removed.
 
-    .venv/bin/python bench/quality.py [--scale 1.0] [--seed 15] [--keep DIR]
+    .venv/bin/python bench/quality.py [--scale 1.0] [--seed 15] [--misses] [--keep DIR]
+        [--setting MMRAG_X=VALUE ...]
 
 The last line of output is one line of JSON with the figures.
 """
@@ -314,6 +315,7 @@ async def run(args: argparse.Namespace, tmp: Path, env: dict[str, str]) -> dict[
         "bench": "quality",
         "seed": args.seed,
         "scale": args.scale,
+        "settings": args.setting,
         "items": corpus.items,
         "pages": corpus.pages,
         "questions": len(corpus.questions),
@@ -341,6 +343,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument("--misses", action="store_true", help="list every missed question")
     parser.add_argument("--keep", type=Path, help="copy the corpus here before cleaning up")
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="MMRAG_X=VALUE",
+        help="a product setting for every worker (say MMRAG_RRF_K=20); repeatable",
+    )
     args = parser.parse_args(argv)
 
     from bench.ask import bench_env
@@ -354,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
         endpoints = stack.up()
         # Generation is never called (retrieval-only Asks): no LLM server is started.
         env = bench_env(state, endpoints, "http://127.0.0.1:9/v1", args.torch_threads, 2)
+        env.update(dict(kv.split("=", 1) for kv in args.setting))
         os.environ.update(env)
         get_settings.cache_clear()
         print(f"stack up in {time.perf_counter() - t0:.1f} s ({state})", flush=True)

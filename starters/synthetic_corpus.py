@@ -359,13 +359,13 @@ HANDBOOK_FACT = (
     "The emergency generator in building C is tested every Tuesday at 07:30 by the "
     "facilities team, and the test log is kept in binder FM-2231."
 )
-HANDBOOK_QUESTION = "When is the emergency generator in building C tested?"
+HANDBOOK_QUESTION = "When is the emergency generator tested?"
 _HANDBOOK_FILLER = (
     "Visitors sign in at reception and wear their badge at all times while on site.",
     "Desks are shared; please clear yours at the end of each day and lock your drawer.",
     "The canteen serves lunch from noon until two, and coffee is free in every kitchen.",
     "Report any damage to the service desk so that repairs can be planned quickly.",
-    "Fire doors must stay closed; the assembly point is the car park behind building A.",
+    "Fire doors must stay closed; the assembly point is the lawn behind building A.",
     "Meeting rooms are booked through the calendar and released if unused for 15 minutes.",
 )
 

@@ -55,6 +55,14 @@ def test_demo_answers_with_sources_and_runs_again(demo_env: dict[str, str]) -> N
     assert "red circle" in text_answer and "[S1]" in text_answer
     assert "(page:" in first and "(frame:" in first
     assert first.count("extractive answer in") >= 4
+    # Answers from inside documents, each with why: a fact in paragraph 5 of page 3 of a
+    # PDF, found by its own words, and a memo that exists only as a scanned picture (OCR).
+    deep = first.split("Q (a paragraph deep inside a PDF)", 1)[1].split("Q (", 1)[0]
+    why = re.search(r"why: \[S1\] site-handbook\.pdf, page 3, passage \d+: \"(.*)\"", deep)
+    assert why and "07:30" in why.group(1), deep
+    scan = first.split("Q (a scanned page)", 1)[1].split("7. watch it", 1)[0]
+    why = re.search(r"why: \[S1\] scanned-memo\.pdf, page 1(, passage \d+)?: \"(.*)\"", scan)
+    assert why and "19:00" in why.group(2), scan
     assert f"http://127.0.0.1:{ports[ENV_PREFIX + 'TEMPORAL_UI']}" in first
     worker_pid = int(re.search(r"worker pid (\d+)", first).group(1))  # type: ignore[union-attr]
 
