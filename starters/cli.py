@@ -82,6 +82,10 @@ def cmd_stack(args: argparse.Namespace) -> int:
             from starters.background import stop_background_worker
 
             stop_background_worker(settings.state_dir)
+            from starters.web.service import stop_background_server
+
+            if stop_background_server(settings.state_dir):
+                console.print("web app (mmrag serve) stopped")
             for line in _workers_still_polling(settings):
                 say(line)
             for t in stack.down():

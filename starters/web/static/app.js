@@ -10,6 +10,7 @@ const INLINE_IMAGE_BYTES = 256 * 1024;
 const blobs = new Map(); // preview path -> object URL (the key is a header, so no <img src>)
 let queryImage = ""; // base64 JPEG of the query image, or ""
 let askSeq = 0;
+const BLANK = "data:image/gif;base64,R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7";
 
 function key() {
   return sessionStorage.getItem(KEY_STORE) || "";
@@ -68,6 +69,15 @@ async function useKey(value) {
   }
 }
 
+// A key in the link's fragment (the demo prints one) is taken, then removed from the URL.
+function keyFromLink() {
+  const fromLink = new URLSearchParams(location.hash.slice(1)).get("key");
+  if (!fromLink) return false;
+  sessionStorage.setItem(KEY_STORE, fromLink);
+  history.replaceState(null, "", location.pathname);
+  return true;
+}
+
 // -- where a source points -------------------------------------------------------------------
 function where(chunk) {
   if (chunk === "image") return "image";
@@ -77,10 +87,11 @@ function where(chunk) {
     return "video at " + String(Math.floor(t / 60)).padStart(2, "0") + ":" +
       String(t % 60).padStart(2, "0");
   }
-  m = /^page:(\d+)(?::(?:text|passage|ocr)(?::(\d+))?)?/.exec(chunk);
+  // page:N (the page), page:N:text, page:N:p:K / page:N:passage:K (its K-th passage)
+  m = /^page:(\d+)(?::([a-z]+)(?::(\d+))?)?$/.exec(chunk);
   if (m) {
-    if (m[2]) return "page " + m[1] + ", passage " + m[2];
-    return chunk.includes(":text") || chunk.includes(":ocr") ? "page " + m[1] + ", text" : "page " + m[1];
+    if (m[3]) return "page " + m[1] + ", passage " + m[3];
+    return m[2] ? "page " + m[1] + ", text" : "page " + m[1];
   }
   return chunk;
 }
@@ -97,6 +108,7 @@ async function loadPreview(img, path) {
       blobs.set(path, URL.createObjectURL(blob));
     }
     img.src = blobs.get(path);
+    img.classList.remove("loading");
   } catch (e) {
     img.replaceWith(Object.assign(document.createElement("span"), {
       className: "nopreview", textContent: "no preview: " + e.message,
@@ -119,6 +131,8 @@ function renderSources(sources) {
     img.alt = s.id + ": " + place + " of " + fileName(s.display) + (s.snippet ? " — " + s.snippet.slice(0, 120) : "");
     img.width = 160;
     img.height = 160;
+    img.className = "loading"; // a blank placeholder (no alt text, no broken icon) until loaded
+    img.src = BLANK;
     figure.appendChild(img);
     const caption = document.createElement("figcaption");
     const parts = [
@@ -160,9 +174,10 @@ function renderAnswer(result) {
     refused: "Refused: the answer did not stand up to its sources",
     none: "No answer",
   };
-  let text = words[kind] || kind;
-  if (result.degraded) text += " — degraded: " + (result.degraded_reason || "a step fell back");
-  state.textContent = text;
+  state.textContent = result.degraded
+    ? "Degraded answer: " + (result.degraded_reason || "a step fell back") +
+      "; the sources below are still the search's"
+    : words[kind] || kind;
   const answer = $("answer");
   answer.replaceChildren();
   const known = new Set(result.sources.map((s) => s.id));
@@ -382,12 +397,8 @@ async function follow(id) {
 
 // -- wiring ----------------------------------------------------------------------------------
 document.addEventListener("DOMContentLoaded", () => {
-  // A key in the link's fragment (the demo prints one) is taken, then removed from the URL.
-  const fromLink = new URLSearchParams(location.hash.slice(1)).get("key");
-  if (fromLink) {
-    sessionStorage.setItem(KEY_STORE, fromLink);
-    history.replaceState(null, "", location.pathname);
-  }
+  keyFromLink();
+  window.addEventListener("hashchange", () => keyFromLink() && useKey(""));
   $("key-form").addEventListener("submit", (e) => {
     e.preventDefault();
     useKey($("key").value);

@@ -1,0 +1,268 @@
+"""HTTP overhead of ``mmrag serve``: ``POST /v1/ask`` against the same Ask started with a
+Temporal client, in the same run, by the same concurrent clients.
+
+Starts its own embedded stack (Temporal dev server, Milvus, Postgres) on free ports in a
+temporary directory, one worker process (``--role all``, the tiny CLIP model) and the
+zero-latency OpenAI-compatible test server, ingests a small synthetic corpus, creates an
+API key and starts ``mmrag serve`` as its own process. Then ``--clients`` concurrent
+clients each run ``--asks`` pairs, alternating which goes first: one Ask over HTTP
+(httpx, keep-alive) and the same Ask (a different, never repeated question of the same
+form, so no cache is warm for either) started with ``Client.start_workflow`` and awaited
+with the workflow credential a reader token carries, on the queue the server would use.
+Both measure the caller's wall clock from sending to having the parsed result.
+
+    .venv/bin/python bench/http.py [--clients 4] [--asks 40] [--warmup 5] [--generate]
+
+Goal: the HTTP layer adds at most 5 ms at p50. The last line of output is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx  # noqa: E402
+
+from activities.clip import TINY_MODEL_DIR  # noqa: E402
+from settings import get_settings  # noqa: E402
+from stack.services import Stack, StackPorts  # noqa: E402
+from starters.background import WorkerProcess  # noqa: E402
+from workflows.contracts import AskInput  # noqa: E402
+
+TENANT = "bench-http"
+GOAL_ADDED_P50_MS = 5.0
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+SHAPES = ("circle", "square", "triangle")
+PLACES = ("on a white background", "near the top", "in the middle", "drawn small", "drawn large")
+
+
+def question(i: int) -> str:
+    """A new question each call (the query-vector and answer caches stay cold)."""
+    c, s, p = COLOURS[i % 6], SHAPES[(i // 6) % 3], PLACES[(i // 18) % 5]
+    return f"a {c} {s} {p}, picture {i}"
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "p50": round(statistics.median(values), 2),
+        "p90": round(pct(values, 90), 2),
+        "p99": round(pct(values, 99), 2),
+        "mean": round(statistics.fmean(values), 2),
+        "n": len(values),
+    }
+
+
+def free_port() -> int:
+    from tests.conftest import free_port as pick
+
+    return pick()
+
+
+def start_server(env: dict[str, str], state: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    log = (state / "logs" / "web.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "starters.cli", "serve", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**env, "MMRAG_WEB_MAX_CONNECTIONS": "1024"},
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/v1/openapi.json", timeout=2):
+                return proc, url
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("mmrag serve did not start: see " + str(log.name)) from None
+            time.sleep(0.2)
+
+
+async def measure(args: argparse.Namespace, url: str, key: str, token: str) -> dict[str, Any]:
+    from starters.ask import ask_task_queue, start_ask
+    from workers.temporal_client import connect
+
+    client = await connect(token=token)
+    queue = await ask_task_queue(client)
+    counter = iter(range(10**9))
+    http_ms: list[float] = []
+    temporal_ms: list[float] = []
+    stages: list[float] = []
+
+    async def over_http(h: httpx.AsyncClient, text: str) -> float:
+        body = {"text": text, "top_k": 5, "generate": args.generate}
+        t = time.perf_counter()
+        r = await h.post(url + "/v1/ask", json=body)
+        out = r.json()
+        took = (time.perf_counter() - t) * 1000
+        if r.status_code != 200 or not out["sources"]:
+            raise RuntimeError(f"HTTP ask failed: {r.status_code} {r.text[:300]}")
+        stages.append(out["latency_ms"])
+        return took
+
+    async def over_temporal(text: str) -> float:
+        inp = AskInput(TENANT, text=text, top_k=5, generate=args.generate)
+        t = time.perf_counter()
+        handle = await start_ask(client, inp, queue)
+        result = await handle.result()
+        took = (time.perf_counter() - t) * 1000
+        if not result.sources:
+            raise RuntimeError("Temporal ask found nothing")
+        return took
+
+    async def one_client(n: int, record: bool) -> None:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(headers=headers, timeout=120) as h:
+            for i in range(n):
+                pair = [("http", next(counter)), ("temporal", next(counter))]
+                if i % 2:
+                    pair.reverse()
+                for kind, number in pair:
+                    if kind == "http":
+                        took = await over_http(h, question(number))
+                        if record:
+                            http_ms.append(took)
+                    else:
+                        took = await over_temporal(question(number))
+                        if record:
+                            temporal_ms.append(took)
+
+    await asyncio.gather(*(one_client(args.warmup, False) for _ in range(args.clients)))
+    stages.clear()
+    t = time.perf_counter()
+    await asyncio.gather(*(one_client(args.asks, True) for _ in range(args.clients)))
+    wall_s = time.perf_counter() - t
+    http, temporal = summary(http_ms), summary(temporal_ms)
+    added = round(http["p50"] - temporal["p50"], 2)
+    return {
+        "clients": args.clients,
+        "asks_per_client": args.asks,
+        "generate": args.generate,
+        "task_queue": queue,
+        "http_ms": http,
+        "temporal_client_ms": temporal,
+        "workflow_latency_ms_p50": round(statistics.median(stages), 2),
+        "added_ms_p50": added,
+        "added_ms_p90": round(http["p90"] - temporal["p90"], 2),
+        "asks_per_s": round((len(http_ms) + len(temporal_ms)) / wall_s, 1),
+        "goal_added_p50_ms": GOAL_ADDED_P50_MS,
+        "goal_met": added <= GOAL_ADDED_P50_MS,
+    }
+
+
+async def ingest(corpus: Path) -> int:
+    from starters.ingest import start_ingest
+    from workers.temporal_client import connect
+
+    client = await connect()
+    result = await (await start_ingest(client, TENANT, [str(corpus)])).result()
+    if not result.ingested:
+        raise RuntimeError(f"ingest failed: {result}")
+    return result.vectors
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=4, help="concurrent clients")
+    parser.add_argument("--asks", type=int, default=40, help="measured pairs per client")
+    parser.add_argument("--warmup", type=int, default=5, help="warm-up pairs per client")
+    parser.add_argument("--generate", action="store_true", help="full Asks (test LLM server)")
+    args = parser.parse_args()
+
+    from activities.store.registry import get_engine
+    from starters.synthetic_corpus import write_corpus
+    from starters.web.keys import create_key
+    from tests.helpers import wait_searchable
+    from tests.llm_server import LlmTestServer
+    from workers.auth import issue_token, signing_key_from_settings
+    from workers.temporal_client import run_client_command
+
+    tmp = Path(tempfile.mkdtemp(prefix="mmrag-bench-http-"))
+    state = tmp / "state"
+    stack = Stack(state, StackPorts.free(), services=("temporal", "milvus", "postgres"))
+    llm = LlmTestServer(mode="ok")
+    worker: WorkerProcess | None = None
+    server: subprocess.Popen[bytes] | None = None
+    t0 = time.perf_counter()
+    try:
+        endpoints = stack.up()
+        llm.start()
+        env = {
+            **os.environ,
+            "MMRAG_STATE_DIR": str(state),
+            "MMRAG_CLIP_MODEL": "mmrag-tiny",
+            "MMRAG_CLIP_PRETRAINED": "",
+            "MMRAG_CLIP_CHECKPOINT": str(TINY_MODEL_DIR / "mmrag-tiny.pt"),
+            "MMRAG_DEVICE": "cpu",
+            "MMRAG_TORCH_THREADS": "1",
+            "MMRAG_STORAGE_ROOTS": json.dumps({"*": [tmp.as_uri()]}),
+            "TEMPORAL_ADDRESS": endpoints["temporal_address"],
+            "TEMPORAL_NAMESPACE": "default",
+            "OPENAI_BASE_URL": llm.base_url,
+            "OPENAI_API_KEY": "bench-key",
+            "MMRAG_LLM_MODEL": "bench-llm",
+        }
+        for inherited in ("TEMPORAL_PROFILE", "TEMPORAL_API_KEY", "TEMPORAL_CONFIG_FILE"):
+            env.pop(inherited, None)
+        os.environ.clear()
+        os.environ.update(env)
+        get_settings.cache_clear()
+        print(f"stack up in {time.perf_counter() - t0:.1f} s ({state})", flush=True)
+        worker = WorkerProcess.start(state, "all", env)
+        corpus = tmp / "corpus"
+        write_corpus(corpus, per_class=6, seed=3)
+        vectors = run_client_command(ingest(corpus))
+        wait_searchable(TENANT, vectors)
+        settings = get_settings()
+        key = create_key(get_engine(settings.database_endpoint()), TENANT, "reader")[1]
+        signing = signing_key_from_settings(settings)
+        assert signing is not None
+        token = issue_token(signing[0], signing[1], [TENANT], "reader", 3600, subject="bench")
+        server, url = start_server(env, state)
+        print(f"ready in {time.perf_counter() - t0:.1f} s; {vectors} vectors", flush=True)
+        figures = run_client_command(measure(args, url, key, token))
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=20)
+        if worker is not None:
+            worker.stop(timeout=10)
+        llm.stop()
+        stack.down()
+        shutil.rmtree(tmp, ignore_errors=True)
+    figures["total_s"] = round(time.perf_counter() - t0, 1)
+    h, t = figures["http_ms"], figures["temporal_client_ms"]
+    print(
+        f"\n{figures['clients']} clients x {figures['asks_per_client']} pairs "
+        f"({'full' if args.generate else 'retrieval-only'} Asks on {figures['task_queue']}):\n"
+        f"  POST /v1/ask         p50 {h['p50']:7.2f} ms  p90 {h['p90']:7.2f}  p99 {h['p99']:7.2f}\n"
+        f"  Temporal client Ask  p50 {t['p50']:7.2f} ms  p90 {t['p90']:7.2f}  p99 {t['p99']:7.2f}\n"
+        f"  HTTP adds            p50 {figures['added_ms_p50']:+.2f} ms (goal <= "
+        f"{GOAL_ADDED_P50_MS:g}: {'met' if figures['goal_met'] else 'MISSED'})"
+    )
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
