@@ -50,8 +50,8 @@ log = logging.getLogger(__name__)
 
 class GenerateActivities:
     def __init__(self, config: LlmConfig | None = None, settings: Settings | None = None) -> None:
-        self.config = config or LlmConfig.from_env()
         self.settings = settings or get_settings()
+        self.config = config or LlmConfig.from_settings(self.settings)
         self.generator = get_generator(self.config) if self.config.enabled else None
         self.roots = StorageRoots.from_settings(
             self.settings.storage_roots, self.settings.state_dir

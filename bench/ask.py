@@ -65,7 +65,7 @@ from temporalio import activity, workflow  # noqa: E402
 
 import workflows.ask as ask_steps  # noqa: E402
 from activities.clip import TINY_MODEL_DIR  # noqa: E402
-from settings import get_settings
+from settings import WORKER_ROLES, get_settings
 from stack.servers import LATENCY_DYNAMIC_CONFIG, Temporal  # noqa: E402
 from stack.services import Stack, StackPorts  # noqa: E402
 from workflows.ask import QUICK_RETRY  # noqa: E402
@@ -394,7 +394,7 @@ class InProcessWorkers:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
-ROLES_DEPLOYED = ("cpu", "encode", "generate", "query")
+ROLES_DEPLOYED = WORKER_ROLES
 READY = "mmrag worker ready"
 
 

@@ -11,16 +11,20 @@ are given in README.md and docker-compose.yml.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PrivateAttr, SecretStr
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Worker role -> its Postgres login (workers/db_logins.py, which also sets their passwords).
 WORKER_LOGINS: dict[str, str] = {"cpu": "mmrag_ingest", "query": "mmrag_query"}
+# The worker roles, one list for the CLI, the workers (workers/roles.py ROLE_ACTIVITIES holds
+# what each runs) and the benches.
+WORKER_ROLES = ("cpu", "encode", "generate", "query")
 
 
 class Settings(BaseSettings):
@@ -121,6 +125,18 @@ class Settings(BaseSettings):
     llm_vision: bool = False
     llm_vision_images: int = 2
     llm_vision_max_side: int = 512
+    # -- The LLM client (activities/llm/client.py LlmConfig.from_settings): read here, the
+    # one parser of the environment. The endpoint and key keep the openai client's own names.
+    openai_base_url: str = Field(default="", validation_alias="OPENAI_BASE_URL")
+    openai_api_key: SecretStr = Field(default=SecretStr(""), validation_alias="OPENAI_API_KEY")
+    llm_model: str = "gpt-4o-mini"  # "" too: activities/rag/tokens.py DEFAULT_LLM_MODEL
+    llm_timeout_s: float = Field(default=30.0, gt=0)
+    breaker_fail_max: int = Field(default=5, ge=1)  # consecutive transient errors to open
+    breaker_reset_s: float = Field(default=30.0, ge=0)  # open this long, then one trial call
+    llm_temperature: str = "0"  # a number; "none" omits it (models that accept no other)
+    llm_max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    llm_cache_size: int = 256  # answers and chunk summaries kept per worker
+    # -- end of the LLM client ---------------------------------------------------------------
 
     # Workers.
     max_concurrent_activities: int = 8
@@ -320,6 +336,19 @@ class Settings(BaseSettings):
     def milvus_endpoint(self) -> str:
         return self.milvus_uri or self.stack_endpoint("milvus_uri")
 
+    @field_validator("llm_temperature")
+    @classmethod
+    def _temperature(cls, value: str) -> str:
+        """A number, or none / null / omit; say which setting otherwise."""
+        if value.strip().lower() not in ("", "none", "null", "omit"):
+            try:
+                float(value)
+            except ValueError:
+                raise ValueError(
+                    f"MMRAG_LLM_TEMPERATURE={value!r}: give a number, or none to omit it"
+                ) from None
+        return value
+
     def for_milvus_role(self, role: str) -> Settings:
         """These settings with ``milvus_token`` set to the worker role's own token, if any,
         so every activity of the role connects as the role's Milvus user."""
@@ -373,6 +402,31 @@ class Settings(BaseSettings):
             return None
         path = Path(self.clip_checkpoint)
         return path if path.is_absolute() else (REPO_ROOT / path)
+
+
+def settings_from(env: Mapping[str, str]) -> Settings:
+    """Settings read from ``env`` alone (not this process's environment nor ``.env``): a
+    container's environment checked before it runs (tests/test_compose.py), a test's."""
+
+    class Only(Settings):
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, **others):  # type: ignore[no-untyped-def,override]
+            return (init_settings,)
+
+    values: dict[str, str] = {}
+    variables: dict[str, str] = {}  # field -> its variable
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias if isinstance(info.validation_alias, str) else None
+        variables[name] = alias or f"MMRAG_{name.upper()}"
+        if variables[name] in env:
+            values[alias or name] = env[variables[name]]
+    try:
+        return Only.model_validate(values)
+    except ValidationError as e:  # one line that names the variable, as a ValueError
+        first = e.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        variable = variables.get(field, field)
+        raise ValueError(f"{variable}={env.get(variable, '')!r}: {first['msg']}") from None
 
 
 @lru_cache(maxsize=1)

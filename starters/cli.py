@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, NoReturn
 from rich.console import Console
 from rich.markup import escape
 
-from settings import get_settings
+from settings import WORKER_ROLES, get_settings
 from starters.waiting import Notices, result_with_notices
 from workers.temporal_client import run_client_command
 
@@ -816,6 +816,8 @@ STACK_HELP = """\
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from starters.ask import FILTER_KEYS
+
     parser = argparse.ArgumentParser(
         prog="mmrag",
         description="mmrag: durable multimodal RAG on Temporal. Ingest images, PDFs and video "
@@ -845,7 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _verb(sub, "worker", "run workers for one role or all", WORKER_HELP)
     p.add_argument(
         "--role",
-        choices=["all", "cpu", "encode", "generate", "query"],
+        choices=["all", *WORKER_ROLES],
         default="all",
         help="which task queues this process serves (see above)",
     )
@@ -908,8 +910,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="media_type=image/jpeg, created_after=, created_before= (ISO date or epoch), "
-        "tag.KEY=, asset_id= (repeatable)",
+        help=f"{FILTER_KEYS} (repeatable)",
     )
     p.add_argument("--top-k", type=int, default=5, help="sources to return")
     p.add_argument("--no-rerank", action="store_true", help="keep the vector order")

@@ -61,7 +61,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from temporalio.client import Client
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from settings import Settings, get_settings
@@ -72,10 +71,10 @@ from starters.http_guard import (
     RequestRefused,
     declared_length,
 )
+from starters.runs import start_once
 from workflows.contracts import (
     FORGET_WORKFLOW,
     INGEST_ASSET_WORKFLOW,
-    TASK_QUEUE,
     ForgetInput,
     IngestAssetInput,
     asset_id_for,
@@ -425,14 +424,7 @@ class EventBridge:
         if self.client is None:
             raise RuntimeError("EventBridge.connect() first")
         try:
-            await self.client.start_workflow(
-                workflow,
-                arg,
-                id=workflow_id,
-                task_queue=TASK_QUEUE,
-                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            )
+            await start_once(self.client, workflow, arg, workflow_id, object, reject_duplicate=True)
         except WorkflowAlreadyStartedError:
             return "duplicate"
         return "started"

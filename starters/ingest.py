@@ -8,7 +8,6 @@ rather than showing a total that grows; it ends on the result's own counts.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 from dataclasses import asdict
 from datetime import timedelta
@@ -19,15 +18,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from temporalio.client import Client, WorkflowHandle
-from temporalio.common import WorkflowIDConflictPolicy
 
 from activities.store.objects import normalize_uri
 from activities.store.roots import register_local_root
 from starters.display import print_failures
+from starters.runs import derived_id, start_once
 from starters.waiting import Notices
 from workflows.contracts import (
     INGEST_BATCH_WORKFLOW,
-    TASK_QUEUE,
     IngestBatchInput,
     IngestProgress,
     IngestResult,
@@ -53,7 +51,7 @@ def register_local_roots(state_dir: Path, tenant: str, sources: list[str]) -> li
 def batch_workflow_id(inp: IngestBatchInput) -> str:
     """Same sources, tenant, tags and force flag: the same id, so a second start attaches."""
     key = json.dumps([inp.sources, inp.tags, inp.force], sort_keys=True)
-    return f"ingest-batch/{inp.tenant}/{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    return derived_id("ingest-batch", inp.tenant, key)
 
 
 class IngestOptions(TypedDict, total=False):
@@ -83,14 +81,13 @@ async def start_ingest(
         allow_forgotten=allow_forgotten,
         **options,
     )
-    return await client.start_workflow(
+    return await start_once(
+        client,
         INGEST_BATCH_WORKFLOW,
         inp,
-        id=batch_workflow_id(inp),
-        task_queue=TASK_QUEUE,
-        result_type=IngestResult,
-        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        static_summary=f"ingest {len(sources)} source(s) for tenant {tenant}",
+        batch_workflow_id(inp),
+        IngestResult,
+        f"ingest {len(sources)} source(s) for tenant {tenant}",
     )
 
 

@@ -7,7 +7,6 @@ line that says what to do, for the CLI to print.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,9 +26,9 @@ from temporalio.client import (
     ScheduleState,
     WorkflowHandle,
 )
-from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
+from starters.runs import derived_id, start_once
 from workflows.contracts import (
     FORGET_WORKFLOW,
     FULL,
@@ -67,30 +66,26 @@ async def start_reindex(client: Client, inp: ReindexInput) -> WorkflowHandle[obj
 async def start_forget(client: Client, inp: ForgetInput) -> WorkflowHandle[object, ForgetResult]:
     """The id derives from what is forgotten, so a repeated request attaches to the run."""
     key = f"{inp.asset_id}|{inp.uri_prefix}|{sorted(inp.tags.items())}|{inp.if_generation}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return await client.start_workflow(
+    return await start_once(
+        client,
         FORGET_WORKFLOW,
         inp,
-        id=f"forget/{inp.tenant}/{digest}",
-        task_queue=TASK_QUEUE,
-        result_type=ForgetResult,
-        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        static_summary=f"forget assets of tenant {inp.tenant}",
+        derived_id("forget", inp.tenant, key),
+        ForgetResult,
+        f"forget assets of tenant {inp.tenant}",
     )
 
 
 async def start_watch(
     client: Client, inp: WatchPrefixInput
 ) -> WorkflowHandle[object, IngestResult]:
-    digest = hashlib.sha256(inp.prefix.encode()).hexdigest()[:16]
-    return await client.start_workflow(
+    return await start_once(
+        client,
         WATCH_PREFIX_WORKFLOW,
         inp,
-        id=f"watch/{inp.tenant}/{digest}",
-        task_queue=TASK_QUEUE,
-        result_type=IngestResult,
-        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        static_summary=f"watch {inp.prefix} for tenant {inp.tenant}",
+        derived_id("watch", inp.tenant, inp.prefix),
+        IngestResult,
+        f"watch {inp.prefix} for tenant {inp.tenant}",
     )
 
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from settings import Settings
+from settings import WORKER_ROLES, Settings
 from workflows.activities import (
     MILVUS_LEVELS,
     MILVUS_MANAGE,
@@ -99,6 +99,7 @@ ROLE_ACTIVITIES: dict[str, tuple[Callable[..., Any], ...]] = {
     # Ask on the query queue: encode + search in one local activity, then finalise.
     "query": (ask_stubs.encode_and_retrieve, ask_stubs.finalize_answer),
 }
+assert tuple(ROLE_ACTIVITIES) == WORKER_ROLES, "settings.WORKER_ROLES names every role"
 
 # The Milvus user whose privileges cover each level an activity declares (milvus_rbac.py:
 # mmrag_query < mmrag_encode < mmrag_ingest).

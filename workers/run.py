@@ -42,7 +42,7 @@ from temporalio.worker import (
 )
 
 from activities.media.sandbox import harden_worker
-from settings import Settings, get_settings
+from settings import WORKER_ROLES, Settings, get_settings
 from workers.auth import AuthAudit, AuthInterceptor, policy_from_settings
 from workers.roles import ROLE_ACTIVITIES, ROLE_BUILDERS
 from workers.telemetry import (
@@ -54,7 +54,7 @@ from workers.telemetry import (
 from workers.temporal_client import connect
 from workflows.activities import home_of
 
-ROLES = ("all", "cpu", "encode", "generate", "query")
+ROLES = ("all", *WORKER_ROLES)
 log = logging.getLogger("mmrag.worker")
 
 # Activities that spend their time in one blocking call (a Milvus delete, a registry page,

@@ -252,18 +252,7 @@ class Reindex:
             )
             inp.phase = "done"
             workflow.upsert_search_attributes([OUTCOME_KEY.value_set("completed")])
-            return ReindexResult(
-                mode=inp.mode,
-                tenant=inp.tenant,
-                index_version=target.version,
-                previous_version=target.version,
-                embedded=inp.embedded,
-                failed=inp.failed,
-                verified_assets=0,
-                swapped=False,
-                failures=inp.failures,
-                still_failing=inp.still_failing,
-            )
+            return self._result(target.version, target.version)
         inp.phase = "verifying"
         check = ReconcileResult()
         for _ in range(MAX_RECONCILE_ROUNDS):
@@ -296,17 +285,8 @@ class Reindex:
         )
         inp.phase = "done"
         workflow.upsert_search_attributes([OUTCOME_KEY.value_set("swapped")])
-        return ReindexResult(
-            mode=inp.mode,
-            tenant=inp.tenant,
-            index_version=swap.active_version,
-            previous_version=swap.previous_version,
-            embedded=inp.embedded,
-            failed=inp.failed,
-            verified_assets=check.registry_assets,
-            swapped=True,
-            failures=inp.failures,
-            still_failing=inp.still_failing,
+        return self._result(
+            swap.active_version, swap.previous_version, check.registry_assets, swapped=True
         )
 
     async def _rollback(self) -> ReindexResult:
@@ -320,15 +300,23 @@ class Reindex:
         )
         workflow.upsert_search_attributes([OUTCOME_KEY.value_set("rolled_back")])
         self._inp.phase = "done"
+        return self._result(swap.active_version, swap.previous_version, swapped=True)
+
+    def _result(
+        self, active: int, previous: int, verified: int = 0, swapped: bool = False
+    ) -> ReindexResult:
+        inp = self._inp
         return ReindexResult(
-            mode=ROLLBACK,
-            tenant="",
-            index_version=swap.active_version,
-            previous_version=swap.previous_version,
-            embedded=0,
-            failed=0,
-            verified_assets=0,
-            swapped=True,
+            mode=inp.mode,
+            tenant=inp.tenant,
+            index_version=active,
+            previous_version=previous,
+            embedded=inp.embedded,
+            failed=inp.failed,
+            verified_assets=verified,
+            swapped=swapped,
+            failures=inp.failures,
+            still_failing=inp.still_failing,
         )
 
     def _report(self, outcomes: list[AssetOutcome]) -> None:

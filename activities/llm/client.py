@@ -29,7 +29,6 @@ import email.utils
 import hashlib
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -50,6 +49,7 @@ from activities.rag.fusion import FusedPrompt, SourceChunk, chunk_passage, fuse_
 from activities.rag.guardrails import validate_summary
 from activities.rag.tokens import DEFAULT_LLM_MODEL, count_tokens
 from activities.runtime.lru import Lru
+from settings import Settings, get_settings, settings_from
 
 log = logging.getLogger(__name__)
 
@@ -130,26 +130,6 @@ _SUMMARY_USER = "Question: {question}\n\nPassage:\n{passage}"
 SUMMARY_CONCURRENCY = 8  # summarisation requests in flight per generator
 
 
-def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-
-
-def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer") from None
-
-
 @dataclass(frozen=True)
 class LlmConfig:
     """Where and how to call the LLM. ``api_key`` is excluded from ``repr`` (and so from
@@ -178,40 +158,34 @@ class LlmConfig:
         return bool(self.api_key or self.base_url)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> LlmConfig:
-        """Read ``OPENAI_BASE_URL``, ``OPENAI_API_KEY``, ``MMRAG_LLM_MODEL`` (default
-        gpt-4o-mini), ``MMRAG_LLM_TIMEOUT_S`` (30), ``MMRAG_BREAKER_FAIL_MAX`` (5),
-        ``MMRAG_BREAKER_RESET_S`` (30), ``MMRAG_LLM_TEMPERATURE`` (0; "none" omits it),
-        ``MMRAG_LLM_MAX_TOKENS_PARAM`` (max_tokens) and ``MMRAG_LLM_CACHE_SIZE`` (256)."""
-        env = os.environ if env is None else env
-        temp_raw = env.get("MMRAG_LLM_TEMPERATURE", "").strip()
-        temperature: float | None
-        if temp_raw.lower() in ("none", "null", "omit"):
-            temperature = None
-        else:
-            temperature = _env_float(env, "MMRAG_LLM_TEMPERATURE", 0.0)
-        param = env.get("MMRAG_LLM_MAX_TOKENS_PARAM", "").strip() or "max_tokens"
-        if param not in ("max_tokens", "max_completion_tokens"):
-            raise ValueError(
-                f"MMRAG_LLM_MAX_TOKENS_PARAM={param!r}: use max_tokens or max_completion_tokens"
-            )
-        config = cls(
-            base_url=env.get("OPENAI_BASE_URL", "").strip(),
-            api_key=env.get("OPENAI_API_KEY", "").strip(),
-            model=env.get("MMRAG_LLM_MODEL", "").strip() or DEFAULT_LLM_MODEL,
-            timeout_s=_env_float(env, "MMRAG_LLM_TIMEOUT_S", 30.0),
-            breaker_fail_max=_env_int(env, "MMRAG_BREAKER_FAIL_MAX", 5),
-            breaker_reset_s=_env_float(env, "MMRAG_BREAKER_RESET_S", 30.0),
-            temperature=temperature,
-            max_tokens_param=param,
-            cache_size=_env_int(env, "MMRAG_LLM_CACHE_SIZE", 256),
+    def from_settings(cls, settings: Settings | None = None) -> LlmConfig:
+        """The client's configuration from :class:`settings.Settings` (``OPENAI_BASE_URL``,
+        ``OPENAI_API_KEY``, ``MMRAG_LLM_MODEL``, ``MMRAG_LLM_TIMEOUT_S``,
+        ``MMRAG_BREAKER_FAIL_MAX`` / ``_RESET_S``, ``MMRAG_LLM_TEMPERATURE``,
+        ``MMRAG_LLM_MAX_TOKENS_PARAM``, ``MMRAG_LLM_CACHE_SIZE``), which validates them:
+        the environment has one parser."""
+        s = settings or get_settings()
+        temp = s.llm_temperature.strip().lower()
+        temperature = None if temp in ("none", "null", "omit") else float(temp or 0)
+        return cls(
+            base_url=s.openai_base_url.strip(),
+            api_key=s.openai_api_key.get_secret_value().strip(),
+            model=s.llm_model.strip() or DEFAULT_LLM_MODEL,
+            timeout_s=s.llm_timeout_s,
+            breaker_fail_max=s.breaker_fail_max,
+            breaker_reset_s=s.breaker_reset_s,
+            temperature=None
+            if temperature in ("none", "null", "omit")
+            else float(temperature or 0),
+            max_tokens_param=s.llm_max_tokens_param,
+            cache_size=s.llm_cache_size,
         )
-        if config.timeout_s <= 0 or config.breaker_fail_max < 1 or config.breaker_reset_s < 0:
-            raise ValueError(
-                "MMRAG_LLM_TIMEOUT_S must be > 0, MMRAG_BREAKER_FAIL_MAX >= 1 and "
-                "MMRAG_BREAKER_RESET_S >= 0"
-            )
-        return config
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> LlmConfig:
+        """From an environment mapping alone (a container's, a test's; None: this process's
+        settings), read by Settings: a bad value is a ``ValueError`` naming its variable."""
+        return cls.from_settings(None if env is None else settings_from(env))
 
 
 DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
@@ -552,9 +526,9 @@ _GENERATORS_LOCK = threading.Lock()
 
 
 def get_generator(config: LlmConfig | None = None) -> LlmGenerator:
-    """The process-wide generator for ``config`` (default: :meth:`LlmConfig.from_env`):
+    """The process-wide generator for ``config`` (default: :meth:`LlmConfig.from_settings`):
     one HTTP connection pool, breaker and answer cache per configuration per worker."""
-    config = config or LlmConfig.from_env()
+    config = config or LlmConfig.from_settings()
     with _GENERATORS_LOCK:
         gen = _GENERATORS.get(config)
         if gen is None:
