@@ -38,7 +38,9 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repository root replaces the script's own directory on the path: bench/ holds a
+# module named http.py, which would shadow the standard library's http package.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from activities.store.vectors import (  # noqa: E402
     ChunkRow,
