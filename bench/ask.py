@@ -45,7 +45,6 @@ import asyncio
 import dataclasses
 import importlib
 import json
-import math
 import os
 import shutil
 import statistics
@@ -64,7 +63,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from temporalio import activity, workflow  # noqa: E402
 
 import workflows.ask as ask_steps  # noqa: E402
-from activities.clip import TINY_MODEL_DIR  # noqa: E402
+from bench.harness import (  # noqa: E402
+    TENANT,
+    Questions,
+    bench_env,
+    index_corpus,
+    stage_medians,
+    summary,
+)
 from settings import WORKER_ROLES, get_settings
 from stack.servers import LATENCY_DYNAMIC_CONFIG, Temporal  # noqa: E402
 from stack.services import Stack, StackPorts  # noqa: E402
@@ -75,29 +81,9 @@ from workflows.contracts import (  # noqa: E402
     TASK_QUEUE,
     AskInput,
     AskResult,
-    asset_id_for,
 )
 
-TENANT = "bench"
 BASE_RPS_FLAG = LATENCY_DYNAMIC_CONFIG[0]  # what stack/servers.py sets
-TINY_ENV = {
-    "MMRAG_CLIP_MODEL": "mmrag-tiny",
-    "MMRAG_CLIP_PRETRAINED": "",
-    "MMRAG_CLIP_CHECKPOINT": str(TINY_MODEL_DIR / "mmrag-tiny.pt"),
-    "MMRAG_DEVICE": "cpu",
-}
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
-SHAPES = ("circle", "square", "triangle")
-TEMPLATES = (
-    "a {c} {s}",
-    "show me the {c} {s}",
-    "which picture has a {c} {s} in it",
-    "find a {c} {s} on a white background",
-    "{c} {s} image",
-    "is there a {c} {s} here",
-    "photo of one {c} {s}",
-    "where is the {c} {s}",
-)
 
 
 # -- the embedded stack, with extra dev-server flags (bench-only) ---------------------------
@@ -146,66 +132,6 @@ class BenchStack(Stack):
         for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
             path.unlink(missing_ok=True)
         self.start_service("temporal")
-
-
-# -- statistics ------------------------------------------------------------------------------
-def bench_env(
-    state: Path, endpoints: dict[str, str], llm_url: str, torch_threads: int, grace_s: int
-) -> dict[str, str]:
-    """The environment of a benchmark's workers (and its own process): the tiny model, the
-    bench stack, the LLM test server; Temporal profile variables of the caller removed."""
-    env = {
-        **os.environ,
-        **TINY_ENV,
-        "MMRAG_TORCH_THREADS": str(torch_threads),
-        "MMRAG_STATE_DIR": str(state),
-        # The bench's corpus lives beside the state dir: the storage root of every tenant.
-        "MMRAG_STORAGE_ROOTS": json.dumps({"*": [state.parent.as_uri()]}),
-        "MMRAG_GRACEFUL_SHUTDOWN_SECONDS": str(grace_s),
-        "TEMPORAL_ADDRESS": endpoints["temporal_address"],
-        "TEMPORAL_NAMESPACE": "default",
-        "OPENAI_BASE_URL": llm_url,
-        "OPENAI_API_KEY": "bench-key",
-        "MMRAG_LLM_MODEL": "bench-llm",
-    }
-    for inherited in ("TEMPORAL_PROFILE", "TEMPORAL_API_KEY", "TEMPORAL_CONFIG_FILE"):
-        env.pop(inherited, None)
-        os.environ.pop(inherited, None)
-    return env
-
-
-def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (p99 of 50 values is the slowest one)."""
-    s = sorted(values)
-    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {
-        "p50": round(statistics.median(values), 1),
-        "p99": round(pct(values, 99), 1),
-        "mean": round(statistics.fmean(values), 1),
-        "n": len(values),
-    }
-
-
-def stage_medians(rows: list[dict[str, float]]) -> dict[str, float]:
-    keys = sorted({k for r in rows for k in r})
-    return {k: round(statistics.median([r[k] for r in rows if k in r]), 1) for k in keys}
-
-
-class Questions:
-    """A never-repeating stream of natural questions (encode and prompt caches stay cold)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-
-    def next(self) -> str:
-        n = self.n
-        self.n += 1
-        c, s = COLOURS[n % 6], SHAPES[(n // 6) % 3]
-        t = TEMPLATES[(n // 18) % len(TEMPLATES)]
-        return f"{t.format(c=c, s=s)} (query {n})"
 
 
 # -- the in-process baseline ------------------------------------------------------------------
@@ -628,99 +554,6 @@ def print_breakdown(title: str, b: dict[str, Any]) -> None:
 
 
 # -- setup -------------------------------------------------------------------------------------
-async def index_corpus(client: Any, tmp: Path, images_per_class: int, vectors: int) -> dict:
-    """Real images through IngestBatch (creates index v1), then bulk random unit vectors."""
-    import numpy as np
-
-    from activities.store import registry
-    from activities.store.vectors import ChunkRow, get_store
-    from starters.ingest import start_ingest
-    from starters.synthetic_corpus import write_corpus
-
-    corpus = tmp / "corpus"
-    write_corpus(corpus, per_class=images_per_class, seed=7)
-    t = time.perf_counter()
-    handle = await start_ingest(client, TENANT, [str(corpus)], tags={"set": "real"})
-    result = await handle.result()
-    if result.failed or not result.ingested:
-        raise RuntimeError(f"ingest failed: {result}")
-    ingest_s = time.perf_counter() - t
-    settings = get_settings()
-    index = registry.active_index(registry.get_engine(settings.database_endpoint()))
-    assert index is not None
-    store = get_store(settings.milvus_endpoint(), settings.milvus_token.get_secret_value())
-    rng = np.random.default_rng(11)
-    t = time.perf_counter()
-    now = int(time.time())
-    batch = 5000
-    for start in range(0, vectors, batch):
-        n = min(batch, vectors - start)
-        vec = rng.standard_normal((n, index.dim)).astype(np.float32)
-        vec /= np.linalg.norm(vec, axis=1, keepdims=True)
-        rows = []
-        for i in range(start, start + n):
-            colour, shape = COLOURS[i % 6], SHAPES[(i // 6) % 3]
-            uri = f"gs://bench-bucket/photos/{i // 1000:03d}/{colour}-{shape}-{i:06d}.jpg"
-            rows.append(
-                ChunkRow(
-                    asset_id=asset_id_for(TENANT, uri),
-                    tenant=TENANT,
-                    uri=uri,
-                    media_type="image/jpeg",
-                    chunk="image",
-                    created_at=now - int(rng.integers(0, 400 * 86400)),
-                    tags={"set": "bulk", "team": f"t{i % 7}"},
-                )
-            )
-        store.replace_assets(index.collection, TENANT, [], rows, vec)
-    store.client.flush(index.collection)
-    total = store.count(index.collection, TENANT, strong=True)
-    insert_s = time.perf_counter() - t
-    indexed = _wait_indexed(store, index.collection, total)
-    searchable_s = _wait_searchable(store, index.collection, total, index.dim)
-    return {
-        "collection": index.collection,
-        "dim": index.dim,
-        "real_images": result.ingested,
-        "vectors_total": total,
-        "ingest_s": round(ingest_s, 1),
-        "bulk_insert_s": round(insert_s, 1),
-        "hnsw_indexed_rows": indexed,
-        "searchable_after_s": searchable_s,
-    }
-
-
-def _wait_searchable(
-    store: Any, collection: str, total: int, dim: int, timeout: float = 90
-) -> float:
-    """Asks read with Bounded consistency: wait until a Bounded count and search see it all."""
-    started = time.monotonic()
-    probe = [1.0 / math.sqrt(dim)] * dim
-    while True:
-        seen = store.count(collection, TENANT, strong=False)
-        hits = store.search(collection, probe, TENANT, 5)
-        if seen >= total and len(hits) == 5:
-            return round(time.monotonic() - started, 1)
-        if time.monotonic() - started > timeout:
-            raise RuntimeError(f"after {timeout} s a Bounded read sees {seen}/{total} rows")
-        time.sleep(0.5)
-
-
-def _wait_indexed(store: Any, collection: str, total: int, timeout: float = 60) -> int:
-    deadline = time.monotonic() + timeout
-    indexed = -1
-    while time.monotonic() < deadline:
-        try:
-            info = store.client.describe_index(collection, "vector")
-            indexed = int(info.get("indexed_rows", -1))
-        except Exception:  # noqa: BLE001 - describe_index shape varies; it is informative only
-            return -1
-        if indexed >= total:
-            break
-        time.sleep(0.5)
-    return indexed
-
-
 # -- phases ------------------------------------------------------------------------------------
 def added(temporal: dict[str, Any], base: dict[str, Any]) -> dict[str, float]:
     return {

@@ -4,8 +4,9 @@ Starts its own embedded stack (Temporal dev server with a SQLite file, as ``mmra
 Milvus; Postgres) on free loopback ports in a temporary directory, the LLM test server
 (``tests/llm_server.py``, mode ``ok``) and one worker process per role, as deployed
 (``mmrag worker --role cpu|encode|generate``, tiny model, each serving Prometheus on its own
-127.0.0.1 port). It seeds tenant ``bench`` like ``bench/ask.py`` (216 synthetic images
-through ``IngestBatch`` plus ``--vectors`` bulk random vectors), then runs closed loops for
+127.0.0.1 port). It seeds tenant ``bench`` as ``bench/ask.py`` does (``bench/harness.py``:
+216 synthetic images through ``IngestBatch`` plus ``--vectors`` bulk random vectors), then
+runs closed loops for
 ``--warmup`` + ``--duration`` seconds:
 
 - ``--ask-concurrency`` loops of ``Ask`` (``starters.ask.ask``), every question new (caches
@@ -61,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import psutil  # noqa: E402
 from temporalio.api.enums.v1 import EventType  # noqa: E402
 
-from bench.ask import TENANT, Questions, bench_env, index_corpus, pct  # noqa: E402
+from bench.harness import TENANT, Questions, bench_env, index_corpus, pct  # noqa: E402
 from settings import get_settings  # noqa: E402
 from stack.services import Stack, StackPorts  # noqa: E402
 from starters.background import WorkerProcess  # noqa: E402
