@@ -230,3 +230,10 @@ async def test_ingest_captions_pictures_once_and_the_prompt_reads_them(
     prompt = user_text(llm.answer_requests[-1])
     assert "A picture mostly blue." in prompt
     assert "Caption: IMG 0002" not in prompt and "Caption: IMG_0002" not in prompt
+
+    # New content under the same name is captioned anew.
+    picture(first / "IMG_0002.png", (30, 170, 60))
+    result = await _ingest(client, tenant, [str(first)])
+    assert (result.ingested, result.unchanged) == (1, 1), result.failures
+    assert lexical_captions(tenant)["IMG_0002.png|image"][0] == "A picture mostly green."
+    assert len(llm.caption_requests) == 3
