@@ -223,7 +223,7 @@ class CaptionActivities:
 
     def __init__(self, settings: Settings, config: LlmConfig | None = None) -> None:
         self.settings = settings
-        self.config = config or LlmConfig.from_env()
+        self.config = config or LlmConfig.from_settings(settings)
         self.generator = get_generator(self.config) if self.config.enabled else None
         self.roots = StorageRoots.from_settings(settings.storage_roots, settings.state_dir)
         # Keyframes are chosen exactly as at ingest; pictures are decoded at the size the
