@@ -16,7 +16,15 @@ Both measure the caller's wall clock from sending to having the parsed result.
 Goal: the HTTP layer adds at most 5 ms at p50. The last line of output is JSON.
 """
 
+# ruff: noqa: E402  (imports follow the sys.path fix below)
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file is named http.py: run as a script, its folder is sys.path[0] and would shadow the
+# standard library's http package (urllib.request imports http.client). Drop that entry first.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
 import asyncio
@@ -26,22 +34,20 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import httpx  # noqa: E402
+import httpx
 
-from activities.clip import TINY_MODEL_DIR  # noqa: E402
-from settings import get_settings  # noqa: E402
-from stack.services import Stack, StackPorts  # noqa: E402
-from starters.background import WorkerProcess  # noqa: E402
-from workflows.contracts import AskInput  # noqa: E402
+from activities.clip import TINY_MODEL_DIR
+from settings import get_settings
+from stack.services import Stack, StackPorts
+from starters.background import WorkerProcess
+from workflows.contracts import AskInput
 
 TENANT = "bench-http"
 GOAL_ADDED_P50_MS = 5.0

@@ -135,6 +135,16 @@ class KeyVerifier:
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
         self._lock = threading.Lock()
 
+    def remembered(self, presented: str) -> tuple[bool, ApiKey | None]:
+        """``(True, answer)`` when the answer for this key is cached and fresh: the event
+        loop asks this first, and goes to a thread (and the database) only on a miss."""
+        cache_key = hashlib.sha256(presented.encode()).hexdigest()
+        with self._lock:
+            hit = self._cache.get(cache_key)
+        if hit is not None and hit[0] > time.monotonic():
+            return True, hit[1]
+        return False, None
+
     def verify(self, presented: str) -> ApiKey | None:
         """The key's tenant and role, or None for a malformed, unknown, revoked or wrong key.
         Blocking (a database read on a miss): call it from a thread."""

@@ -11,6 +11,7 @@ nothing stale. The cache is keyed by tenant, asset, generation, locator and size
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, select
@@ -77,7 +78,8 @@ class Previews:
             return hit
         async with self._slots:
             jpeg = await asyncio.to_thread(self._render, asset, locator, side)
-        preview = Preview(jpeg, f'"{asset_id[:16]}-{abs(hash(key)) % 10**12}"')
+        tag = hashlib.sha256(repr(key).encode()).hexdigest()[:24]
+        preview = Preview(jpeg, f'"{tag}"')  # the same in every server process
         self._cache.put(key, preview)
         return preview
 

@@ -97,10 +97,13 @@ class WebState:
         return queue
 
     def run_link(self, workflow_id: str, run_id: str = "") -> str:
-        """The run's page in the Temporal Web UI ("" when no UI is known)."""
+        """The run's page in the Temporal Web UI, or with no id the list of runs ("" when no
+        UI is known)."""
         if not self.ui_url:
             return ""
         path = f"{self.ui_url}/namespaces/{quote(self.namespace, safe='')}/workflows/"
+        if not workflow_id:
+            return path.rstrip("/")  # the list of runs
         path += quote(workflow_id, safe="")
         return f"{path}/{run_id}/history" if run_id else path
 
