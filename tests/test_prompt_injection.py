@@ -272,9 +272,11 @@ async def test_the_llm_answer_is_redacted_before_anyone_sees_it(
     """A model that reproduces personal data (from its own memory, say) does not get it past
     the Ask: not into the result, not into the workflow's history."""
     pii = ["jane.roe@example.com", "+4915112345678", "4111.1111.1111.1111", "203.0.113.42"]
+    # Cites every source: the validator checks each claim against the sources it cites,
+    # and the 42 units are in the appendix, whatever rank retrieval gives it.
     text = (
         f"The quarterly report totals are 42 units in the appendix; write to {pii[0]} or "
-        f"{pii[1]}, card {pii[2]}, from {pii[3]} [S1]."
+        f"{pii[1]}, card {pii[2]}, from {pii[3]} [S1, S2, S3, S4]."
     )
     llm.set_mode("reply", text=text)
     llm.reset()
