@@ -13,7 +13,10 @@ Both measure the caller's wall clock from sending to having the parsed result.
 
     .venv/bin/python bench/http.py [--clients 4] [--asks 40] [--warmup 5] [--generate]
 
-Goal: the HTTP layer adds at most 5 ms at p50. The last line of output is JSON.
+Goal: the HTTP layer adds at most 5 ms at p50, read as the median of each pair's difference
+(both Asks of a pair run back to back in one client, so they share the machine's load of
+that moment; the difference of the two p50s is printed too). The server's own share comes
+from its ``Server-Timing`` header. The last line of output is JSON.
 """
 
 # ruff: noqa: E402  (imports follow the sys.path fix below)
@@ -115,6 +118,8 @@ async def measure(args: argparse.Namespace, url: str, key: str, token: str) -> d
     http_ms: list[float] = []
     temporal_ms: list[float] = []
     stages: list[float] = []
+    paired: list[float] = []  # each pair's HTTP minus Temporal: the same moment's noise
+    server_app: list[float] = []  # the server's own time per Ask, less its wait on Temporal
 
     async def over_http(h: httpx.AsyncClient, text: str) -> float:
         body = {"text": text, "top_k": 5, "generate": args.generate}
@@ -125,6 +130,8 @@ async def measure(args: argparse.Namespace, url: str, key: str, token: str) -> d
         if r.status_code != 200 or not out["sources"]:
             raise RuntimeError(f"HTTP ask failed: {r.status_code} {r.text[:300]}")
         stages.append(out["latency_ms"])
+        timing = dict(part.strip().split(";dur=") for part in r.headers["server-timing"].split(","))
+        server_app.append(float(timing["app"]))
         return took
 
     async def over_temporal(text: str) -> float:
@@ -144,18 +151,20 @@ async def measure(args: argparse.Namespace, url: str, key: str, token: str) -> d
                 pair = [("http", next(counter)), ("temporal", next(counter))]
                 if i % 2:
                     pair.reverse()
+                took = {}
                 for kind, number in pair:
                     if kind == "http":
-                        took = await over_http(h, question(number))
-                        if record:
-                            http_ms.append(took)
+                        took[kind] = await over_http(h, question(number))
                     else:
-                        took = await over_temporal(question(number))
-                        if record:
-                            temporal_ms.append(took)
+                        took[kind] = await over_temporal(question(number))
+                if record:
+                    http_ms.append(took["http"])
+                    temporal_ms.append(took["temporal"])
+                    paired.append(took["http"] - took["temporal"])
 
     await asyncio.gather(*(one_client(args.warmup, False) for _ in range(args.clients)))
     stages.clear()
+    server_app.clear()
     t = time.perf_counter()
     await asyncio.gather(*(one_client(args.asks, True) for _ in range(args.clients)))
     wall_s = time.perf_counter() - t
@@ -169,11 +178,13 @@ async def measure(args: argparse.Namespace, url: str, key: str, token: str) -> d
         "http_ms": http,
         "temporal_client_ms": temporal,
         "workflow_latency_ms_p50": round(statistics.median(stages), 2),
+        "server_app_ms": summary(server_app),
         "added_ms_p50": added,
+        "paired_added_ms_p50": round(statistics.median(paired), 2),
         "added_ms_p90": round(http["p90"] - temporal["p90"], 2),
         "asks_per_s": round((len(http_ms) + len(temporal_ms)) / wall_s, 1),
         "goal_added_p50_ms": GOAL_ADDED_P50_MS,
-        "goal_met": added <= GOAL_ADDED_P50_MS,
+        "goal_met": statistics.median(paired) <= GOAL_ADDED_P50_MS,
     }
 
 
@@ -264,7 +275,10 @@ def main() -> None:
         f"({'full' if args.generate else 'retrieval-only'} Asks on {figures['task_queue']}):\n"
         f"  POST /v1/ask         p50 {h['p50']:7.2f} ms  p90 {h['p90']:7.2f}  p99 {h['p99']:7.2f}\n"
         f"  Temporal client Ask  p50 {t['p50']:7.2f} ms  p90 {t['p90']:7.2f}  p99 {t['p99']:7.2f}\n"
-        f"  HTTP adds            p50 {figures['added_ms_p50']:+.2f} ms (goal <= "
+        f"  server's own time    p50 {figures['server_app_ms']['p50']:7.2f} ms "
+        "(Server-Timing app: parse, auth, validate, encode; not its wait on Temporal)\n"
+        f"  HTTP adds            p50 {figures['added_ms_p50']:+.2f} ms (difference of the p50s), "
+        f"{figures['paired_added_ms_p50']:+.2f} ms (median of each pair's difference; goal <= "
         f"{GOAL_ADDED_P50_MS:g}: {'met' if figures['goal_met'] else 'MISSED'})"
     )
     print(json.dumps(figures))

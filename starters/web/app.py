@@ -11,11 +11,13 @@ with the slow-client deadlines and the connection cap.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from settings import Settings, get_settings
 from starters.web.errors import install_error_handlers
@@ -26,6 +28,35 @@ from starters.web.state import WebState
 from workflows.contracts import CONTRACT_VERSION
 
 log = logging.getLogger("mmrag.web")
+
+
+class ServerTiming:
+    """ASGI middleware: ``Server-Timing: app;dur=MS, temporal;dur=MS`` on each response:
+    the server's own time, and the part a handler spent waiting on Temporal (it adds
+    ``temporal_ms`` to the request state). bench/http.py reads it to split the HTTP cost."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        state = scope.setdefault("state", {})
+
+        async def timed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                total = (time.perf_counter() - started) * 1000
+                temporal = float(state.get("temporal_ms", 0.0))
+                value = f"app;dur={total - temporal:.2f}, temporal;dur={temporal:.2f}"
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (b"server-timing", value.encode())],
+                }
+            await send(message)
+
+        await self.app(scope, receive, timed)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -52,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     mount_page(app)
+    app.add_middleware(ServerTiming)
     app.add_middleware(
         BodyLimits,
         json_bytes=settings.web_max_body_bytes,

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import re
+import time
 import typing
 from dataclasses import asdict
 from datetime import timedelta
@@ -149,7 +150,7 @@ async def contract_input(state: WebState, key: ApiKey, body: BaseModel, contract
 
 # -- ask --------------------------------------------------------------------------------------
 @router.post("/ask", summary="Ask: retrieve sources and (optionally) a cited answer")
-async def ask(body: AskRequest, key: Reader, state: State) -> JSONResponse:  # type: ignore[valid-type]
+async def ask(body: AskRequest, key: Reader, state: State, request: Request) -> JSONResponse:  # type: ignore[valid-type]
     """Runs the ``Ask`` workflow and returns its result. ``generate: false`` returns the
     sources (and an extractive answer) without the LLM: the page shows those first."""
     inp: AskInput = await contract_input(state, key, body, AskInput)
@@ -161,12 +162,15 @@ async def ask(body: AskRequest, key: Reader, state: State) -> JSONResponse:  # t
         )
     if not (inp.text.strip() or inp.image_base64 or inp.image_uri):
         raise ApiError(400, "ask something: give text, image_base64 or image_uri")
+    queue = await state.ask_queue()
+    started = time.perf_counter()
     with acting_as(key):
-        handle = await start_ask(state.client, inp, await state.ask_queue())
+        handle = await start_ask(state.client, inp, queue)
     try:
         result: AskResult = await asyncio.wait_for(
             handle.result(), state.settings.web_ask_timeout_s
         )
+        request.state.temporal_ms = (time.perf_counter() - started) * 1000
     except TimeoutError:
         with contextlib.suppress(RPCError):
             await handle.terminate(reason="the HTTP caller's deadline passed")
