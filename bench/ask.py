@@ -58,7 +58,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repository root, and not bench/ itself: a bench module must not shadow the standard
+# library for this script (bench/http.py would be imported as ``http``).
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 from temporalio import activity, workflow  # noqa: E402
 
@@ -71,7 +74,7 @@ from bench.harness import (  # noqa: E402
     stage_medians,
     summary,
 )
-from settings import WORKER_ROLES, get_settings
+from settings import WORKER_ROLES, get_settings  # noqa: E402
 from stack.servers import LATENCY_DYNAMIC_CONFIG, Temporal  # noqa: E402
 from stack.services import Stack, StackPorts  # noqa: E402
 from workflows.ask import QUICK_RETRY  # noqa: E402

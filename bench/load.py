@@ -57,7 +57,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repository root, and not bench/ itself: a bench module must not shadow the standard
+# library for this script (bench/http.py would be imported as ``http``).
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import psutil  # noqa: E402
 from temporalio.api.enums.v1 import EventType  # noqa: E402
