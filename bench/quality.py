@@ -53,6 +53,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The repository root instead of bench/ on the path: bench/http.py must not shadow the
+# standard library's http when this file runs as a script.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.quality_corpus import SLICES, Corpus, Question, generate  # noqa: E402

@@ -37,6 +37,9 @@ import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+# The repository root instead of bench/ on the path: bench/http.py must not shadow the
+# standard library's http when this file runs as a script.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from starters.synthetic_corpus import (  # noqa: E402

@@ -26,6 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+# The repository root instead of bench/ on the path: bench/http.py must not shadow the
+# standard library's http when this file runs as a script.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from activities.rag.guardrails import DEFAULT_MIN_GROUNDING, validate_answer  # noqa: E402
