@@ -20,10 +20,16 @@ identifier and one in plain words only. Then, all against the same data:
    ``MMRAG_LEXICAL=true``, then one with ``false``, ``--rounds`` times alternately, fresh
    questions each round; p50/p99 end to end.
 
+With ``--sweep`` it measures the fusion instead, on bench/quality.py's labelled corpus
+(documents, scans, photos, frames; ingested once, OCR on): recall@5 and nDCG@5 per slice of
+hybrid and hybrid + re-rank Asks for each ``MMRAG_FUSION_AGREEMENT`` value (one worker
+process per value), beside the dense and lexical legs alone.
+
 Every process it starts is stopped by pid and the temporary directory is removed. Run it
 twice to see the noise of a shared machine (docs/retrieval.md has two runs):
 
     .venv/bin/python bench/lexical.py [--docs 60] [--images 60] [--rounds 2]
+    .venv/bin/python bench/lexical.py --sweep [--scale 1.0] [--agreements 0,0.25,0.5,1]
 
 The last line of output is one line of JSON with every figure.
 """
@@ -334,12 +340,61 @@ def run(args: argparse.Namespace, tmp: Path, env: dict[str, str]) -> dict[str, A
     return figures
 
 
+def sweep(args: argparse.Namespace, tmp: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Fusion variants on the quality bench's corpus (its own helpers, same labels)."""
+    from bench import quality
+    from bench.quality_corpus import SLICES, generate
+
+    state = Path(env["MMRAG_STATE_DIR"])
+    data = generate(tmp / "corpus", args.seed, args.scale)
+    tenant = "ocr-on"
+    print(f"corpus: {data.items} items, {len(data.questions)} questions", flush=True)
+    with quality.worker(state, env, {"MMRAG_OCR_ENABLED": "true"}):
+        ingested = asyncio.run(quality.ingest_all(data, tenant))
+    print(f"ingest: {ingested['s']} s, {ingested['vectors']} vectors", flush=True)
+    modes: dict[str, tuple[dict[str, str], bool, bool]] = {
+        "dense": ({"MMRAG_LEXICAL": "false"}, False, False),
+        "lexical": ({"MMRAG_FUSION_DENSE_WEIGHT": "0"}, False, True),
+    }
+    for a in args.agreements.split(","):
+        extra = {"MMRAG_FUSION_AGREEMENT": a}
+        modes[f"hybrid a={a}"] = (extra, False, False)
+        modes[f"hybrid+rerank a={a}"] = (extra, True, False)
+    out: dict[str, Any] = {}
+    by_settings: dict[str, list[str]] = {}
+    for mode, (extra, _, _) in modes.items():
+        by_settings.setdefault(json.dumps(extra, sort_keys=True), []).append(mode)
+    for key, names in by_settings.items():
+        with quality.worker(state, env, {"MMRAG_OCR_ENABLED": "true", **json.loads(key)}):
+            for mode in names:
+                _, rerank, lexical_only = modes[mode]
+                found = asyncio.run(quality.ask_all(data.questions, tenant, rerank, lexical_only))
+                ranks = [
+                    quality.first_right_rank(q, s, data.root)
+                    for q, s in zip(data.questions, found, strict=True)
+                ]
+                slices = {
+                    sl: quality.score(
+                        [r for q, r in zip(data.questions, ranks, strict=True) if q.slice == sl]
+                    )
+                    for sl in SLICES
+                }
+                slices["all"] = quality.score(ranks)
+                out[mode] = {sl: [v.recall, v.ndcg] for sl, v in slices.items()}
+                cells = "  ".join(f"{sl} {v.recall:.2f}/{v.ndcg:.2f}" for sl, v in slices.items())
+                print(f"{mode:22} {cells}", flush=True)
+    return {"sweep": out, "questions": len(data.questions), "scale": args.scale}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--docs", type=int, default=60, help="three-page PDFs (2 questions/page)")
     parser.add_argument("--images", type=int, default=60, help="synthetic images beside them")
     parser.add_argument("--rounds", type=int, default=2, help="Ask rounds per mode")
     parser.add_argument("--seed", type=int, default=15)
+    parser.add_argument("--sweep", action="store_true", help="fusion variants (quality corpus)")
+    parser.add_argument("--scale", type=float, default=1.0, help="--sweep: corpus size factor")
+    parser.add_argument("--agreements", default="0,0.25,0.5,1", help="--sweep: values to try")
     args = parser.parse_args(argv)
 
     from bench.ask import bench_env
@@ -354,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
         env = bench_env(state, endpoints, "http://127.0.0.1:9/v1", 2, 2)
         os.environ.update(env)
         get_settings.cache_clear()
-        figures = run(args, tmp, env)
+        figures = sweep(args, tmp, env) if args.sweep else run(args, tmp, env)
     finally:
         stack.down()
         shutil.rmtree(tmp, ignore_errors=True)

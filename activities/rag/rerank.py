@@ -4,13 +4,13 @@ then re-ranked by how much of the question each chunk's own words hold.
 - **Search hits are typed** (:class:`SearchHit`), from Milvus (dense) and from the lexical
   index alike, through fusion, re-ranking and the prompt.
 - **Reciprocal rank fusion** (:func:`fuse_rrf`): each leg gives a chunk
-  ``weight_leg / (k + rank_leg)`` (a lexical hit's scaled by the share of the question's
-  words it holds); the fused score is the best leg's plus a share of the other's
-  (MMRAG_FUSION_AGREEMENT, 1 = the classic sum). Ranks,
-  not scores: a cosine and a ``ts_rank`` are not on one scale. The best leg's, not the
-  plain sum: with the sum, a chunk a weak leg ranks high and the other ranks fifth beats
-  the one chunk the strong leg is sure of (measured, docs/retrieval.md), and fusion must
-  not lose what one leg finds when the other is weak. The weights and ``k`` are settings
+  ``weight_leg / (k + rank_leg)``, a lexical hit's scaled by its share of the question's
+  words relative to the best lexical hit's; the fused score is the best leg's plus a share
+  of the other's (MMRAG_FUSION_AGREEMENT; 1 is the classic sum). Ranks, not scores: a
+  cosine and a ``ts_rank`` are not on one scale. Why not the plain sum (measured in
+  docs/retrieval.md): where one leg is noise, the chunks it ranks high that the other leg
+  also returned somewhere bury the one chunk the strong leg is sure of, and fusion must not
+  lose what one leg finds when the other is weak. The weights and ``k`` are settings
   (MMRAG_FUSION_DENSE_WEIGHT, MMRAG_FUSION_LEXICAL_WEIGHT, MMRAG_RRF_K).
 - **Re-ranking** (:func:`rerank`): the fused score (scaled to the best candidate's) blended
   with the share of the question's words found in the chunk's text, caption and tags. Never
@@ -105,8 +105,9 @@ def fuse_rrf(
     """Reciprocal rank fusion of ranked lists of hits, one hit per chunk, best first.
 
     Each leg gives a chunk ``weights[leg] / (k + rank)`` (1-based rank); a lexical hit's is
-    scaled by the share of the question's words it holds (``lexical_coverage``: a chunk
-    holding one common word of a long question is a weak find). A chunk's fused score is
+    scaled by its share of the question's words relative to the best lexical hit's
+    (``lexical_coverage``: below a chunk holding every word of the question, one holding a
+    single common word is a weak find). A chunk's fused score is
     its best leg's plus ``agreement`` times the others' (1: the classic sum; an Ask's is
     MMRAG_FUSION_AGREEMENT): below 1 the legs' top hits stay on
     top whichever leg found them, so fusion never buries what one leg is sure of under
@@ -116,6 +117,7 @@ def fuse_rrf(
     parts: dict[tuple[str, str], list[float]] = {}
     for leg, hits in legs.items():
         weight = float(weights.get(leg, 1.0))
+        best = max((h.lexical_coverage for h in hits), default=0.0) if leg == LEXICAL else 0.0
         for rank, hit in enumerate(hits, 1):
             kept = fused.setdefault(hit.key, hit)
             if kept is not hit:
@@ -127,7 +129,7 @@ def fuse_rrf(
                 kept.snippet = kept.snippet or hit.snippet
                 kept.caption = kept.caption or hit.caption
                 kept.origin = kept.origin or hit.origin
-            share = hit.lexical_coverage if leg == LEXICAL else 1.0
+            share = hit.lexical_coverage / best if leg == LEXICAL and best > 0 else 1.0
             parts.setdefault(hit.key, []).append(weight * share / (k + rank))
     scores = {key: max(p) + agreement * (sum(p) - max(p)) for key, p in parts.items()}
     out = []
