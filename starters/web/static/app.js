@@ -240,7 +240,9 @@ async function search(event) {
   };
   say();
   $("answer-box").hidden = true;
-  $("search-btn").disabled = true;
+  // The button stays enabled: a new search replaces the one in flight (askSeq), and a
+  // disabled submit button would make Enter in the search box do nothing.
+  $("results").setAttribute("aria-busy", "true");
   let shown = false;
   const sourcesFirst = postJson("/v1/ask", Object.assign({}, body, { generate: false }))
     .then((r) => {
@@ -267,7 +269,7 @@ async function search(event) {
   } catch (e) {
     if (seq === askSeq) showError(e.message);
   } finally {
-    if (seq === askSeq) $("search-btn").disabled = false;
+    if (seq === askSeq) $("results").setAttribute("aria-busy", "false");
   }
 }
 
