@@ -241,6 +241,11 @@ class IngestActivities:
             )
         except (BadMediaError, ObjectMissingError, OutsideRootsError) as e:
             return str(e)
+        except Exception as e:
+            refusal = storage_refusal(ref.uri, e)
+            if refusal is None:
+                raise  # an outage: the listing step retries
+            return refusal.say  # this object cannot be read (refused, gone): it fails alone
         return ""
 
     @implements(ingest_stubs.retag_assets)

@@ -49,7 +49,6 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -400,6 +399,8 @@ S2S = "temporal_activity_schedule_to_start_latency"
 
 
 def scrape(port: int) -> list[tuple[str, dict[str, str], float]]:
+    import urllib.request  # here: it imports http, which must be the standard library's
+
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         text = r.read().decode()
     rows = []

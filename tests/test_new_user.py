@@ -20,6 +20,7 @@ from starters.synthetic_corpus import write_corpus
 from tests.conftest import ServerStack, Workers
 from tests.helpers import (
     collection,
+    grant_root,
     operator_token,
     png_bytes,
     registry_rows,
@@ -239,3 +240,46 @@ def test_reindex_flags_that_need_another_mode_say_so(test_stack: ServerStack) ->
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1, (args, out.stderr)
         assert lines[0].startswith("error: ") and says in lines[0], (args, lines)
+
+
+def test_a_missing_bucket_fails_its_source_in_one_line(
+    test_stack: ServerStack, worker: Workers
+) -> None:
+    """A bucket that does not exist (the GCS emulator answers 404): no retries, the source
+    fails alone with the reason, and the command exits 1."""
+    tenant = f"nobucket-{uuid.uuid4().hex[:6]}"
+    uri = f"gs://mmrag-missing-{uuid.uuid4().hex[:8]}/photos/"
+    grant_root(test_stack.state_dir, tenant, uri)  # the tenant may read it; it is not there
+    out = mmrag(test_stack.env, "ingest", uri, "--tenant", tenant, "--wait")
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr
+    assert f"{uri}: no such bucket" in out.stdout
+
+
+def test_storage_errors_no_retry_fixes_are_named() -> None:
+    """What scan_page raises non-retryably (or fails the source with) for each Google error
+    no retry can fix, one line naming what to set; an outage stays retryable (None)."""
+    from google.api_core import exceptions as api
+    from google.auth import exceptions as auth
+
+    from activities.ingest import storage_refusal
+
+    source = "gs://bucket/prefix/"
+    cases = {
+        auth.DefaultCredentialsError("Your default credentials were not found.\nTo set up"): (
+            "MissingCredentials",
+            "GOOGLE_APPLICATION_CREDENTIALS",
+        ),
+        api.Forbidden("caller does not have storage.objects.list access"): (
+            "PermissionRefused",
+            "storage.objects.list",
+        ),
+        api.NotFound("The specified bucket does not exist."): ("NoSuchBucket", "no such bucket"),
+        api.BadRequest("Invalid bucket name"): ("BadSource", "not a valid bucket"),
+    }
+    for error, (kind, says) in cases.items():
+        refusal = storage_refusal(source, error)
+        assert refusal is not None and refusal.kind == kind, error
+        assert says in refusal.say and "\n" not in refusal.say and refusal.say.startswith(source)
+    assert storage_refusal(source, api.ServiceUnavailable("try again")) is None
+    assert storage_refusal(source, ConnectionError("reset")) is None
