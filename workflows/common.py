@@ -11,14 +11,21 @@ from datetime import timedelta
 
 from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributeUpdate
 
-from workflows.contracts import asset_id_for
+from workflows.contracts import (
+    ASSET_ID_ATTRIBUTE,
+    INDEX_VERSION_ATTRIBUTE,
+    OUTCOME_ATTRIBUTE,
+    SOURCE_ATTRIBUTE,
+    TENANT_ATTRIBUTE,
+    asset_id_for,
+)
 
-TENANT_KEY = SearchAttributeKey.for_keyword("MmragTenant")
+TENANT_KEY = SearchAttributeKey.for_keyword(TENANT_ATTRIBUTE)
 # Digests of the sources, never their URIs (see source_attribute).
-SOURCE_KEY = SearchAttributeKey.for_keyword("MmragSource")
-ASSET_ID_KEY = SearchAttributeKey.for_keyword("MmragAssetId")
-INDEX_VERSION_KEY = SearchAttributeKey.for_int("MmragIndexVersion")
-OUTCOME_KEY = SearchAttributeKey.for_keyword("MmragOutcome")
+SOURCE_KEY = SearchAttributeKey.for_keyword(SOURCE_ATTRIBUTE)
+ASSET_ID_KEY = SearchAttributeKey.for_keyword(ASSET_ID_ATTRIBUTE)
+INDEX_VERSION_KEY = SearchAttributeKey.for_int(INDEX_VERSION_ATTRIBUTE)
+OUTCOME_KEY = SearchAttributeKey.for_keyword(OUTCOME_ATTRIBUTE)
 
 
 def source_digest(tenant: str, uri: str) -> str:

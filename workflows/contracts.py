@@ -29,13 +29,19 @@ QUERY_TASK_QUEUE = "mmrag-query"
 INGEST_ASSET_WORKFLOW = "IngestAsset"
 INGEST_BATCH_WORKFLOW = "IngestBatch"
 
-# Custom search attributes (registered by `mmrag stack up` / `mmrag temporal setup`).
+# Custom search attributes (registered by `mmrag stack up` / `mmrag temporal setup`; the
+# workflows' typed keys are built from these names in workflows/common.py).
+TENANT_ATTRIBUTE = "MmragTenant"
+SOURCE_ATTRIBUTE = "MmragSource"
+ASSET_ID_ATTRIBUTE = "MmragAssetId"
+INDEX_VERSION_ATTRIBUTE = "MmragIndexVersion"
+OUTCOME_ATTRIBUTE = "MmragOutcome"
 SEARCH_ATTRIBUTES: dict[str, str] = {
-    "MmragTenant": "Keyword",
-    "MmragSource": "Keyword",
-    "MmragAssetId": "Keyword",
-    "MmragIndexVersion": "Int",
-    "MmragOutcome": "Keyword",
+    TENANT_ATTRIBUTE: "Keyword",
+    SOURCE_ATTRIBUTE: "Keyword",
+    ASSET_ID_ATTRIBUTE: "Keyword",
+    INDEX_VERSION_ATTRIBUTE: "Int",
+    OUTCOME_ATTRIBUTE: "Keyword",
 }
 
 # Asset outcome statuses.
