@@ -120,6 +120,8 @@ async def measure(args: argparse.Namespace, url: str, key: str, token: str) -> d
     stages: list[float] = []
     paired: list[float] = []  # each pair's HTTP minus Temporal: the same moment's noise
     server_app: list[float] = []  # the server's own time per Ask, less its wait on Temporal
+    server_temporal: list[float] = []  # the server's wait on Temporal (start + result)
+    transport: list[float] = []  # the client's wall time less the server's: httpx, loopback
 
     async def over_http(h: httpx.AsyncClient, text: str) -> float:
         body = {"text": text, "top_k": 5, "generate": args.generate}
@@ -132,6 +134,8 @@ async def measure(args: argparse.Namespace, url: str, key: str, token: str) -> d
         stages.append(out["latency_ms"])
         timing = dict(part.strip().split(";dur=") for part in r.headers["server-timing"].split(","))
         server_app.append(float(timing["app"]))
+        server_temporal.append(float(timing["temporal"]))
+        transport.append(took - float(timing["app"]) - float(timing["temporal"]))
         return took
 
     async def over_temporal(text: str) -> float:
@@ -163,8 +167,8 @@ async def measure(args: argparse.Namespace, url: str, key: str, token: str) -> d
                     paired.append(took["http"] - took["temporal"])
 
     await asyncio.gather(*(one_client(args.warmup, False) for _ in range(args.clients)))
-    stages.clear()
-    server_app.clear()
+    for series in (stages, server_app, server_temporal, transport):
+        series.clear()
     t = time.perf_counter()
     await asyncio.gather(*(one_client(args.asks, True) for _ in range(args.clients)))
     wall_s = time.perf_counter() - t
@@ -179,6 +183,8 @@ async def measure(args: argparse.Namespace, url: str, key: str, token: str) -> d
         "temporal_client_ms": temporal,
         "workflow_latency_ms_p50": round(statistics.median(stages), 2),
         "server_app_ms": summary(server_app),
+        "server_temporal_ms": summary(server_temporal),
+        "transport_ms": summary(transport),
         "added_ms_p50": added,
         "paired_added_ms_p50": round(statistics.median(paired), 2),
         "added_ms_p90": round(http["p90"] - temporal["p90"], 2),
@@ -277,6 +283,10 @@ def main() -> None:
         f"  Temporal client Ask  p50 {t['p50']:7.2f} ms  p90 {t['p90']:7.2f}  p99 {t['p99']:7.2f}\n"
         f"  server's own time    p50 {figures['server_app_ms']['p50']:7.2f} ms "
         "(Server-Timing app: parse, auth, validate, encode; not its wait on Temporal)\n"
+        f"  server's Temporal    p50 {figures['server_temporal_ms']['p50']:7.2f} ms "
+        "(the same start + result as the Temporal client's, from the server's process)\n"
+        f"  client <-> server    p50 {figures['transport_ms']['p50']:7.2f} ms "
+        "(the client's wall time less the server's: httpx, loopback, uvicorn)\n"
         f"  HTTP adds            p50 {figures['added_ms_p50']:+.2f} ms (difference of the p50s), "
         f"{figures['paired_added_ms_p50']:+.2f} ms (median of each pair's difference; goal <= "
         f"{GOAL_ADDED_P50_MS:g}: {'met' if figures['goal_met'] else 'MISSED'})"
