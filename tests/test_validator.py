@@ -99,6 +99,13 @@ def test_each_claim_is_checked_against_the_source_it_cites() -> None:
     assert not wrong.ok and "S2" in wrong.reason
 
 
+def test_a_date_may_be_written_with_the_month_as_a_number() -> None:
+    ids, context = _context(INVOICE)
+    assert validate_answer("The invoice is dated 2024-03-03 [S1].", ids, context).ok
+    assert validate_answer("It was issued on 3/3/2024 [S1].", ids, context).ok
+    assert not validate_answer("The invoice is dated 2024-04-03 [S1].", ids, context).ok
+
+
 def test_a_total_may_add_up_two_numbers_of_its_source() -> None:
     ids, context = _context("Fleet overview 2023: 27 electric vans and 9 diesel vans.")
     assert validate_answer("There are 36 vans in total [S1].", ids, context).ok

@@ -671,6 +671,20 @@ _NUMBER_WORDS = {
 _NAME_RE = re.compile(r"(?<![\w'’-])[A-Z][\w'’]*")
 # The opening delimiter's description of a source (activities.rag.fusion._source_open).
 _SOURCE_TYPE_RE = re.compile(r'<source id="(S\d+)" type="([^"]*)">')
+_MONTHS = [
+    "january",
+    "february",
+    "march",
+    "april",
+    "may",
+    "june",
+    "july",
+    "august",
+    "september",
+    "october",
+    "november",
+    "december",
+]
 # A claim about where something is: the source's description may support its numbers.
 _LOCATION_RE = re.compile(
     r"\b(?:page|pages|passage|paragraph|frame|second|seconds|minute|slide|keyframe)\b",
@@ -773,6 +787,10 @@ class _Evidence:
         facts = _Facts.of(body, names=False)
         plain = {w for w in _normalise_words(_NUMBER_RE.sub(" ", body))}
         stems = set(facts.words) | {_stem(w) for w in plain}
+        # "14 October" supports "14/10" and "2024-10-14": a month named is its number too.
+        months = {str(i) for i, m in enumerate(_MONTHS, 1) if m in plain or m[:3] in plain}
+        if not re.search(r"\bMay\b", body):
+            months.discard("5")  # "may" in lower case is a verb
         bad = _Facts.of("\n".join(hostile), names=False)
         injected = {w for w in bad.words if w not in stems}
         injected |= {
@@ -780,7 +798,7 @@ class _Evidence:
             for w in _normalise_words("\n".join(hostile))
             if len(w) >= 3 and w not in STOP_WORDS and _stem(w) not in stems
         }
-        return cls(stems, plain, set(facts.numbers), set(facts.identifiers), injected)
+        return cls(stems, plain, set(facts.numbers) | months, set(facts.identifiers), injected)
 
     def sums_to(self, number: str) -> bool:
         """Whether ``number`` is the sum of two numbers of the evidence ("27 electric and 9
