@@ -15,9 +15,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError, FailureError
+from temporalio.service import RPCError
 
 from workers.auth import UNAUTHORIZED
 
@@ -93,6 +95,16 @@ def install_error_handlers(app: FastAPI) -> None:
     async def failed_run(_request: Request, exc: WorkflowFailureError) -> Any:
         status, message = run_failure(exc)
         return error_response(status, message)
+
+    @app.exception_handler(RPCError)
+    async def temporal_down(request: Request, exc: RPCError) -> Any:
+        log.warning("%s %s: Temporal answered %s", request.method, request.url.path, exc.status)
+        return error_response(503, "Temporal did not answer: try again shortly")
+
+    @app.exception_handler(OperationalError)
+    async def database_down(request: Request, exc: OperationalError) -> Any:
+        log.warning("%s %s: the database is unreachable", request.method, request.url.path)
+        return error_response(503, "the database did not answer: try again shortly")
 
     @app.exception_handler(Exception)
     async def bug(request: Request, exc: Exception) -> Any:
