@@ -4,7 +4,7 @@ index version, scan a page of a source, encode a batch, record outcomes."""
 from dataclasses import dataclass, field
 from typing import Optional
 
-from workflows.activities import MILVUS_MANAGE, MILVUS_WRITE, not_here, stub
+from workflows.activities import MILVUS_MANAGE, MILVUS_READ, MILVUS_WRITE, not_here, stub
 from workflows.contracts import AssetOutcome, IndexTarget, ObjectRef
 
 RESOLVE_INDEX = "resolve_index"
@@ -126,9 +126,10 @@ def encode_batch(inp: EncodeBatchInput) -> list[AssetOutcome]:
     raise not_here(ENCODE_BATCH)
 
 
-@stub(RECORD_OUTCOMES, liveness_heartbeat=True)
+@stub(RECORD_OUTCOMES, liveness_heartbeat=True, milvus=MILVUS_READ)
 def record_outcomes(inp: RecordOutcomesInput) -> None:
-    """Write a batch's outcomes to the registry (and their audit rows)."""
+    """Write a batch's outcomes to the registry (and their audit rows), and its chunks'
+    words, read back from Milvus, to the lexical index."""
     raise not_here(RECORD_OUTCOMES)
 
 
