@@ -49,6 +49,10 @@ REFUSED = {
         "UPDATE index_versions SET state = 'x'",
         "INSERT INTO reindex_runs (workflow_id, tenant_scope, mode, target_version, state) "
         "VALUES ('w', '*', 'full', 1, 'running')",
+        # The lexical index (migration 0006): the query login reads it, never writes it.
+        "INSERT INTO lexical_chunks (tenant, asset_id, chunk, body) VALUES ('t', 'a', 'c', 'x')",
+        "UPDATE lexical_chunks SET caption = 'x'",
+        "DELETE FROM lexical_chunks",
     ],
 }
 ALLOWED = {
@@ -57,10 +61,13 @@ ALLOWED = {
         "INSERT INTO audit_log (tenant, action, idempotency_key) VALUES ('roles', 'probe', "
         "'roles/ingest') ON CONFLICT DO NOTHING",
         "UPDATE assets SET updated_at = updated_at WHERE false",
+        "DELETE FROM lexical_chunks WHERE false",  # ingest, forget and re-index write it
+        "UPDATE lexical_chunks SET caption = caption WHERE false",
     ],
     "mmrag_query": [
         "SELECT count(*) FROM assets",
         "SELECT count(*) FROM index_versions",
+        "SELECT count(*) FROM lexical_chunks",
         "INSERT INTO audit_log (tenant, action, idempotency_key) VALUES ('roles', 'probe', "
         "'roles/query') ON CONFLICT DO NOTHING",
     ],
