@@ -22,12 +22,23 @@ from its ``Server-Timing`` header. The last line of output is JSON.
 # ruff: noqa: E402  (imports follow the sys.path fix below)
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
-# This file is named http.py: run as a script, its folder is sys.path[0] and would shadow the
-# standard library's http package (urllib.request imports http.client). Drop that entry first.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# This file is named http.py, and any script run from bench/ has bench/ as sys.path[0]: an
+# `import http.client` (urllib.request, httpx, ...) there would find this file. Imported under
+# that name, it hands the importer the standard library's package instead; run as a script,
+# it drops its own folder from sys.path before importing anything.
+_HERE = Path(__file__).resolve().parent
+_SAVED = sys.path[:]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+if __name__ == "http":
+    del sys.modules["http"]
+    try:
+        sys.modules["http"] = importlib.import_module("http")
+    finally:
+        sys.path[:] = _SAVED  # the importing script keeps its own folder
 
 import argparse
 import asyncio
@@ -39,18 +50,12 @@ import statistics
 import subprocess
 import tempfile
 import time
-import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import httpx
-
-from activities.clip import TINY_MODEL_DIR
-from settings import get_settings
-from stack.services import Stack, StackPorts
-from starters.background import WorkerProcess
-from workflows.contracts import AskInput
+# Everything that imports http (urllib.request, httpx) or mmrag is imported inside the
+# functions: imported as "http" (above), this file must import nothing that imports http.
+if TYPE_CHECKING:
+    import httpx
 
 TENANT = "bench-http"
 GOAL_ADDED_P50_MS = 5.0
@@ -87,6 +92,8 @@ def free_port() -> int:
 
 
 def start_server(env: dict[str, str], state: Path) -> tuple[subprocess.Popen[bytes], str]:
+    import urllib.request
+
     port = free_port()
     log = (state / "logs" / "web.log").open("wb")
     proc = subprocess.Popen(
@@ -109,8 +116,11 @@ def start_server(env: dict[str, str], state: Path) -> tuple[subprocess.Popen[byt
 
 
 async def measure(args: argparse.Namespace, url: str, key: str, token: str) -> dict[str, Any]:
+    import httpx
+
     from starters.ask import ask_task_queue, start_ask
     from workers.temporal_client import connect
+    from workflows.contracts import AskInput
 
     client = await connect(token=token)
     queue = await ask_task_queue(client)
@@ -213,7 +223,12 @@ def main() -> None:
     parser.add_argument("--generate", action="store_true", help="full Asks (test LLM server)")
     args = parser.parse_args()
 
+    sys.path.insert(0, str(_HERE.parent))
+    from activities.clip import TINY_MODEL_DIR
     from activities.store.registry import get_engine
+    from settings import get_settings
+    from stack.services import Stack, StackPorts
+    from starters.background import WorkerProcess
     from starters.synthetic_corpus import write_corpus
     from starters.web.keys import create_key
     from tests.helpers import wait_searchable
