@@ -31,6 +31,7 @@ from starters.synthetic_corpus import PdfPage, write_pdf
 from tests.conftest import Workers
 from tests.helpers import collection, engine, milvus_pks, png_bytes, store, wait_searchable
 from tests.llm_server import LlmTestServer, user_text
+from workflows.activities.ask import RetrieveInput
 from workflows.contracts import (
     ASK_WORKFLOW,
     QUERY_TASK_QUEUE,
@@ -412,3 +413,18 @@ async def test_a_caption_survives_re_encoding_the_same_bytes_not_a_change(
     photo.write_bytes(png_bytes((48, 48), (200, 200, 30)))  # new bytes, a new generation
     await _ingest(client, tenant, [photo], {})
     assert caption() == ""
+
+
+def test_hybrid_weight_decides_how_much_the_lexical_leg_counts() -> None:
+    """An image + text Ask: the lexical leg reads the text alone, so an even or image-heavy
+    hybrid ranks by the vectors as ``hybrid_weight`` always meant; a text Ask counts it all."""
+
+    def share(has_image: bool, weight: float) -> float:
+        inp = RetrieveInput("t", "q", [], "", 5, AskFilters(), True, 300)
+        inp.has_image, inp.hybrid_weight = has_image, weight
+        return inp.lexical_share
+
+    assert share(False, 0.9) == 1.0
+    assert [share(True, w) for w in (0.0, 0.1, 0.25, 0.5, 0.9)] == pytest.approx(
+        [1.0, 0.8, 0.5, 0.0, 0.0]
+    )
