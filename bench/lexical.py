@@ -52,8 +52,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-# The repository root, in place of bench/ (whose http.py would shadow the standard library's).
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from settings import get_settings  # noqa: E402
 from workflows.contracts import QUERY_TASK_QUEUE, AskFilters, AskInput, asset_id_for  # noqa: E402
