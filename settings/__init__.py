@@ -136,6 +136,9 @@ class Settings(BaseSettings):
     llm_temperature: str = "0"  # a number; "none" omits it (models that accept no other)
     llm_max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
     llm_cache_size: int = 256  # answers and chunk summaries kept per worker
+    # Prompts are counted in llm_model's tiktoken encoding (activities/rag/tokens.py); an
+    # encoding name here (o200k_base, cl100k_base) overrides it, "approx" never uses tiktoken.
+    tokenizer: str = ""
     # -- end of the LLM client ---------------------------------------------------------------
 
     # Workers.
@@ -290,7 +293,7 @@ class Settings(BaseSettings):
     index_type: Literal["HNSW", "IVF_SQ8", "IVF_PQ", "IVF_FLAT", "FLAT"] = "HNSW"
     hnsw_m: int = Field(default=16, ge=4, le=64)  # graph degree: memory and recall
     hnsw_ef_construction: int = Field(default=200, ge=8, le=1024)  # build effort
-    hnsw_ef: int = Field(default=64, ge=1, le=32768)  # search breadth: latency vs recall
+    hnsw_ef: int = Field(default=128, ge=1, le=32768)  # search breadth: latency vs recall
     ivf_nlist: int = Field(default=1024, ge=1, le=65536)  # clusters per segment
     ivf_nprobe: int = Field(default=32, ge=1, le=65536)  # clusters searched
     ivf_pq_m: int = Field(default=64, ge=1, le=1024)  # IVF_PQ sub-quantizers; divides the dim
