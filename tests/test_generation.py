@@ -45,6 +45,7 @@ from activities.rag.guardrails import (
 )
 from activities.rag.summaries import summarize_extractive, truncate_to_tokens
 from activities.rag.tokens import approx_tokens, chat_tokens, count_tokens
+from settings import get_settings
 from tests.llm_server import LlmTestServer
 
 API_KEY = "sk-test-0123456789abcdefSECRET"
@@ -197,16 +198,28 @@ def test_tokenizer_encoding_follows_the_configured_model(
     """Prompts are counted in the encoding of the model that will read them: gpt-4o-mini
     (the default) and gpt-4o use o200k_base, gpt-4 cl100k_base, and a model tiktoken does
     not know (a vLLM-served one) the current o200k_base; MMRAG_TOKENIZER overrides."""
-    monkeypatch.delenv("MMRAG_TOKENIZER", raising=False)
-    monkeypatch.delenv("MMRAG_LLM_MODEL", raising=False)
-    assert tokens.tokenizer_encoding() == "o200k_base"
-    assert tokens.tokenizer_encoding("gpt-4o") == "o200k_base"
-    assert tokens.tokenizer_encoding("gpt-4") == "cl100k_base"
-    assert tokens.tokenizer_encoding("meta-llama/Llama-3.1-8B-Instruct") == "o200k_base"
-    monkeypatch.setenv("MMRAG_LLM_MODEL", "gpt-3.5-turbo")
-    assert tokens.tokenizer_encoding() == "cl100k_base"
-    monkeypatch.setenv("MMRAG_TOKENIZER", "o200k_base")
-    assert tokens.tokenizer_encoding() == "o200k_base"
+
+    def configured(**env: str) -> str:
+        """The encoding a worker started with ``env`` counts in (settings are read once)."""
+        for name in ("MMRAG_TOKENIZER", "MMRAG_LLM_MODEL"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+        return tokens.tokenizer_encoding()
+
+    try:
+        assert configured() == "o200k_base"
+        assert tokens.tokenizer_encoding("gpt-4o") == "o200k_base"
+        assert tokens.tokenizer_encoding("gpt-4") == "cl100k_base"
+        assert tokens.tokenizer_encoding("meta-llama/Llama-3.1-8B-Instruct") == "o200k_base"
+        assert configured(MMRAG_LLM_MODEL="gpt-3.5-turbo") == "cl100k_base"
+        assert configured(MMRAG_LLM_MODEL="gpt-3.5-turbo", MMRAG_TOKENIZER="o200k_base") == (
+            "o200k_base"
+        )
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
 
 
 def test_truncate_to_tokens_cuts_at_words() -> None:

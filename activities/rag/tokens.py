@@ -1,7 +1,8 @@
 """Token counting for prompts: tiktoken in the configured LLM's encoding (``o200k_base``
 for gpt-4o-mini) when that encoding's file is available offline, never downloading it;
 otherwise a conservative approximation (see :func:`count_tokens`). ``MMRAG_TOKENIZER``
-overrides the encoding ("approx": always the approximation)."""
+overrides the encoding ("approx": always the approximation). Both settings come from
+``settings.get_settings()``, the one parser of the environment, read once per process."""
 
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ import re
 from functools import lru_cache
 from typing import Any
 
-log = logging.getLogger(__name__)
-
+from settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +73,18 @@ def _encoding_for_model(model: str) -> str:
 def tokenizer_encoding(model: str | None = None) -> str:
     """The tiktoken encoding that prompts for ``model`` are counted in.
 
-    ``model`` defaults to the configured LLM (``MMRAG_LLM_MODEL``, else gpt-4o-mini), so
+    ``model`` defaults to the configured LLM (``Settings.llm_model``, else gpt-4o-mini), so
     the retrieve step counts in the tokenizer of the model the generate step will call:
     gpt-4o/4.1/5 and o-series use ``o200k_base``, gpt-4 and gpt-3.5 ``cl100k_base``, and a
     name tiktoken does not know gets :data:`FALLBACK_ENCODING`. ``MMRAG_TOKENIZER`` set to
     an encoding name (e.g. ``cl100k_base``) overrides the choice.
     """
-    override = os.environ.get("MMRAG_TOKENIZER", "").strip()
+    settings = get_settings()
+    override = settings.tokenizer.strip()
     if override and override.lower() != "approx":
         return override
     if model is None:
-        model = os.environ.get("MMRAG_LLM_MODEL", "").strip() or DEFAULT_LLM_MODEL
+        model = settings.llm_model.strip() or DEFAULT_LLM_MODEL
     return _encoding_for_model(model)
 
 
@@ -141,7 +142,7 @@ def _encoder(encoding: str) -> Any | None:
 
 
 def _active_encoder() -> Any | None:
-    if os.environ.get("MMRAG_TOKENIZER", "").strip().lower() == "approx":
+    if get_settings().tokenizer.strip().lower() == "approx":
         return None
     return _encoder(tokenizer_encoding())
 
