@@ -3,8 +3,10 @@ LLM on the generate worker (no extra task-queue hop), redacted, cached, groundin
 and fall back to the extractive summary per chunk when the LLM's fails.
 
 The first tests call the generate activity in-process against the HTTP LLM test server;
-the rest run whole ``Ask`` workflows on the real servers and worker processes, with a PDF
-whose pages are far over the cap and carry PII.
+the rest run whole ``Ask`` workflows on the real servers and worker processes, with two
+scanned pages (PNG images) whose OCR text is far over the cap and carries PII. (A PDF's text
+layer is cut into passages well under the cap, so it is an image's OCR text, a caption or a
+page row from before passages that gets summarised.)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from activities.rag.fusion import SourceChunk, fuse_prompt, redacted_chunk
 from activities.rag.tokens import count_tokens
 from settings import Settings
 from starters.ingest import start_ingest
-from starters.synthetic_corpus import PdfPage, write_pdf
+from starters.synthetic_corpus import text_image
 from tests.conftest import LLM_API_KEY, LLM_ENV, ServerStack, Workers
 from tests.helpers import milvus_pks, wait_searchable
 from tests.llm_server import LlmTestServer, summary_answer, user_text
@@ -36,12 +38,13 @@ from workflows.ask import Ask
 from workflows.contracts import ASK_WORKFLOW, TASK_QUEUE, AskFilters, AskInput, AskResult
 
 PDF = "application/pdf"
+PNG = "image/png"
 PII = ["ops.lead@example.com", "+44 20 7946 0958", "4111 1111 1111 1111"]
 CAP = Settings.model_fields["prompt_chunk_tokens"].default  # the test workers' cap
 
 
 def _page_lines(page: int) -> list[str]:
-    """28 short sentences (what fits a Letter page at 20 pt): ~300 tokens, over the cap."""
+    """28 short sentences (an A4 page at 28 px a line): ~430 tokens, over the cap."""
     lines = [f"Shelf {j} in hall {page} holds {j + 3} crates of parts." for j in range(25)]
     lines.insert(5, f"The blue container of hall {page} is in bay {page + 40}.")
     lines.insert(10, f"Ask {PII[0]} or call {PII[1]}.")
@@ -129,12 +132,12 @@ class Doc:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def doc(worker: Workers, client: Client, tmp_path_factory: pytest.TempPathFactory) -> Doc:
-    """One tenant holding one two-page PDF whose pages are far over the per-chunk cap."""
+    """One tenant holding two scanned inventory pages (PNG, pixels only) whose OCR text,
+    each image's one snippet, is far over the per-chunk cap."""
     tenant = f"sum-{uuid.uuid4().hex[:8]}"
-    path = write_pdf(
-        tmp_path_factory.mktemp("summarize") / "inventory.pdf",
-        [PdfPage(_page_lines(1)), PdfPage(_page_lines(2))],
-    )
+    path = tmp_path_factory.mktemp("summarize")
+    for page in (1, 2):
+        text_image(_page_lines(page)).save(path / f"inventory-{page}.png")
     handle = await start_ingest(client, tenant, [str(path)])
     result = await asyncio.wait_for(handle.result(), timeout=180)
     assert result.failed == 0, result.failures
@@ -147,7 +150,7 @@ async def _start(client: Client, doc: Doc, **kw: object) -> WorkflowHandle[Any, 
         doc.tenant,
         text=str(kw.pop("text", "Which bay holds the blue container of hall 1?")),
         top_k=4,
-        filters=AskFilters(media_types=[PDF]),
+        filters=AskFilters(media_types=[PNG]),
         **kw,  # type: ignore[arg-type]
     )
     return await client.start_workflow(
@@ -172,11 +175,10 @@ async def test_ask_summarises_long_sources_with_the_llm(
     handle = await _start(client, doc, max_answer_tokens=91)
     result = await asyncio.wait_for(handle.result(), timeout=90)
     assert result.answer_kind == "generated" and not result.degraded, result
-    assert len(result.sources) == 4  # pages 1 and 2, each an image and a text chunk
-    assert result.stage_ms["summarized_llm"] == 4 and result.stage_ms["summarized_extractive"] == 0
+    assert len(result.sources) == 2  # the two scanned pages
+    assert result.stage_ms["summarized_llm"] == 2 and result.stage_ms["summarized_extractive"] == 0
     assert result.stage_ms["summarize"] > 0
-    # One request per distinct over-cap chunk (a page's image and text chunks share the
-    # page text), capped at the per-chunk budget, with no PII in it.
+    # One request per over-cap chunk, capped at the per-chunk budget, with no PII in it.
     requests = llm.summary_requests
     assert len(requests) == 2
     assert all(r["max_tokens"] == CAP for r in requests)
@@ -202,7 +204,7 @@ async def test_repeated_ask_reuses_the_chunk_summaries(
     await _ask(client, doc, max_answer_tokens=92)
     llm.reset()
     again = await _ask(client, doc, max_answer_tokens=93)  # a new answer, the same chunks
-    assert again.answer_kind == "generated" and again.stage_ms["summarized_llm"] == 4
+    assert again.answer_kind == "generated" and again.stage_ms["summarized_llm"] == 2
     assert not llm.summary_requests and len(llm.answer_requests) == 1
 
 
@@ -219,10 +221,10 @@ async def test_failed_summaries_fall_back_to_extractive_and_the_ask_answers(
     finally:
         llm.set_summary_mode(None)
     assert result.answer_kind == "generated" and not result.degraded, result
-    assert result.stage_ms["summarized_extractive"] == 4 and result.stage_ms["summarized_llm"] == 0
+    assert result.stage_ms["summarized_extractive"] == 2 and result.stage_ms["summarized_llm"] == 0
     assert len(llm.summary_requests) == 2 and len(llm.answer_requests) == 1
     final = user_text(llm.answer_requests[-1])
-    assert "Text: " in final and "bay 42" in final  # extractive summaries, question-led
+    assert "Text read in it (OCR): " in final and "bay 42" in final  # extractive, question-led
     for value in PII:
         assert value not in llm.request_bodies_text()
 
