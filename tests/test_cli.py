@@ -87,11 +87,22 @@ def test_ask_json_prints_the_ask_result_contract(
 ) -> None:
     """`mmrag ask --json` prints exactly one JSON document on stdout: the ``AskResult``
     contract, every field by its name, sources with every ``Source`` field, generated or
-    retrieval-only, so a script can read the answer and its citations."""
+    retrieval-only, so a script can read the answer and its citations. (The pictures are
+    tagged: a source with no caption, text or tags has nothing an extractive answer could
+    quote, and that answer would rightly say it does not know.)"""
     llm.set_mode("ok")
     write_corpus(tmp_path / "c", per_class=1, seed=14)
     tenant = f"cli-json-{uuid.uuid4().hex[:6]}"
-    ingest = mmrag(test_stack.env, "ingest", str(tmp_path / "c"), "--tenant", tenant, "--wait")
+    ingest = mmrag(
+        test_stack.env,
+        "ingest",
+        str(tmp_path / "c"),
+        "--tenant",
+        tenant,
+        "--tag",
+        "album=shapes",
+        "--wait",
+    )
     assert ingest.returncode == 0, ingest.stderr
     wait_searchable(tenant, 18)
     owned = {row.asset_id for row in registry_rows(tenant)}
@@ -118,6 +129,8 @@ def test_ask_json_prints_the_ask_result_contract(
         assert {s["asset_id"] for s in sources} <= owned
         assert sources[0]["uri"].rsplit("/", 1)[-1].startswith("red-circle-")
         assert "[S1]" in result["answer"]
+        if kind == "extractive":
+            assert "album=shapes [S1]" in result["answer"], result["answer"]
 
 
 def test_temporal_down_is_one_line(test_stack: ServerStack, tmp_path: Path) -> None:
