@@ -188,24 +188,28 @@ class IngestProgress:
 # -- Ask ----------------------------------------------------------------------------------
 ASK_WORKFLOW = "Ask"
 MAX_INLINE_IMAGE_BYTES = 256 * 1024  # larger query images go by URI
-# What ``AskFilters.media_types`` may name: every type the index can hold (the ingest's
-# sniffer, activities/media/formats.py, finds no other; tests/test_new_user.py keeps the two
-# equal). An Ask naming another one is refused rather than finding nothing.
-MEDIA_TYPES = (
+# Every media type an asset can have, written once: activities/media/formats.py names and
+# sniffs these (activities may import the contracts, never the reverse), and they are what
+# ``AskFilters.media_types`` may name. An Ask naming another one is refused rather than
+# finding nothing.
+IMAGE_MEDIA_TYPES = (
     "image/jpeg",
     "image/png",
     "image/gif",
     "image/bmp",
     "image/tiff",
     "image/webp",
-    "image/avif",
-    "application/pdf",
+    "image/avif",  # decoded only where Pillow has libavif; still a type an asset may have
+)
+PDF_MEDIA_TYPES = ("application/pdf",)
+VIDEO_MEDIA_TYPES = (
     "video/mp4",
     "video/quicktime",
     "video/webm",
     "video/x-matroska",
     "video/x-msvideo",
 )
+MEDIA_TYPES = IMAGE_MEDIA_TYPES + PDF_MEDIA_TYPES + VIDEO_MEDIA_TYPES
 
 
 @dataclass

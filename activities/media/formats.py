@@ -22,24 +22,13 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image, features
 
+from workflows.contracts import IMAGE_MEDIA_TYPES, PDF_MEDIA_TYPES, VIDEO_MEDIA_TYPES
+
 # -- types ---------------------------------------------------------------------------------
-JPEG, PNG, GIF, BMP, TIFF, WEBP, AVIF = (
-    "image/jpeg",
-    "image/png",
-    "image/gif",
-    "image/bmp",
-    "image/tiff",
-    "image/webp",
-    "image/avif",
-)
-PDF = "application/pdf"
-MP4, QUICKTIME, WEBM, MATROSKA, AVI = (
-    "video/mp4",
-    "video/quicktime",
-    "video/webm",
-    "video/x-matroska",
-    "video/x-msvideo",
-)
+# Named here, written once in the contracts (what an Ask may filter on is what this sniffs).
+JPEG, PNG, GIF, BMP, TIFF, WEBP, AVIF = IMAGE_MEDIA_TYPES
+(PDF,) = PDF_MEDIA_TYPES
+MP4, QUICKTIME, WEBM, MATROSKA, AVI = VIDEO_MEDIA_TYPES
 
 # AVIF decodes only where Pillow was built with libavif (the official wheels are).
 IMAGE_TYPES = frozenset(
