@@ -11,10 +11,10 @@ each class is short.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib
 import importlib.util
-import json
 import logging
 import os
 import secrets
@@ -38,6 +38,8 @@ from stack.procs import identity, note, pid_alive, read_pid_file, tail, works_in
 
 if TYPE_CHECKING:
     import psycopg
+
+    from workers.search_attributes import SetupReport
 
 log = logging.getLogger("stack")
 
@@ -178,17 +180,6 @@ class Server(ABC):
 
 
 # -- Temporal ---------------------------------------------------------------------------
-_SA_TYPES = {  # contracts' type names -> the enum names `operator search-attribute list` prints
-    "Text": "INDEXED_VALUE_TYPE_TEXT",
-    "Keyword": "INDEXED_VALUE_TYPE_KEYWORD",
-    "Int": "INDEXED_VALUE_TYPE_INT",
-    "Double": "INDEXED_VALUE_TYPE_DOUBLE",
-    "Bool": "INDEXED_VALUE_TYPE_BOOL",
-    "Datetime": "INDEXED_VALUE_TYPE_DATETIME",
-    "KeywordList": "INDEXED_VALUE_TYPE_KEYWORD_LIST",
-}
-
-
 def search_attributes() -> dict[str, str]:
     """The custom search attributes the workflows use (``workflows.contracts``)."""
     from workflows.contracts import SEARCH_ATTRIBUTES
@@ -302,52 +293,54 @@ class Temporal(Server):
         self.ensure_search_attributes(deadline)
 
     def ensure_search_attributes(self, deadline: float) -> None:
-        """Add the contracts' search attributes that are missing; refuse a type clash."""
+        """Add the contracts' search attributes that are missing, through the operator
+        service (``workers.search_attributes``: the function ``mmrag temporal setup`` uses);
+        refuse a type clash. Loops until one pass finds every attribute present."""
+        from temporalio.service import RPCError
+
+        from workers.search_attributes import indexed_value_type
+
         wanted = search_attributes()
-        unknown = {n: t for n, t in wanted.items() if t not in _SA_TYPES}
+        unknown = {}
+        for name, kind in wanted.items():
+            try:
+                indexed_value_type(kind)
+            except ValueError:
+                unknown[name] = kind
         if unknown:
             raise StackError(f"temporal: unknown search attribute types in contracts: {unknown}")
         while True:
-            problem = self._add_missing_search_attributes(wanted)
-            if problem is None:
-                return
+            try:
+                report = asyncio.run(self._register_search_attributes(wanted))
+            except (RuntimeError, RPCError) as e:  # not answering operator calls yet
+                problem = str(e)
+            else:
+                if report.conflicts:
+                    where = self.db_file if self.ctx.temporal_db_file else "the in-memory server"
+                    clashes = "; ".join(f"{n} {why}" for n, why in report.conflicts.items())
+                    raise StackError(
+                        f"temporal: search attributes registered with another type ({clashes})."
+                        " A type cannot change in place: stop the stack and remove"
+                        f" {where} (this deletes workflow history), or rename the attribute in"
+                        " workflows/contracts.py."
+                    )
+                if not report.added:
+                    return
+                log.info("temporal: registered search attributes %s", ", ".join(report.added))
+                problem = "registered; checking again"
             if time.monotonic() > deadline:
                 raise StackError(f"temporal: could not register search attributes: {problem}")
             time.sleep(0.3)
 
-    def _add_missing_search_attributes(self, wanted: dict[str, str]) -> str | None:
-        """None when every wanted attribute exists; else what is still wrong (retryable)."""
-        listed = self.cli("operator", "search-attribute", "list", "-o", "json")
-        if listed.returncode != 0:
-            return listed.stderr.strip() or listed.stdout.strip() or "list failed"
-        existing: dict[str, str] = json.loads(listed.stdout).get("customAttributes", {})
-        clashes = [
-            f"{n} is {existing[n]}, contracts say {t}"
-            for n, t in wanted.items()
-            if n in existing and existing[n] != _SA_TYPES[t]
-        ]
-        if clashes:
-            where = self.db_file if self.ctx.temporal_db_file else "the in-memory server"
-            raise StackError(
-                f"temporal: search attributes registered with another type ({'; '.join(clashes)})."
-                f" A type cannot change in place: stop the stack and remove {where} (this"
-                " deletes workflow history), or rename the attribute in workflows/contracts.py."
-            )
-        missing: dict[str, list[str]] = {}
-        for n, t in wanted.items():
-            if n not in existing:
-                missing.setdefault(t, []).append(n)
-        if not missing:
-            return None
-        for kind, names in missing.items():
-            args = ["operator", "search-attribute", "create", "--type", kind]
-            for n in names:
-                args += ["--name", n]
-            created = self.cli(*args)
-            if created.returncode != 0:
-                return created.stderr.strip() or created.stdout.strip() or "create failed"
-            log.info("temporal: registered search attributes %s (%s)", ", ".join(names), kind)
-        return "registered; checking again"
+    async def _register_search_attributes(self, wanted: dict[str, str]) -> SetupReport:
+        """One registration pass on the ``default`` namespace, with a plain client (the
+        user's TEMPORAL_* settings are for their clients, not for this server)."""
+        from temporalio.client import Client
+
+        from workers.search_attributes import register_search_attributes
+
+        client = await Client.connect(self.address, namespace="default")
+        return await register_search_attributes(client, "default", wanted)
 
 
 # -- Milvus -----------------------------------------------------------------------------

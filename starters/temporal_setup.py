@@ -3,9 +3,9 @@
 The workflows upsert ``workflows.contracts.SEARCH_ATTRIBUTES`` (tenant, source, asset id,
 index version, outcome); a namespace that lacks one fails those workflow tasks. The
 embedded dev server gets them from ``mmrag stack up``; a production cluster gets them here,
-through the operator service (``AddSearchAttributes``), with the same connection settings
-as everything else (``TEMPORAL_ADDRESS`` / ``TEMPORAL_NAMESPACE`` / ``TEMPORAL_API_KEY`` /
-TLS / ``temporal.toml`` profile).
+through the operator service (``workers.search_attributes``, the function ``stack up``
+uses too), with the same connection settings as everything else (``TEMPORAL_ADDRESS`` /
+``TEMPORAL_NAMESPACE`` / ``TEMPORAL_API_KEY`` / TLS / ``temporal.toml`` profile).
 
 Idempotent: attributes that exist with the right type are left alone, missing ones are
 added, and one that exists with another type is reported (a type cannot be changed in
@@ -16,73 +16,13 @@ place) with exit status 1. Temporal Cloud namespaces that refuse the operator ca
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
-from temporalio.api.enums.v1 import IndexedValueType
-from temporalio.api.operatorservice.v1 import (
-    AddSearchAttributesRequest,
-    ListSearchAttributesRequest,
-)
-from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
+from workers.search_attributes import register_search_attributes
 from workflows.contracts import SEARCH_ATTRIBUTES
-
-
-def indexed_value_type(kind: str) -> IndexedValueType.ValueType:
-    """``"KeywordList"`` -> ``INDEXED_VALUE_TYPE_KEYWORD_LIST``."""
-    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", kind).upper()
-    return IndexedValueType.Value(f"INDEXED_VALUE_TYPE_{snake}")
-
-
-def type_name(value: IndexedValueType.ValueType) -> str:
-    name = IndexedValueType.Name(value).removeprefix("INDEXED_VALUE_TYPE_")
-    return "".join(part.capitalize() for part in name.split("_"))
-
-
-@dataclass
-class SetupReport:
-    namespace: str
-    added: list[str] = field(default_factory=list)
-    present: list[str] = field(default_factory=list)
-    conflicts: dict[str, str] = field(default_factory=dict)  # name -> "has X, needs Y"
-
-    @property
-    def ok(self) -> bool:
-        return not self.conflicts
-
-
-async def register_search_attributes(
-    client: Client,
-    namespace: str | None = None,
-    wanted: Mapping[str, str] = SEARCH_ATTRIBUTES,
-    dry_run: bool = False,
-) -> SetupReport:
-    """Add the missing attributes of ``wanted`` to ``namespace`` (default: the client's)."""
-    namespace = namespace or client.namespace
-    report = SetupReport(namespace)
-    existing = await client.operator_service.list_search_attributes(
-        ListSearchAttributesRequest(namespace=namespace)
-    )
-    have = {**existing.system_attributes, **existing.custom_attributes}
-    missing: dict[str, IndexedValueType.ValueType] = {}
-    for name, kind in wanted.items():
-        needed = indexed_value_type(kind)
-        if name not in have:
-            missing[name] = needed
-        elif have[name] == needed:
-            report.present.append(name)
-        else:
-            report.conflicts[name] = f"exists as {type_name(have[name])}, mmrag needs {kind}"
-    if missing and not dry_run:
-        await client.operator_service.add_search_attributes(
-            AddSearchAttributesRequest(namespace=namespace, search_attributes=missing)
-        )
-    report.added = list(missing)
-    return report
 
 
 def tcld_command(namespace: str, wanted: Mapping[str, str] = SEARCH_ATTRIBUTES) -> str:

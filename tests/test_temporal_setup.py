@@ -22,13 +22,9 @@ from temporalio.client import Client
 from settings import REPO_ROOT
 from starters.ingest import start_ingest
 from starters.synthetic_corpus import write_corpus
-from starters.temporal_setup import (
-    indexed_value_type,
-    register_search_attributes,
-    tcld_command,
-    type_name,
-)
+from starters.temporal_setup import tcld_command
 from tests.conftest import ServerStack, Workers
+from workers.search_attributes import indexed_value_type, register_search_attributes, type_name
 from workflows.contracts import SEARCH_ATTRIBUTES
 
 
