@@ -306,6 +306,15 @@ class Settings(BaseSettings):
     milvus_partitions: int = Field(default=64, ge=1, le=1024)
     # -- end of vector index settings ---------------------------------------------------------
 
+    # -- Exact search for small tenants (activities/store/vectors.py VectorStore.search;
+    # docs/performance.md "Vector search at scale") ------------------------------------------
+    # Milvus 2.3.5's filtered HNSW search can return fewer hits than a tenant has matching
+    # rows when the filter keeps a tiny share of a segment. A search that comes back short
+    # counts the matching rows; when there are more than it returned and at most this many,
+    # they are fetched with their vectors and ranked exactly. 0: never (the index's hits only).
+    exact_search_max_rows: int = Field(default=4096, ge=0, le=1_000_000)
+    # -- end of exact search settings ---------------------------------------------------------
+
     # -- Hybrid retrieval (activities/store/lexical.py, activities/rag/rerank.py;
     # docs/retrieval.md) -------------------------------------------------------------------
     # An Ask with text searches the lexical index (Postgres full-text search over passages,

@@ -34,6 +34,8 @@ from workflows.limits import MAX_TAG_BYTES, MAX_TAGS, filters_problem, tags_prob
 MAX_URI = 2048
 MAX_SNIPPET = 2048
 GENERATION_PAGE = 4096  # rows per page of asset_generations (Milvus caps a query at 16384)
+METRIC = "COSINE"  # every collection's metric; exact ranking (exact_hits) computes the same
+HIT_FIELDS = ["asset_id", "uri", "media_type", "chunk", "created_at", "tags", "snippet"]
 
 
 @dataclass
@@ -109,6 +111,7 @@ class IndexConfig:
     ivf_pq_nbits: int = 8
     partition_key: bool = True
     partitions: int = 64
+    exact_max_rows: int = 4096  # MMRAG_EXACT_SEARCH_MAX_ROWS: see VectorStore.search
 
     @classmethod
     def from_settings(cls, s: Settings) -> IndexConfig:
@@ -123,6 +126,7 @@ class IndexConfig:
             ivf_pq_nbits=s.ivf_pq_nbits,
             partition_key=s.tenant_partition_key,
             partitions=s.milvus_partitions,
+            exact_max_rows=s.exact_search_max_rows,
         )
 
     def build_params(self, dim: int) -> dict[str, int]:
@@ -149,13 +153,13 @@ class IndexConfig:
         index.add_index(
             field_name="vector",
             index_type=self.index_type,
-            metric_type="COSINE",
+            metric_type=METRIC,
             params=self.build_params(dim),
         )
 
     def search_params(self, top_k: int) -> dict[str, object]:
         return {
-            "metric_type": "COSINE",
+            "metric_type": METRIC,
             "params": {"ef": max(self.hnsw_ef, top_k), "nprobe": self.ivf_nprobe},
         }
 
@@ -595,26 +599,27 @@ class VectorStore:
         extra_filter: str = "",
         strong: bool = False,
     ) -> list[dict[str, object]]:
-        """Nearest chunks of one tenant; ``extra_filter`` must come from this module's helpers."""
+        """Nearest chunks of one tenant; ``extra_filter`` must come from this module's helpers.
+
+        Milvus 2.3.5's filtered HNSW search can return fewer hits than the tenant has
+        matching rows when the filter keeps a tiny share of a segment (milvus-io/milvus
+        #28603, #33933; measured in docs/performance.md). So a search that comes back
+        short counts the matching rows, and when it missed some and there are at most
+        ``IndexConfig.exact_max_rows`` of them, ranks them all exactly instead: a small
+        tenant always gets its true top-k. A full answer costs no extra round trip.
+        """
         expr = f"tenant == {literal(tenant)}"
         if extra_filter:
             expr = f"{expr} and ({extra_filter})"
+        consistency = "Strong" if strong else "Bounded"
         hits = self.client.search(
             collection,
             data=[list(vector)],
             filter=expr,
             limit=top_k,
-            output_fields=[
-                "asset_id",
-                "uri",
-                "media_type",
-                "chunk",
-                "created_at",
-                "tags",
-                "snippet",
-            ],
+            output_fields=HIT_FIELDS,
             search_params=self.index.search_params(top_k),
-            consistency_level="Strong" if strong else "Bounded",
+            consistency_level=consistency,
         )
         out = []
         for hit in hits[0] if hits else []:
@@ -622,7 +627,55 @@ class VectorStore:
             entity["score"] = float(hit.get("distance", 0.0))
             entity["pk"] = hit.get("id")
             out.append(entity)
-        return out
+        if len(out) >= top_k or not self.index.exact_max_rows:
+            return out
+        rows = self.client.query(
+            collection,
+            filter=expr,
+            output_fields=["count(*)"],
+            consistency_level=consistency,
+        )
+        matching = int(rows[0]["count(*)"]) if rows else 0
+        if matching <= len(out) or matching > self.index.exact_max_rows:
+            return out
+        return self.exact_hits(collection, vector, expr, top_k, consistency)
+
+    def exact_hits(
+        self,
+        collection: str,
+        vector: Sequence[float],
+        expr: str,
+        top_k: int,
+        consistency: str,
+    ) -> list[dict[str, object]]:
+        """The ``top_k`` rows matching ``expr`` by exact cosine similarity, in the shape
+        :meth:`search` returns; reads every matching row with its vector, a page (by
+        primary key, under Milvus's 16384-row cap) at a time, so only for few rows."""
+        entities: list[dict[str, object]] = []
+        vectors: list[list[float]] = []
+        last = ""
+        while True:
+            rows = self.client.query(
+                collection,
+                filter=f"({expr}) and pk > {literal(last)}",
+                output_fields=["pk", "vector", *HIT_FIELDS],
+                limit=GENERATION_PAGE,
+                consistency_level=consistency,
+            )
+            for row in rows:
+                vectors.append(row.pop("vector"))
+                entities.append({k: row[k] for k in HIT_FIELDS if k in row} | {"pk": row["pk"]})
+            if len(rows) < GENERATION_PAGE:
+                break
+            last = max(str(row["pk"]) for row in rows)
+        if not entities:
+            return []
+        matrix = np.asarray(vectors, dtype=np.float32)
+        query = np.asarray(vector, dtype=np.float32)
+        norms = np.linalg.norm(matrix, axis=1) * max(float(np.linalg.norm(query)), 1e-12)
+        scores = (matrix @ query) / np.maximum(norms, 1e-12)
+        best = np.argsort(-scores, kind="stable")[:top_k]
+        return [entities[i] | {"score": float(scores[i])} for i in best]
 
 
 @lru_cache(maxsize=4)
