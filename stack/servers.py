@@ -62,6 +62,9 @@ DATABASE_NAME = "mmrag"
 # activity on another task queue. bench/temporal_settings.py measures it and the
 # candidates that made no difference (task-queue partitions, batch size, no SQLite file).
 LATENCY_DYNAMIC_CONFIG = ("history.transferProcessorMaxPollRPS=1000",)
+# Task-queue priority and fairness keys (workflows/priorities.py): the server ignores both
+# unless its matcher supports them (bench/fairness.py measured these two, docs/scaling.md).
+PRIORITY_DYNAMIC_CONFIG = ("matching.useNewMatcher=true", "matching.enableFairness=true")
 POSTGRES_USER = "postgres"  # the owner: initdb's superuser, for migrations and admin tools
 # Every login needs its password (SCRAM) over loopback TCP; the server opens no Unix socket.
 PG_HBA = (
@@ -250,7 +253,7 @@ class Temporal(Server):
                 "--sqlite-pragma",
                 "synchronous=normal",
             ]
-        for value in LATENCY_DYNAMIC_CONFIG:
+        for value in (*LATENCY_DYNAMIC_CONFIG, *PRIORITY_DYNAMIC_CONFIG):
             cmd += ["--dynamic-config-value", value]
         cmd += ["--log-level", "warn"]
         for attr, kind in search_attributes().items():

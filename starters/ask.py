@@ -46,6 +46,7 @@ from workflows.contracts import (
     AskInput,
     AskResult,
 )
+from workflows.priorities import start_priority
 
 FILTER_KEYS = (
     "media_type=, created_after=, created_before= (ISO date or epoch), tag.KEY=, asset_id="
@@ -205,6 +206,7 @@ async def start_ask(
         result_type=AskResult,
         static_summary=f"ask for tenant {inp.tenant}",
         execution_timeout=ASK_RUN_TIMEOUT,
+        priority=start_priority(ASK_WORKFLOW),
     )
 
 

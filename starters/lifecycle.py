@@ -43,6 +43,7 @@ from workflows.contracts import (
     ReindexResult,
     WatchPrefixInput,
 )
+from workflows.priorities import start_priority
 
 SCHEDULE_KINDS = {INCREMENTAL: "0 3 * * *", FULL: "0 4 * * 0"}  # nightly; weekly on Sunday
 
@@ -60,6 +61,7 @@ async def start_reindex(client: Client, inp: ReindexInput) -> WorkflowHandle[obj
         task_queue=TASK_QUEUE,
         result_type=ReindexResult,
         static_summary=f"{inp.mode} re-index of {scope}",
+        priority=start_priority(REINDEX_WORKFLOW),
     )
 
 
@@ -150,6 +152,7 @@ async def create_schedule(
                     inp,
                     id=f"reindex/{kind}/{tenant or 'all'}/scheduled",
                     task_queue=TASK_QUEUE,
+                    priority=start_priority(REINDEX_WORKFLOW),
                 ),
                 spec=ScheduleSpec(cron_expressions=[cron]),
                 policy=SchedulePolicy(

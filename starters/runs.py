@@ -15,6 +15,7 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 
 from workflows.contracts import TASK_QUEUE
+from workflows.priorities import start_priority
 
 R = TypeVar("R")
 
@@ -50,4 +51,5 @@ async def start_once(
             else WorkflowIDReusePolicy.ALLOW_DUPLICATE
         ),
         static_summary=summary or None,
+        priority=start_priority(workflow),
     )

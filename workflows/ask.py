@@ -51,6 +51,7 @@ with workflow.unsafe.imports_passed_through():
         Source,
     )
     from workflows.limits import BAD_QUERY, filters_problem, refuse_if
+    from workflows.priorities import tenant_turns
 
 UNAVAILABLE = "answer service temporarily unavailable"
 # Patch id: retrieval-only Asks answer in one local activity (retrieve_and_answer) since
@@ -126,6 +127,7 @@ class Ask:
                 schedule_to_close_timeout=VECTOR_STORE_WAIT,
                 retry_policy=VECTOR_STORE_RETRY,
                 summary="encode query",
+                priority=tenant_turns(inp.tenant),
             )
             if not inp.generate and workflow.patched(RETRIEVAL_ONLY_IN_ONE_STEP):
                 done = await workflow.execute_local_activity(

@@ -70,6 +70,7 @@ with workflow.unsafe.imports_passed_through():
         ObjectRef,
     )
     from workflows.limits import BAD_INPUT, bounded_knobs, refuse_if, tags_problem
+    from workflows.priorities import tenant_turns
 
 # Pages processed per run before continuing as new: keeps histories far below the
 # suggested limit even for very large buckets.
@@ -183,6 +184,7 @@ async def encode_and_record(
         heartbeat_timeout=heartbeat_timeout,
         retry_policy=ENCODE_RETRY,
         summary=f"encode {len(objects)} objects",
+        priority=tenant_turns(tenant),
     )
     await record(tenant, index, objects, outcomes, tags)
     if workflow.patched(CAPTION_PICTURES):

@@ -70,6 +70,7 @@ with workflow.unsafe.imports_passed_through():
         ReindexResult,
     )
     from workflows.limits import bounded_knobs
+    from workflows.priorities import tenant_turns
 
 ROLLBACK = "rollback"
 PAGE_SIZE = 256
@@ -215,6 +216,7 @@ class Reindex:
                     heartbeat_timeout=timedelta(seconds=30),
                     retry_policy=ENCODE_RETRY,
                     summary=f"re-embed {len(objects)} assets into v{target.version}",
+                    priority=tenant_turns(tenant),
                 )
                 # Full: the registry moves to the new version at the swap; only failures are
                 # recorded now. Incremental: this is an ingest of the changed objects.
