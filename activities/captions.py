@@ -32,7 +32,6 @@ import io
 import logging
 import os
 from collections.abc import Iterator
-from datetime import timedelta
 
 import sqlalchemy as sa
 from PIL import Image
@@ -41,9 +40,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.llm.client import (
     LlmConfig,
-    LlmUnavailableError,
-    PermanentLlmError,
-    TransientLlmError,
+    as_activity_errors,
     get_generator,
 )
 from activities.media.formats import (
@@ -320,15 +317,8 @@ class CaptionActivities:
             tokens=0,
             redactions={},
         )
-        try:
+        with as_activity_errors():
             answer = self.generator.generate(
                 prompt, model, max(8, self.settings.caption_max_tokens), [url]
             )
-        except LlmUnavailableError as e:
-            raise ApplicationError(str(e), type="LlmUnavailable", non_retryable=True) from e
-        except PermanentLlmError as e:
-            raise ApplicationError(str(e), type="PermanentLlmError", non_retryable=True) from e
-        except TransientLlmError as e:
-            delay = timedelta(seconds=min(e.retry_after_s, 10)) if e.retry_after_s else None
-            raise ApplicationError(str(e), type="TransientLlmError", next_retry_delay=delay) from e
         return redact_pii(clean_text(answer.text, MAX_CAPTION_CHARS))[0]

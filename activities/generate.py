@@ -19,16 +19,11 @@ import base64
 import io
 import logging
 import time
-from datetime import timedelta
-
-from temporalio.exceptions import ApplicationError
 
 from activities.llm.client import (
     ChunkSummary,
     LlmConfig,
-    LlmUnavailableError,
-    PermanentLlmError,
-    TransientLlmError,
+    as_activity_errors,
     fuse_with_llm_summaries,
     get_generator,
 )
@@ -123,20 +118,13 @@ class GenerateActivities:
             prompt, summaries = self.summarized_prompt(inp.fusion)
             summarize_ms = round((time.perf_counter() - t0) * 1000, 2)
         try:
-            result = self.generator.generate(
-                prompt,
-                self.config.model,
-                clamp_answer_tokens(inp.max_tokens, self.settings),  # MMRAG_MAX_ANSWER_TOKENS
-                self.image_data_urls(inp.image_uris, inp.tenant) or None,
-            )
-        except LlmUnavailableError as e:
-            raise ApplicationError(str(e), type="LlmUnavailable", non_retryable=True) from e
-        except PermanentLlmError as e:
-            raise ApplicationError(str(e), type="PermanentLlmError", non_retryable=True) from e
-        except TransientLlmError as e:
-            # Honour Retry-After, capped: the Ask's schedule-to-close bounds the total anyway.
-            delay = timedelta(seconds=min(e.retry_after_s, 10)) if e.retry_after_s else None
-            raise ApplicationError(str(e), type="TransientLlmError", next_retry_delay=delay) from e
+            with as_activity_errors():
+                result = self.generator.generate(
+                    prompt,
+                    self.config.model,
+                    clamp_answer_tokens(inp.max_tokens, self.settings),  # MMRAG_MAX_ANSWER_TOKENS
+                    self.image_data_urls(inp.image_uris, inp.tenant) or None,
+                )
         finally:
             metrics.breaker_state(self.generator.breaker_state())
         if not result.cached:

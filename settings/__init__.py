@@ -6,6 +6,9 @@ The Temporal connection is *not* here: it follows Temporal's own conventions
 
 Defaults point at the embedded stack that ``mmrag stack up`` starts; production values
 are given in README.md and docker-compose.yml.
+
+One module of ~450 lines on purpose: one parser and one list of every setting (the bottom
+layer; tests/test_compose.py checks compose sets each one), docs/configuration.md explains them.
 """
 
 from __future__ import annotations

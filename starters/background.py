@@ -101,12 +101,13 @@ def start_background_worker(state_dir: Path, env: dict[str, str], timeout: float
     return worker.proc.pid
 
 
-def stop_background_worker(state_dir: Path, timeout: float = 30) -> None:
-    pid_file = _pid_file(state_dir)
+def stop_by_pid_file(pid_file: Path, timeout: float) -> bool:
+    """Stop the process a pid file names (SIGTERM, then SIGKILL after ``timeout``) and
+    remove the file; False when the file named none. The demo's worker and web app share it."""
     try:
         pid = int(pid_file.read_text())
     except (OSError, ValueError):
-        return
+        return False
     try:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -117,3 +118,8 @@ def stop_background_worker(state_dir: Path, timeout: float = 30) -> None:
     except ProcessLookupError:
         pass
     pid_file.unlink(missing_ok=True)
+    return True
+
+
+def stop_background_worker(state_dir: Path, timeout: float = 30) -> None:
+    stop_by_pid_file(_pid_file(state_dir), timeout)

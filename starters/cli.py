@@ -4,6 +4,11 @@ Errors a user can fix (a server down, a bad path) print one line that says what 
 and exit non-zero; anything else is a bug and shows its traceback. A command that waits
 on a workflow says what the workflow waits for (``starters/waiting.py``) instead of
 sitting silent. Status lines go to stderr, results to stdout, so ``--json`` output parses.
+
+One module of ~1,200 lines: the argument parser and one thin handler per verb; every
+handler calls into starters/ (ask, ingest, lifecycle, runs, web, waiting, display), so
+the parser, the one-line error rule and ``--json`` handling are defined once. Splitting it
+per verb is the next step when it grows.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Both run the same steps: resolve the active index version, scan (list + cheap checks +
 registry comparison) on ``mmrag``, encode + store in GPU-sized batches on
 ``mmrag-gpu-encode``, then record registry rows and audit rows on ``mmrag``.
+
+One module of ~450 lines: both workflows run the same step functions, and their patch ids
+(which keep recorded histories replaying) must sit next to the steps they guard.
 """
 
 from __future__ import annotations

@@ -32,9 +32,11 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -44,6 +46,7 @@ from openai.types.chat import (
     ChatCompletionContentPartParam,
     ChatCompletionMessageParam,
 )
+from temporalio.exceptions import ApplicationError
 
 from activities.rag.fusion import FusedPrompt, SourceChunk, chunk_passage, fuse_prompt
 from activities.rag.guardrails import validate_summary
@@ -558,3 +561,19 @@ def fuse_with_llm_summaries(
     summaries = {sid: r.text for sid, r in results.items() if r.method == LLM}
     prompt = fuse_prompt(question, sources, token_budget, per_chunk_tokens, summaries)
     return prompt, results
+
+
+@contextmanager
+def as_activity_errors() -> Iterator[None]:
+    """The client's errors as the activity errors Temporal acts on: an open breaker and a
+    permanent refusal are not retried; a transient one is, honouring Retry-After (capped at
+    10 s: the caller's schedule-to-close bounds the total). Generation and captions share it."""
+    try:
+        yield
+    except LlmUnavailableError as e:
+        raise ApplicationError(str(e), type="LlmUnavailable", non_retryable=True) from e
+    except PermanentLlmError as e:
+        raise ApplicationError(str(e), type="PermanentLlmError", non_retryable=True) from e
+    except TransientLlmError as e:
+        delay = timedelta(seconds=min(e.retry_after_s, 10)) if e.retry_after_s else None
+        raise ApplicationError(str(e), type="TransientLlmError", next_retry_delay=delay) from e

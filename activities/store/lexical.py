@@ -23,6 +23,9 @@ Why Postgres and how (docs/retrieval.md has the measurements):
 - **Tenant and filters in every WHERE**: the tenant always, and each structured filter
   compiled as the Milvus one is (``filters_problem`` validates both), so a lexical hit can
   never be one the vector search would have filtered out.
+
+One module of ~410 lines: the table, its writers and its one query share the word rules
+(``query_terms``, the weights), which must read the same on both sides.
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ file in the stack's state directory, stopped by ``mmrag stack down`` (by that pi
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from settings import REPO_ROOT
+from starters.background import stop_by_pid_file
 
 
 def _pid_file(state_dir: Path) -> Path:
@@ -55,19 +55,4 @@ def start_background_server(
 
 def stop_background_server(state_dir: Path, timeout: float = 15) -> bool:
     """Stop the server the pid file names (SIGTERM, then SIGKILL); False when none ran."""
-    pid_file = _pid_file(state_dir)
-    try:
-        pid = int(pid_file.read_text())
-    except (OSError, ValueError):
-        return False
-    try:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            os.kill(pid, 0)
-            time.sleep(0.1)
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    pid_file.unlink(missing_ok=True)
-    return True
+    return stop_by_pid_file(_pid_file(state_dir), timeout)
