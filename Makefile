@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
+	sh scripts/apt-deps.sh demo
 	$(VENV)/bin/mmrag demo
 
 # scripts/apt-deps.sh: the Debian packages tests need (as root it installs them; otherwise
