@@ -533,10 +533,14 @@ class VectorStore:
                 return found
             last = max(row["pk"] for row in rows)
 
-    def chunk_rows(self, collection: str, tenant: str, asset_ids: Sequence[str]) -> list[ChunkRow]:
-        """Every chunk row (without its vector) of these assets of one tenant, Strong read,
-        paged by primary key like :meth:`asset_generations`: what the lexical index copies
-        from the rows an encode batch just wrote (activities/store/lexical.py)."""
+    def chunk_rows(
+        self, collection: str, tenant: str, asset_ids: Sequence[str], strong: bool = True
+    ) -> list[ChunkRow]:
+        """Every chunk row (without its vector) of these assets of one tenant, paged by
+        primary key like :meth:`asset_generations`: what the lexical index copies from the
+        rows an encode batch just wrote (activities/store/lexical.py). Strong by default;
+        ``strong=False`` reads what Milvus has without waiting for its next time tick (the
+        caller checks it got every row it expects)."""
         if not asset_ids:
             return []
         scope = f"tenant == {literal(tenant)} and {in_list('asset_id', asset_ids)}"
@@ -549,7 +553,7 @@ class VectorStore:
                 filter=f"({scope}) and pk > {literal(last)}",
                 output_fields=fields_,
                 limit=GENERATION_PAGE,
-                consistency_level="Strong",
+                consistency_level="Strong" if strong else "Eventually",
             )
             for row in rows:
                 tags = dict(str(t).partition("=")[::2] for t in row.get("tags") or [])
