@@ -41,6 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.harness import stack_env  # noqa: E402
 from bench.ingest import MODELS  # noqa: E402
 from settings import get_settings  # noqa: E402
 from stack.services import Stack, StackPorts  # noqa: E402
@@ -312,13 +313,7 @@ def main() -> None:
         stack = Stack(state, StackPorts.free())
         try:
             endpoints = stack.up()
-            os.environ.update(
-                {
-                    "MMRAG_STATE_DIR": str(state),
-                    "MMRAG_STORAGE_ROOTS": json.dumps({"*": [Path(tmp).as_uri()]}),
-                    "TEMPORAL_ADDRESS": endpoints["temporal_address"],
-                }
-            )
+            os.environ.update(stack_env(state, endpoints))
             get_settings.cache_clear()
             worker = WorkerProcess.start(state, "all", dict(os.environ))
             try:

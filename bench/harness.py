@@ -39,6 +39,16 @@ TEMPLATES = (
 )
 
 
+def stack_env(state: Path, endpoints: dict[str, str]) -> dict[str, str]:
+    """What every bench's processes need to reach its own stack: the state directory, the
+    Temporal address, and the corpus beside the state dir as every tenant's storage root."""
+    return {
+        "MMRAG_STATE_DIR": str(state),
+        "MMRAG_STORAGE_ROOTS": json.dumps({"*": [state.parent.as_uri()]}),
+        "TEMPORAL_ADDRESS": endpoints["temporal_address"],
+    }
+
+
 def bench_env(
     state: Path, endpoints: dict[str, str], llm_url: str, torch_threads: int, grace_s: int
 ) -> dict[str, str]:
@@ -48,11 +58,8 @@ def bench_env(
         **os.environ,
         **TINY_ENV,
         "MMRAG_TORCH_THREADS": str(torch_threads),
-        "MMRAG_STATE_DIR": str(state),
-        # The bench's corpus lives beside the state dir: the storage root of every tenant.
-        "MMRAG_STORAGE_ROOTS": json.dumps({"*": [state.parent.as_uri()]}),
+        **stack_env(state, endpoints),
         "MMRAG_GRACEFUL_SHUTDOWN_SECONDS": str(grace_s),
-        "TEMPORAL_ADDRESS": endpoints["temporal_address"],
         "TEMPORAL_NAMESPACE": "default",
         "OPENAI_BASE_URL": llm_url,
         "OPENAI_API_KEY": "bench-key",

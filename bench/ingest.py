@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from activities.clip import TINY_MODEL_DIR  # noqa: E402
+from bench.harness import stack_env  # noqa: E402
 from settings import get_settings
 from stack.services import Stack, StackPorts  # noqa: E402
 from starters.background import WorkerProcess  # noqa: E402
@@ -98,14 +99,7 @@ def measure(
         stack = Stack(state, StackPorts.free())
         try:
             endpoints = stack.up()
-            os.environ.update(
-                {
-                    "MMRAG_STATE_DIR": str(state),
-                    "MMRAG_STORAGE_ROOTS": json.dumps({"*": [Path(tmp).as_uri()]}),
-                    "TEMPORAL_ADDRESS": endpoints["temporal_address"],
-                    "MMRAG_BATCH_SIZE": str(batch_size),
-                }
-            )
+            os.environ.update({**stack_env(state, endpoints), "MMRAG_BATCH_SIZE": str(batch_size)})
             get_settings.cache_clear()
             per_class = max(1, images // 18)
             corpus = Path(tmp) / "corpus"
