@@ -132,28 +132,39 @@ async def measure(args: argparse.Namespace, url: str, key: str, token: str) -> d
     server_app: list[float] = []  # the server's own time per Ask, less its wait on Temporal
     server_temporal: list[float] = []  # the server's wait on Temporal (start + result)
     transport: list[float] = []  # the client's wall time less the server's: httpx, loopback
+    server_start: list[float] = []  # the server's start_workflow call alone
+    bench_start: list[float] = []  # the bench's start_workflow call alone
+    # (kind, workflow id, epoch sent, epoch parsed): split afterwards against the run's own
+    # start and close times, which Temporal stamps (same machine, same clock).
+    runs: list[tuple[str, str, float, float]] = []
 
     async def over_http(h: httpx.AsyncClient, text: str) -> float:
         body = {"text": text, "top_k": 5, "generate": args.generate}
+        sent = time.time()
         t = time.perf_counter()
         r = await h.post(url + "/v1/ask", json=body)
         out = r.json()
         took = (time.perf_counter() - t) * 1000
+        runs.append(("http", out.get("workflow_id", ""), sent, time.time()))
         if r.status_code != 200 or not out["sources"]:
             raise RuntimeError(f"HTTP ask failed: {r.status_code} {r.text[:300]}")
         stages.append(out["latency_ms"])
         timing = dict(part.strip().split(";dur=") for part in r.headers["server-timing"].split(","))
         server_app.append(float(timing["app"]))
         server_temporal.append(float(timing["temporal"]))
+        server_start.append(float(timing["start"]))
         transport.append(took - float(timing["app"]) - float(timing["temporal"]))
         return took
 
     async def over_temporal(text: str) -> float:
         inp = AskInput(TENANT, text=text, top_k=5, generate=args.generate)
+        sent = time.time()
         t = time.perf_counter()
         handle = await start_ask(client, inp, queue)
+        bench_start.append((time.perf_counter() - t) * 1000)
         result = await handle.result()
         took = (time.perf_counter() - t) * 1000
+        runs.append(("temporal", handle.id, sent, time.time()))
         if not result.sources:
             raise RuntimeError("Temporal ask found nothing")
         return took
@@ -177,11 +188,12 @@ async def measure(args: argparse.Namespace, url: str, key: str, token: str) -> d
                     paired.append(took["http"] - took["temporal"])
 
     await asyncio.gather(*(one_client(args.warmup, False) for _ in range(args.clients)))
-    for series in (stages, server_app, server_temporal, transport):
+    for series in (stages, server_app, server_temporal, transport, server_start, bench_start, runs):
         series.clear()
     t = time.perf_counter()
     await asyncio.gather(*(one_client(args.asks, True) for _ in range(args.clients)))
     wall_s = time.perf_counter() - t
+    split = await split_runs(client, runs)
     http, temporal = summary(http_ms), summary(temporal_ms)
     added = round(http["p50"] - temporal["p50"], 2)
     return {
@@ -195,6 +207,11 @@ async def measure(args: argparse.Namespace, url: str, key: str, token: str) -> d
         "server_app_ms": summary(server_app),
         "server_temporal_ms": summary(server_temporal),
         "transport_ms": summary(transport),
+        "start_call_ms_p50": {
+            "server": round(statistics.median(server_start), 2),
+            "bench": round(statistics.median(bench_start), 2),
+        },
+        "split_ms_p50": split,
         "added_ms_p50": added,
         "paired_added_ms_p50": round(statistics.median(paired), 2),
         "added_ms_p90": round(http["p90"] - temporal["p90"], 2),
@@ -202,6 +219,31 @@ async def measure(args: argparse.Namespace, url: str, key: str, token: str) -> d
         "goal_added_p50_ms": GOAL_ADDED_P50_MS,
         "goal_met": statistics.median(paired) <= GOAL_ADDED_P50_MS,
     }
+
+
+async def split_runs(client: Any, runs: list[tuple[str, str, float, float]]) -> dict[str, Any]:
+    """Each path's wall time split at the run's start and close, as Temporal stamped them:
+    ``to_start`` (the caller's side until Temporal has the run: HTTP in, the start call),
+    ``in_temporal`` (start to close: the worker's tasks and the server's own latency) and
+    ``from_close`` (close until the caller has the parsed result: the long poll's answer,
+    decoding, HTTP out). Read after the measured Asks, so no describe call is in their path."""
+    gate = asyncio.Semaphore(8)
+
+    async def one(kind: str, wid: str, sent: float, done: float) -> tuple[str, float, float, float]:
+        async with gate:
+            d = await client.get_workflow_handle(wid).describe()
+        started, closed = d.start_time.timestamp(), d.close_time.timestamp()
+        return kind, (started - sent) * 1000, (closed - started) * 1000, (done - closed) * 1000
+
+    rows = await asyncio.gather(*(one(*r) for r in runs if r[1]))
+    out: dict[str, Any] = {}
+    for kind in ("http", "temporal"):
+        mine = [r[1:] for r in rows if r[0] == kind]
+        out[kind] = {
+            name: round(statistics.median(r[i] for r in mine), 2)
+            for i, name in enumerate(("to_start", "in_temporal", "from_close"))
+        }
+    return out
 
 
 async def ingest(corpus: Path) -> int:
@@ -302,6 +344,14 @@ def main() -> None:
         "(the same start + result as the Temporal client's, from the server's process)\n"
         f"  client <-> server    p50 {figures['transport_ms']['p50']:7.2f} ms "
         "(the client's wall time less the server's: httpx, loopback, uvicorn)\n"
+        f"  start call alone     p50 {figures['start_call_ms_p50']['server']:7.2f} ms "
+        f"from the server, {figures['start_call_ms_p50']['bench']:7.2f} ms from the bench\n"
+        f"  split at the run's start and close (p50 ms): "
+        + ", ".join(
+            f"{kind}: {s['to_start']:.2f} + {s['in_temporal']:.2f} + {s['from_close']:.2f}"
+            for kind, s in figures["split_ms_p50"].items()
+        )
+        + "\n"
         f"  HTTP adds            p50 {figures['added_ms_p50']:+.2f} ms (difference of the p50s), "
         f"{figures['paired_added_ms_p50']:+.2f} ms (median of each pair's difference; goal <= "
         f"{GOAL_ADDED_P50_MS:g}: {'met' if figures['goal_met'] else 'MISSED'})"

@@ -277,6 +277,10 @@ class Settings(BaseSettings):
     web_request_timeout_s: float = 30.0
     web_max_connections: int = 256  # open connections; more are answered 503
     web_ask_timeout_s: float = 120.0  # an Ask not answered by then is 504 and terminated
+    # How long a request waits for Temporal to take a call (start a run, describe it) and for
+    # Postgres to accept a connection before it is answered 503 (docs/web.md "Outages").
+    web_temporal_timeout_s: float = 10.0
+    web_database_connect_timeout_s: int = 5
     # Lifetime of the workflow credential the server mints for an API key (one per key,
     # reused until half its life), and how long a verified or revoked key is remembered.
     web_token_ttl_s: float = 300.0

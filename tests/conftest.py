@@ -241,7 +241,7 @@ class WebServer:
     log_path: Path
 
     @classmethod
-    def start(cls, test_stack: ServerStack, timeout: float = 60) -> WebServer:
+    def start(cls, test_stack: ServerStack, timeout: float = 60, **extra_env: str) -> WebServer:
         import time
         import urllib.request
 
@@ -253,7 +253,7 @@ class WebServer:
                 [sys.executable, "-m", "starters.cli", "serve", "--port", str(port)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**test_stack.env, **WEB_ENV},
+                env={**test_stack.env, **WEB_ENV, **extra_env},
                 start_new_session=True,
             )
         server = cls(proc, f"http://127.0.0.1:{port}", log_path)

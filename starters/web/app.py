@@ -33,7 +33,8 @@ log = logging.getLogger("mmrag.web")
 class ServerTiming:
     """ASGI middleware: ``Server-Timing: app;dur=MS, temporal;dur=MS`` on each response:
     the server's own time, and the part a handler spent waiting on Temporal (it adds
-    ``temporal_ms`` to the request state). bench/http.py reads it to split the HTTP cost."""
+    ``temporal_ms`` to the request state), of which ``start`` was the start call.
+    bench/http.py reads it to split the HTTP cost."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -49,7 +50,11 @@ class ServerTiming:
             if message["type"] == "http.response.start":
                 total = (time.perf_counter() - started) * 1000
                 temporal = float(state.get("temporal_ms", 0.0))
-                value = f"app;dur={total - temporal:.2f}, temporal;dur={temporal:.2f}"
+                start = float(state.get("temporal_start_ms", 0.0))
+                value = (
+                    f"app;dur={total - temporal:.2f}, temporal;dur={temporal:.2f}, "
+                    f"start;dur={start:.2f}"
+                )
                 message = {
                     **message,
                     "headers": [*message.get("headers", []), (b"server-timing", value.encode())],

@@ -9,21 +9,51 @@ exception's text (which can hold a URI or a connection string).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError, FailureError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from workers.auth import UNAUTHORIZED
 
 log = logging.getLogger("mmrag.web")
+
+
+#: Seconds a 503 asks the caller to wait (``Retry-After``): a restarting server is back in a
+#: few seconds; a caller that retries sooner only adds load.
+RETRY_AFTER_S = 5
+TEMPORAL_DOWN = (
+    "Temporal did not answer: its server is down or unreachable from mmrag serve; retry in a "
+    "few seconds (Retry-After), and if it lasts, the operator should check Temporal "
+    "(`mmrag stack status`, TEMPORAL_ADDRESS)"
+)
+_POSTGRES = (
+    "the database (Postgres) did not answer; retry in a few seconds (Retry-After), and if it "
+    "lasts, the operator should check Postgres (`mmrag stack status`)"
+)
+DATABASE_DOWN = _POSTGRES[0].upper() + _POSTGRES[1:]
+KEY_UNCHECKED = "the API key cannot be checked now: " + _POSTGRES
+#: Temporal's answers that refuse the call itself (a bug or a misconfiguration, not an
+#: outage): 502; every other RPC failure (unavailable, deadline, ...) is an outage: 503.
+_REFUSED = {
+    RPCStatusCode.INVALID_ARGUMENT,
+    RPCStatusCode.NOT_FOUND,
+    RPCStatusCode.ALREADY_EXISTS,
+    RPCStatusCode.PERMISSION_DENIED,
+    RPCStatusCode.UNAUTHENTICATED,
+    RPCStatusCode.FAILED_PRECONDITION,
+    RPCStatusCode.UNIMPLEMENTED,
+}
 
 
 class ApiError(Exception):
@@ -37,6 +67,32 @@ class ApiError(Exception):
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Any:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def unavailable(message: str) -> Any:
+    return error_response(503, message, {"Retry-After": str(RETRY_AFTER_S)})
+
+
+def database_down(exc: BaseException) -> bool:
+    """Whether a database error means Postgres did not answer (refused, reset, timed out),
+    not that a statement was wrong."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+@asynccontextmanager
+async def temporal_answers(timeout_s: float, what: str) -> AsyncIterator[None]:
+    """Temporal calls in this block answer within ``timeout_s``
+    (``MMRAG_WEB_TEMPORAL_TIMEOUT_S``) or the request is a 503. The SDK retries an
+    unreachable server for a while by itself; this bounds the wait, so a request never
+    outlives its caller's timeout and the server's slots are not held by an outage."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            yield
+    except TimeoutError:
+        log.warning("%s: Temporal did not answer within %g s", what, timeout_s)
+        raise ApiError(503, TEMPORAL_DOWN) from None
 
 
 def validation_message(exc: RequestValidationError) -> str:
@@ -75,6 +131,8 @@ def run_failure(exc: WorkflowFailureError) -> tuple[int, str]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> Any:
+        if exc.status == 503:
+            return unavailable(exc.message)
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return error_response(exc.status, exc.message, headers)
 
@@ -99,12 +157,18 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RPCError)
     async def temporal_down(request: Request, exc: RPCError) -> Any:
         log.warning("%s %s: Temporal answered %s", request.method, request.url.path, exc.status)
-        return error_response(503, "Temporal did not answer: try again shortly")
+        if exc.status in _REFUSED:
+            refused = f"Temporal refused the call ({exc.status.name})"
+            return error_response(502, f"{refused}: the server log has the details")
+        return unavailable(TEMPORAL_DOWN)
 
-    @app.exception_handler(OperationalError)
-    async def database_down(request: Request, exc: OperationalError) -> Any:
-        log.warning("%s %s: the database is unreachable", request.method, request.url.path)
-        return error_response(503, "the database did not answer: try again shortly")
+    @app.exception_handler(DBAPIError)
+    async def database_error(request: Request, exc: DBAPIError) -> Any:
+        if not database_down(exc):
+            return await bug(request, exc)
+        # The driver's text can name the host and login: never in the answer, once in the log.
+        log.warning("%s %s: the database did not answer", request.method, request.url.path)
+        return unavailable(DATABASE_DOWN)
 
     @app.exception_handler(Exception)
     async def bug(request: Request, exc: Exception) -> Any:

@@ -27,6 +27,7 @@ from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, Uplo
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.service import RPCError, RPCStatusCode
@@ -42,7 +43,13 @@ from starters.ingest import start_ingest
 from starters.lifecycle import start_forget
 from starters.web import audit, uploads
 from starters.web.credentials import acting_as
-from starters.web.errors import ApiError, run_failure
+from starters.web.errors import (
+    KEY_UNCHECKED,
+    ApiError,
+    database_down,
+    run_failure,
+    temporal_answers,
+)
 from starters.web.keys import ApiKey
 from starters.web.previews import PreviewNotFound
 from starters.web.state import WebState, web_state
@@ -114,7 +121,14 @@ async def api_key(
     keys = web_state(request).keys
     known, key = keys.remembered(presented)
     if not known:
-        key = await asyncio.to_thread(keys.verify, presented)
+        try:
+            key = await asyncio.to_thread(keys.verify, presented)
+        except DBAPIError as e:
+            if not database_down(e):
+                raise
+            # Never accepted unchecked: only keys verified within MMRAG_WEB_KEY_CACHE_S
+            # (remembered above) are served while Postgres is away.
+            raise ApiError(503, KEY_UNCHECKED) from None
     if key is None:
         raise ApiError(
             401, "the API key is unknown or revoked: create one with `mmrag apikey create`"
@@ -165,10 +179,12 @@ async def ask(body: AskRequest, key: Reader, state: State, request: Request) -> 
         )
     if not (inp.text.strip() or inp.image_base64 or inp.image_uri):
         raise ApiError(400, "ask something: give text, image_base64 or image_uri")
-    queue = await state.ask_queue()
     started = time.perf_counter()
-    with acting_as(key):
-        handle = await start_ask(state.client, inp, queue)
+    async with temporal_answers(state.settings.web_temporal_timeout_s, "ask"):
+        queue = await state.ask_queue()
+        with acting_as(key):
+            handle = await start_ask(state.client, inp, queue)
+    request.state.temporal_start_ms = (time.perf_counter() - started) * 1000
     try:
         result: AskResult = await asyncio.wait_for(
             handle.result(), state.settings.web_ask_timeout_s
@@ -216,15 +232,16 @@ async def ingest(body: IngestRequest, key: Writer, state: State) -> dict[str, An
         sources = [worker_uri(s) for s in body.sources]
     except UnsupportedUriError as e:
         raise ApiError(400, str(e)) from None
-    with acting_as(key):
-        handle = await start_ingest(
-            state.client,
-            key.tenant,
-            sources,
-            tags=body.tags,
-            force=body.force,
-            allow_forgotten=body.allow_forgotten,
-        )
+    async with temporal_answers(state.settings.web_temporal_timeout_s, "ingest"):
+        with acting_as(key):
+            handle = await start_ingest(
+                state.client,
+                key.tenant,
+                sources,
+                tags=body.tags,
+                force=body.force,
+                allow_forgotten=body.allow_forgotten,
+            )
     return _started(state, handle)
 
 
@@ -264,8 +281,9 @@ async def ingest_uploads(
         folder = await asyncio.to_thread(store)
     except uploads.UploadTooLarge as e:
         raise ApiError(413, str(e)) from None
-    with acting_as(key):
-        handle = await start_ingest(state.client, key.tenant, [folder], tags=parsed)
+    async with temporal_answers(settings.web_temporal_timeout_s, "upload ingest"):
+        with acting_as(key):
+            handle = await start_ingest(state.client, key.tenant, [folder], tags=parsed)
     return {**_started(state, handle), "files": len(files)}
 
 
@@ -295,7 +313,8 @@ async def ingest_status(ingest_id: str, key: Reader, state: State) -> dict[str, 
         raise ApiError(404, "no ingest with this id for this key's tenant")
     handle = state.client.get_workflow_handle(workflow_id, result_type=IngestResult)
     try:
-        described = await handle.describe()
+        async with temporal_answers(state.settings.web_temporal_timeout_s, "ingest status"):
+            described = await handle.describe()
     except RPCError as e:
         if e.status != RPCStatusCode.NOT_FOUND:
             raise
@@ -322,14 +341,16 @@ async def ingest_status(ingest_id: str, key: Reader, state: State) -> dict[str, 
             )
             out["progress"] = asdict(progress)
     elif status == "done":
-        result = await handle.result()
+        async with temporal_answers(state.settings.web_temporal_timeout_s, "ingest result"):
+            result = await handle.result()
         out["result"] = {k: v for k, v in asdict(result).items() if k != "failures"}
         out["failures"] = _failures(result)
     else:
         out["error"] = f"the ingest {status.replace('_', ' ')}: see its run in the Web UI"
         if status == "failed":
             try:
-                await handle.result()
+                async with temporal_answers(state.settings.web_temporal_timeout_s, "ingest"):
+                    await handle.result()
             except WorkflowFailureError as e:
                 out["error"] = run_failure(e)[1]
     return out
@@ -342,8 +363,9 @@ async def forget(body: ForgetRequest, key: Writer, state: State) -> dict[str, An
     inp: ForgetInput = await contract_input(state, key, body, ForgetInput)
     if not (inp.asset_id or inp.uri_prefix or inp.tags):
         raise ApiError(400, "say what to forget: asset_id, uri_prefix or tags")
-    with acting_as(key):
-        handle = await start_forget(state.client, inp)
+    async with temporal_answers(state.settings.web_temporal_timeout_s, "forget"):
+        with acting_as(key):
+            handle = await start_forget(state.client, inp)
     result = await asyncio.wait_for(handle.result(), state.settings.web_ask_timeout_s)
     return {**asdict(result), "workflow_id": handle.id, "web_ui": state.run_link(handle.id)}
 

@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 from fastapi import Request
 from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
 from temporalio.client import Client
 
 from activities.store.registry import get_engine
@@ -64,7 +65,7 @@ class WebState:
             url = settings.for_database_role("query").database_endpoint()
         except RuntimeError as e:
             raise ServeError(str(e)) from None
-        engine = get_engine(url)
+        engine = get_engine(with_connect_timeout(url, settings.web_database_connect_timeout_s))
         ui = settings.web_temporal_ui_url
         if not ui:
             try:
@@ -109,6 +110,17 @@ class WebState:
 
     async def close(self) -> None:
         self.previews.close()
+
+
+def with_connect_timeout(url: str, seconds: int) -> str:
+    """``url`` with libpq's ``connect_timeout`` (unless it names one): a Postgres that is
+    unreachable rather than refusing (a dropped route, a host being replaced) is then a 503
+    within that time, not a request thread waiting minutes on TCP (docs/web.md)."""
+    parsed = make_url(url)
+    if "connect_timeout" in parsed.query or seconds <= 0:
+        return url
+    timed = parsed.update_query_dict({"connect_timeout": str(seconds)})
+    return timed.render_as_string(hide_password=False)
 
 
 def web_state(request: Request) -> WebState:
