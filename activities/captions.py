@@ -53,10 +53,10 @@ from activities.media.formats import (
 from activities.media.sandbox import SandboxPool
 from activities.rag.fusion import FusedPrompt
 from activities.rag.guardrails import redact_pii
+from activities.runtime.errors import UnreadableObjectError
 from activities.store import lexical, registry
-from activities.store.objects import ObjectMissingError, UnsupportedUriError, store_for
+from activities.store.objects import ObjectMissingError, store_for
 from activities.store.roots import (
-    OutsideRootsError,
     StorageRoots,
     TenantRoots,
     open_regular_file,
@@ -183,12 +183,7 @@ class CaptionStoreActivities:
                 continue
             try:
                 sha, _ = _source(roots, ref.uri, ref.media_type, ref.generation, self.limits)
-            except (
-                BadMediaError,
-                ObjectMissingError,
-                UnsupportedUriError,
-                OutsideRootsError,
-            ) as e:
+            except UnreadableObjectError as e:
                 log.info("no captions for %s: %s", ref.uri, e)
                 continue
             for chunk, described in sorted(chunks.items()):
@@ -272,7 +267,7 @@ class CaptionActivities:
                         activity.heartbeat()
                 for chunk in wanted:
                     result.skipped[f"{first.asset_id}:{chunk}"] = "no such picture on decoding"
-            except (BadMediaError, ObjectMissingError, UnsupportedUriError, OutsideRootsError) as e:
+            except UnreadableObjectError as e:
                 for i in items:
                     result.skipped[f"{i.asset_id}:{i.chunk}"] = str(e)
         return result

@@ -63,6 +63,7 @@ from activities.media.formats import (
 from activities.media.ocr import ocr_allowance_s, ocr_limits
 from activities.media.sandbox import DecoderSandbox, SandboxPool
 from activities.runtime import metrics
+from activities.runtime.errors import UnreadableObjectError
 from activities.store.objects import ObjectMissingError, UnsupportedUriError, store_for
 from activities.store.roots import (
     NotARegularFileError,
@@ -357,12 +358,7 @@ class BatchEncodeActivities:
                         except FutureTimeout:
                             beat()
                     refs.append(ref)
-                except (
-                    BadMediaError,
-                    ObjectMissingError,
-                    UnsupportedUriError,
-                    OutsideRootsError,
-                ) as e:
+                except UnreadableObjectError as e:
                     failures[ref.asset_id] = self._failed(ref, str(e))
             yield refs, pixels
 
@@ -455,7 +451,7 @@ class BatchEncodeActivities:
                     beat(progress.details())
             if not written:
                 raise BadMediaError(f"nothing to index: the {ref.media_type} yielded no pages")
-        except (BadMediaError, ObjectMissingError, UnsupportedUriError, OutsideRootsError) as e:
+        except UnreadableObjectError as e:
             for target in targets:
                 store.delete_assets(target.collection, inp.tenant, [ref.asset_id])
             return self._failed(ref, str(e))

@@ -27,14 +27,14 @@ from activities.llm.client import (
     fuse_with_llm_summaries,
     get_generator,
 )
-from activities.media.formats import BadMediaError
 from activities.media.images import decode_image
 from activities.rag.fusion import FusedPrompt, SourceChunk
 from activities.rag.guardrails import redact_pii
 from activities.runtime import metrics
 from activities.runtime.bounds import clamp_answer_tokens
-from activities.store.objects import ObjectMissingError, UnsupportedUriError, store_for
-from activities.store.roots import OutsideRootsError, StorageRoots
+from activities.runtime.errors import UnreadableObjectError
+from activities.store.objects import store_for
+from activities.store.roots import StorageRoots
 from settings import Settings, get_settings
 from workflows.activities import ask as ask_stubs
 from workflows.activities import implements
@@ -66,7 +66,7 @@ class GenerateActivities:
             try:
                 data = store_for(uri, roots).read(uri, s.max_object_bytes)
                 image = decode_image(data, s.max_object_bytes, s.max_image_pixels)
-            except (BadMediaError, ObjectMissingError, UnsupportedUriError, OutsideRootsError) as e:
+            except UnreadableObjectError as e:
                 log.warning("vision: leaving out %s: %s", uri, e)
                 continue
             image.thumbnail((s.llm_vision_max_side, s.llm_vision_max_side))

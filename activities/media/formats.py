@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image, features
 
+from activities.runtime.errors import UnreadableObjectError
 from workflows.contracts import IMAGE_MEDIA_TYPES, PDF_MEDIA_TYPES, VIDEO_MEDIA_TYPES
 
 # -- types ---------------------------------------------------------------------------------
@@ -58,7 +59,7 @@ SUPPORTED_WORDS = (
 )
 
 
-class BadMediaError(Exception):
+class BadMediaError(UnreadableObjectError):
     """The object's content cannot be ingested; the message says why (non-retryable)."""
 
 

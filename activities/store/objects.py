@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
+from activities.runtime.errors import UnreadableObjectError
 from activities.store.roots import (
     NotARegularFileError,
     OutsideRootsError,
@@ -23,11 +24,11 @@ from activities.store.roots import (
 from workflows.contracts import ObjectRef
 
 
-class ObjectMissingError(Exception):
+class ObjectMissingError(UnreadableObjectError):
     """The object does not exist (any more): a user error, never worth retrying."""
 
 
-class UnsupportedUriError(ValueError):
+class UnsupportedUriError(UnreadableObjectError, ValueError):
     """A URI scheme mmrag cannot read."""
 
 

@@ -27,12 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from activities.runtime.errors import UnreadableObjectError
+
 ALL_TENANTS = "*"
 ROOTS_FILE = "storage_roots.json"
 SETTING = "MMRAG_STORAGE_ROOTS"
 
 
-class OutsideRootsError(Exception):
+class OutsideRootsError(UnreadableObjectError):
     """The URI is not inside the tenant's storage roots (or is not a plain object)."""
 
 
