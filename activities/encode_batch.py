@@ -44,12 +44,13 @@ from PIL import Image
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.clip.encoder import ClipEncoder
+from activities.clip.encoder import ClipEncoder, resolve_device
 from activities.clip.model_policy import ModelNotAllowedError, check_model
 from activities.clip.models import WarmModels
 from activities.media.formats import (
     HEAD_BYTES,
     IMAGE_TYPES,
+    JPEG,
     PDF_TYPES,
     VIDEO_TYPES,
     BadMediaError,
@@ -60,6 +61,7 @@ from activities.media.formats import (
     truncate_utf8,
     type_note,
 )
+from activities.media.jpeg_gpu import decoder_for
 from activities.media.ocr import ocr_allowance_s, ocr_limits
 from activities.media.sandbox import DecoderSandbox, SandboxPool
 from activities.runtime import metrics
@@ -163,6 +165,8 @@ class BatchEncodeActivities:
         )
         # Decoder children for every file: images (one per decode thread), PDFs and videos.
         self.sandboxes = SandboxPool.from_settings(settings)
+        # Plain JPEGs decoded on the encoder's GPU (MMRAG_GPU_JPEG_DECODE), the rest as above.
+        self.gpu_jpegs = decoder_for(settings.gpu_jpeg_decode, resolve_device(settings.device))
 
     def close(self) -> None:
         """Stop the decoder children (they also die with this process)."""
@@ -375,6 +379,13 @@ class BatchEncodeActivities:
                 if ref.media_type in IMAGE_TYPES
                 else f"not an image: the bytes are {mime or 'unrecognised'}"
             )
+        if self.gpu_jpegs is not None and mime == JPEG:  # docs/media.md, GPU JPEG decoding
+            image_t = self.gpu_jpegs.load(data, self.limits)  # None: the sandbox decodes it
+            tensors = (
+                [enc.preprocess_tensor(image_t) for enc in encoders] if image_t is not None else []
+            )
+            if tensors and all(t is not None for t in tensors):
+                return tensors, MediaChunk(IMAGE_CHUNK)
         # An image's OCR (at most MMRAG_OCR_PAGE_TIMEOUT_S) counts within its decode limit.
         chunk = self.sandboxes.decode_image_chunk(
             data, mime, self.limits, self.settings.image_decode_time_limit_s

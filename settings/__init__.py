@@ -115,6 +115,11 @@ class Settings(BaseSettings):
     batch_size: int = 32  # images per encode activity and per forward pass
     decode_threads: int = 4
     torch_threads: int = 0  # 0: torch's default on CPU, 1 on CUDA (encoder.CUDA_TORCH_THREADS)
+    # -- GPU JPEG decoding (scale helper, issue 17; activities/media/jpeg_gpu.py, docs/media.md)
+    # auto: on when the encoder runs on CUDA; on: the same, and refuse to start on a CPU
+    # encoder; off: every image decoded in the sandbox. Only plain JPEGs within the limits
+    # go to the GPU decoder; anything else, or one it fails on, takes the sandbox.
+    gpu_jpeg_decode: Literal["auto", "on", "off"] = "auto"
 
     # Ask: prompt fusion budgets (tokens).
     prompt_token_budget: int = 3000

@@ -35,7 +35,7 @@ import numpy as np
 import open_clip
 import torch
 from PIL import Image
-from torchvision.transforms import Compose, Normalize, ToTensor
+from torchvision.transforms import CenterCrop, Compose, Normalize, Resize, ToTensor
 
 from activities.clip import TINY_MODEL_DIR
 
@@ -281,6 +281,28 @@ class ClipEncoder:
         array = np.array(self._pil_steps(image), dtype=np.uint8, copy=True)  # (H, W, C)
         return torch.from_numpy(array).permute(2, 0, 1)
 
+    def preprocess_tensor(self, image: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`preprocess` for an RGB uint8 (3, H, W) tensor on any device (a JPEG the
+        GPU decoded: activities/media/jpeg_gpu.py): the same resize and crop, run where
+        the tensor is; ``None`` when the transform has a step that only takes pictures."""
+        if self._tensor_steps is None:
+            return None
+        for step in self._tensor_steps:
+            image = step(image)
+        return image
+
+    @cached_property
+    def _tensor_steps(self) -> list[Callable[[torch.Tensor], torch.Tensor]] | None:
+        if self._pil_steps is None:
+            return None
+        steps = []
+        for step in getattr(self._pil_steps, "transforms", []):
+            if isinstance(step, Resize | CenterCrop):
+                steps.append(step)
+            elif type(step).__name__ != "MaybeConvertMode":  # it passes tensors through
+                return None
+        return steps
+
     @cached_property
     def _pil_steps(self) -> Callable[[Image.Image], Image.Image] | None:
         steps = list(getattr(self.transform, "transforms", []))
@@ -303,6 +325,8 @@ class ClipEncoder:
         """Stack straight into page-locked memory on CUDA (one copy, async upload)."""
         if self.device.type != "cuda":
             return torch.stack(pixels)
+        if any(p.device.type == "cuda" for p in pixels):  # GPU-decoded JPEGs among them
+            return torch.stack([p.to(self.device, non_blocking=True) for p in pixels])
         first = pixels[0]
         out = torch.empty((len(pixels), *first.shape), dtype=first.dtype, pin_memory=True)
         return torch.stack(pixels, out=out)
