@@ -190,6 +190,23 @@ def test_listing_pages_a_nested_tree_exactly_once(tmp_path: Path, outside: Path)
     assert "symlink that leaves" in refused[(tmp_path / "m" / "leak.png").as_uri()]
 
 
+def test_a_page_token_whose_file_became_a_folder_resumes_inside_it(tmp_path: Path) -> None:
+    """The token names the last path listed; if that file is replaced by a folder between
+    pages, the next page lists the folder's files instead of failing the ingest."""
+    for name in ("a", "b.png", "c.png"):
+        (tmp_path / name).write_bytes(b"x")
+    store = LocalStore(_roots("acme", tmp_path))
+    first = store.list_page(tmp_path.as_uri(), "", 1)
+    assert [o.uri for o in first.objects] == [(tmp_path / "a").as_uri()]
+    (tmp_path / "a").unlink()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"x")
+    rest = store.list_page(tmp_path.as_uri(), first.next_token, 10)
+    assert [o.uri for o in rest.objects] == [
+        (tmp_path / p).as_uri() for p in ("a/x.png", "b.png", "c.png")
+    ]
+
+
 # -- the attacks, through Temporal, against the real stack ---------------------------------
 async def test_forget_never_deletes_a_file_a_failed_ingest_named(
     worker: Workers, client: Client, tenant: str, outside: Path, tmp_path: Path

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -144,7 +145,12 @@ class LocalStore:
         except (FileNotFoundError, NotADirectoryError, PermissionError):
             return
         depth = len(_components(folder, root))
-        for entry in entries:
+        # Entries named before the cursor's component here are skipped by bisection, not one
+        # by one: a page deep into a flat folder of 100k files costs its scan and sort only.
+        start = (
+            bisect_left(entries, after[depth], key=lambda e: e.name) if len(after) > depth else 0
+        )
+        for entry in entries[start:]:
             path = Path(entry.path)
             parts = _components(path, root)
             if after and parts < after[: depth + 1]:
