@@ -284,6 +284,11 @@ class IngestActivities:
     @implements(ingest_stubs.record_outcomes)
     def record_outcomes(self, inp: RecordOutcomesInput) -> None:
         workflow_id, run_id = workflow_ids()
+        self.record_batch(inp, workflow_id=workflow_id, run_id=run_id)
+
+    def record_batch(self, inp: RecordOutcomesInput, *, workflow_id: str, run_id: str) -> None:
+        """What ``record_outcomes`` does for a batch, given the run it is audited under
+        (bench/ingest.py's bare loop calls this, so both sides do the same writes)."""
         # The lexical index copies the batch's Milvus rows (the encode worker has no database
         # login): replaced for ingested assets, removed for failed ones (store/lexical.py).
         # Before the registry moves on: an asset whose generation it still holds is unchanged

@@ -45,11 +45,12 @@ MODELS = {
 
 
 def bare_loop(tenant: str, corpus: Path, batch_size: int) -> float:
-    """The same steps, in process: list, check, decode+encode+store, registry + audit."""
+    """The same steps, in process: list, check, decode+encode+store, then the record step
+    (lexical index, registry, audit) through the activity's own code."""
     from activities.encode_batch import BatchEncodeActivities
     from activities.ingest import IngestActivities
     from activities.store import registry
-    from workflows.activities.ingest import EncodeBatchInput, ScanPageInput
+    from workflows.activities.ingest import EncodeBatchInput, RecordOutcomesInput, ScanPageInput
 
     settings = get_settings()
     encode = BatchEncodeActivities(settings)
@@ -66,8 +67,10 @@ def bare_loop(tenant: str, corpus: Path, batch_size: int) -> float:
         for i in range(0, len(page.to_encode), batch_size):
             objects = page.to_encode[i : i + batch_size]
             outcomes = encode.encode_batch(EncodeBatchInput(tenant, index, objects))
-            registry.record_outcomes(
-                ingest.engine, tenant, index.version, objects, outcomes, {}, "bench", tenant
+            ingest.record_batch(
+                RecordOutcomesInput(tenant, index.version, objects, outcomes, {}),
+                workflow_id="bench",
+                run_id=tenant,
             )
             n += len(objects)
         token = page.next_token
