@@ -18,7 +18,6 @@ import dataclasses
 import re
 import time
 import typing
-from dataclasses import asdict
 from datetime import timedelta
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -105,6 +104,19 @@ class IngestRequest(BaseModel):
     allow_forgotten: bool = False
 
 
+def plain(value: Any) -> Any:
+    """A contract dataclass as JSON-ready dicts and lists. ``dataclasses.asdict`` deep-copies
+    every leaf (``copy.deepcopy`` per string and number): a third of an Ask's own time in
+    the server; the leaves here are immutable, so they are shared instead."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
 # -- who is asking ----------------------------------------------------------------------------
 async def api_key(
     request: Request,
@@ -149,7 +161,15 @@ def role(needed: str) -> Any:
 
 Reader = Annotated[ApiKey, role(READER)]
 Writer = Annotated[ApiKey, role(WRITER)]
-State = Annotated[WebState, Depends(web_state)]
+
+
+async def current_state(request: Request) -> WebState:
+    """The server's state as a dependency. Async on purpose: FastAPI runs a plain ``def``
+    dependency in its thread pool, a thread hop on every request (bench/http.py)."""
+    return web_state(request)
+
+
+State = Annotated[WebState, Depends(current_state)]
 
 
 async def contract_input(state: WebState, key: ApiKey, body: BaseModel, contract: type) -> Any:
@@ -186,9 +206,9 @@ async def ask(body: AskRequest, key: Reader, state: State, request: Request) -> 
             handle = await start_ask(state.client, inp, queue)
     request.state.temporal_start_ms = (time.perf_counter() - started) * 1000
     try:
-        result: AskResult = await asyncio.wait_for(
-            handle.result(), state.settings.web_ask_timeout_s
-        )
+        # asyncio.timeout, not wait_for: no second task (and loop turn) per Ask.
+        async with asyncio.timeout(state.settings.web_ask_timeout_s):
+            result: AskResult = await handle.result()
         request.state.temporal_ms = (time.perf_counter() - started) * 1000
     except TimeoutError:
         with contextlib.suppress(RPCError):
@@ -198,7 +218,7 @@ async def ask(body: AskRequest, key: Reader, state: State, request: Request) -> 
             f"no answer within {state.settings.web_ask_timeout_s:g} s (MMRAG_WEB_ASK_TIMEOUT_S); "
             "are the workers running?",
         ) from None
-    out = asdict(result)
+    out = plain(result)
     for source in out["sources"]:
         source["display"] = display_uri(source["uri"])
         locator = quote(source["chunk"], safe=":")
@@ -339,11 +359,11 @@ async def ingest_status(ingest_id: str, key: Reader, state: State) -> dict[str, 
             progress = await handle.query(
                 "progress", result_type=IngestProgress, rpc_timeout=timedelta(seconds=3)
             )
-            out["progress"] = asdict(progress)
+            out["progress"] = plain(progress)
     elif status == "done":
         async with temporal_answers(state.settings.web_temporal_timeout_s, "ingest result"):
             result = await handle.result()
-        out["result"] = {k: v for k, v in asdict(result).items() if k != "failures"}
+        out["result"] = {k: v for k, v in plain(result).items() if k != "failures"}
         out["failures"] = _failures(result)
     else:
         out["error"] = f"the ingest {status.replace('_', ' ')}: see its run in the Web UI"
@@ -367,7 +387,7 @@ async def forget(body: ForgetRequest, key: Writer, state: State) -> dict[str, An
         with acting_as(key):
             handle = await start_forget(state.client, inp)
     result = await asyncio.wait_for(handle.result(), state.settings.web_ask_timeout_s)
-    return {**asdict(result), "workflow_id": handle.id, "web_ui": state.run_link(handle.id)}
+    return {**plain(result), "workflow_id": handle.id, "web_ui": state.run_link(handle.id)}
 
 
 # -- assets -----------------------------------------------------------------------------------
