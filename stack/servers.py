@@ -64,7 +64,17 @@ DATABASE_NAME = "mmrag"
 LATENCY_DYNAMIC_CONFIG = ("history.transferProcessorMaxPollRPS=1000",)
 # Task-queue priority and fairness keys (workflows/priorities.py): the server ignores both
 # unless its matcher supports them (bench/fairness.py measured these two, docs/scaling.md).
-PRIORITY_DYNAMIC_CONFIG = ("matching.useNewMatcher=true", "matching.enableFairness=true")
+PRIORITY_DYNAMIC_CONFIG = (
+    "matching.useNewMatcher=true",
+    "matching.enableFairness=true",
+    # One partition per task queue: priority and fairness order tasks within a partition;
+    # with the default 4, tenant B's tasks waited up to 4 s behind tenant A's backlog
+    # (bench/fairness.py: B's wait for a slot ~50 -> ~16 ms at p50, the seconds-long tail
+    # gone; docs/scaling.md). One partition takes hundreds of tasks a second, well above
+    # what one host's queues dispatch.
+    "matching.numTaskqueueReadPartitions=1",
+    "matching.numTaskqueueWritePartitions=1",
+)
 POSTGRES_USER = "postgres"  # the owner: initdb's superuser, for migrations and admin tools
 # Every login needs its password (SCRAM) over loopback TCP; the server opens no Unix socket.
 PG_HBA = (

@@ -7,7 +7,10 @@ tenant) hand out a queue's slots round-robin between tenants within a priority, 
 tenant's Ask or small ingest waits for its turn, not for another tenant's backlog
 (docs/scaling.md, "Priority and fairness"). The server needs
 ``matching.useNewMatcher`` / ``matching.enableFairness`` (the embedded stack sets them,
-stack/servers.py; Temporal Cloud per namespace); a server without them ignores both.
+stack/servers.py; Temporal Cloud per namespace); a server without them ignores both. Both
+order tasks within a task-queue partition: the stack runs one partition per queue
+(docker-compose: the encode queue); with 4, a tenant's task waited up to 4 s behind another
+tenant's backlog (bench/fairness.py).
 
 Starters set the priority on the workflow start; activities and child workflows inherit
 it. Encode activities add the tenant as fairness key (:func:`tenant_turns`).
