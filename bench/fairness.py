@@ -2,24 +2,33 @@
 
 A synthetic bench of the server mechanism with stand-in jobs (sleeping activities, not mmrag's
 workflows: on 2 shared cores real CLIP encoding would measure CPU contention, not queueing).
-It starts its own Temporal dev server with the matching settings that turn
-priority and fairness on (``matching.useNewMatcher``, ``matching.enableFairness``), and one
-worker whose activity queues have few slots, like the encode queue. Tenant B runs small jobs
-(one activity each, one at a time); tenant A floods the same queue with a backfill. Phases,
-in one run and on one server:
+It starts its own Temporal dev server with the embedded stack's dynamic config
+(stack/servers.py: ``matching.useNewMatcher``, ``matching.enableFairness``, one task-queue
+partition), and one worker whose activity queues have few slots, like the encode queue.
+Tenant B runs small jobs (one activity each, open loop); tenant A floods the same queue with
+a backfill. Phases, in one run and on one server:
 
 - ``idle``: B alone;
 - ``flood``: A's backfill and B's jobs on a queue without fairness keys (FIFO);
 - ``fair``: the same on a queue where every activity carries ``fairness_key=<tenant>``;
 - ``priority``: the same, B's activities with ``priority_key=1`` and A's with 5;
-- ``mmrag``: the keys mmrag's own starters and workflows set (workflows/priorities.py): A's
-  backfill is an ingest (priority 3), B alternates small ingests (3) and Asks (1), and every
-  encode activity carries its tenant as fairness key (``fairness_key(tenant)``).
+- ``mmrag_idle`` / ``mmrag``: mmrag as deployed, B alone and under A's flood, with the keys
+  mmrag's starters and workflows set (workflows/priorities.py): A's backfill is an ingest
+  (priority 3), B alternates small ingests (3, on the flooded encode queue, sharing the
+  workflow queue with A) and Asks (1) that run on the query queue, where the query worker
+  encodes by a local activity (workers/roles.py ``query_role``: no encode-queue hop);
+  every encode activity carries its tenant as fairness key;
+- ``mmrag_shared``: the same without a query worker: B's Asks start on the workflow queue
+  and send their encode to the flooded encode queue (the throughput path).
 
-Activities sleep (``--activity-ms``): queueing, not CPU, is measured, so the figures hold on
-this shared machine. Each phase reports B's job latency (start to result) p50 / p99.
+Activities sleep (``--activity-ms``): queueing, not CPU, is measured. Each phase reports
+B's job latency (start to result) p50 / p99, and where it went: every job's history is read
+back and its time split at the recorded events (``SEGMENTS``: workflow-task and activity
+schedule-to-start, their runs, the client's two ends), median per segment and the slowest
+job's split; the per-phase line also lists each job's activity schedule-to-start in order.
 
     .venv/bin/python bench/fairness.py [--slots 4] [--flood 2000] [--jobs 40]
+        [--partitions 4] [--no-sticky]
 
 The last line of output is one line of JSON with the figures.
 """
