@@ -182,13 +182,17 @@ async def measure(args: argparse.Namespace, url: str, key: str, token: str) -> d
         process_inside.append(reply["ms"])
         return took
 
-    async def one_client(n: int, record: bool) -> None:
+    async def one_client(c: int, n: int, record: bool) -> None:
         headers = {"Authorization": f"Bearer {key}"}
         kinds = ["http", "temporal", "process"]
         async with httpx.AsyncClient(headers=headers, timeout=120) as h:
             for i in range(n):
                 took = {}
-                for kind in kinds[i % 3 :] + kinds[: i % 3]:  # each goes first in turn
+                # Each kind goes first in turn, and client c starts its turns at c: the clients
+                # run side by side, so in lockstep every HTTP Ask would share the machine with
+                # other HTTP Asks (two busy processes) and every direct one with direct ones.
+                turn = (i + c) % 3
+                for kind in kinds[turn:] + kinds[:turn]:
                     text = question(next(counter))
                     if kind == "http":
                         took[kind] = await over_http(h, text)
@@ -203,14 +207,14 @@ async def measure(args: argparse.Namespace, url: str, key: str, token: str) -> d
                     paired.append(took["http"] - took["temporal"])
                     paired_process.append(took["http"] - took["process"])
 
-    await asyncio.gather(*(one_client(args.warmup, False) for _ in range(args.clients)))
+    await asyncio.gather(*(one_client(c, args.warmup, False) for c in range(args.clients)))
     for series in (stages, server_app, server_temporal, transport, server_start, bench_start):
         series.clear()
     runs.clear()
     process_inside.clear()
     t = time.perf_counter()
     try:
-        await asyncio.gather(*(one_client(args.asks, True) for _ in range(args.clients)))
+        await asyncio.gather(*(one_client(c, args.asks, True) for c in range(args.clients)))
     finally:
         await service.close()
     wall_s = time.perf_counter() - t
