@@ -13,19 +13,27 @@ from __future__ import annotations
 import dataclasses
 import io
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from activities.clip.encoder import ClipEncoder, tiny_encoder
+from activities.clip.encoder import (
+    TINY_CHECKPOINT_PATH,
+    TINY_MODEL_NAME,
+    ClipEncoder,
+    tiny_encoder,
+)
 from activities.media.formats import JPEG, BadMediaError, MediaLimits
 from activities.media.jpeg_gpu import GpuJpegDecoder, decoder_for, plain_jpeg_header
 from activities.media.ocr import text_likely
 from activities.media.sandbox import SandboxPool
 from settings import Settings
 from tests.fixtures.hostile.make_corpus import jpeg_bomb
+from tests.helpers import png_bytes
 from tests.test_sandbox import many_scan_jpeg
 
 LIMITS = MediaLimits.from_settings(Settings())
@@ -206,3 +214,70 @@ def test_many_threads_share_batched_decodes() -> None:
         results = list(pool.map(lambda d: decoder.load(d, NO_OCR), datas))
     assert all(r is not None and r.shape == (3, 240, 320) for r in results[:-1])
     assert results[-1] is None
+
+
+def test_the_encode_worker_takes_gpu_decoded_jpegs_and_fails_bad_ones_with_the_usual_reasons(
+    tmp_path: Path, encoder: ClipEncoder
+) -> None:
+    """The encode activity's image phase with the decoder on the CPU device (a CUDA worker
+    builds it from MMRAG_GPU_JPEG_DECODE): plain JPEGs come back as the encoder's tensors,
+    everything else goes through the sandbox: a PNG is decoded there, a corrupt JPEG and a
+    JPEG bomb fail alone with the reasons they always had."""
+    from activities.encode_batch import BatchEncodeActivities
+    from activities.store.objects import LocalStore
+    from activities.store.roots import TenantRoots, canonical_root
+    from workflows.contracts import asset_id_for
+
+    files = {
+        "photo.jpg": photo(1280, 720),
+        "corrupt.jpg": corrupt_scan(photo(320, 240)),
+        "bomb.jpg": jpeg_bomb(),
+        "shape.png": png_bytes(),
+    }
+    roots = TenantRoots("t", (canonical_root(str(tmp_path)),))
+    refs = []
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        ref = LocalStore(roots).stat((tmp_path / name).as_uri())
+        ref.asset_id = asset_id_for("t", ref.uri)
+        ref.media_type = "image/png" if name.endswith(".png") else JPEG
+        refs.append(ref)
+    settings = Settings(
+        clip_model=TINY_MODEL_NAME,
+        clip_pretrained="",
+        clip_checkpoint=str(TINY_CHECKPOINT_PATH),
+        device="cpu",
+        state_dir=tmp_path / "state",
+    )
+    batch = BatchEncodeActivities(settings)
+    assert batch.gpu_jpegs is None  # auto on a CPU encoder: every image takes the sandbox
+    decoded_here: list[bool] = []
+
+    class Counting(GpuJpegDecoder):
+        def load(self, data: bytes, limits: MediaLimits) -> torch.Tensor | None:
+            image = super().load(data, limits)
+            decoded_here.append(image is not None)
+            return image
+
+    batch.gpu_jpegs = Counting("cpu")
+
+    def beat() -> None:
+        pass
+
+    try:
+        failures: dict[str, Any] = {}
+        got, pixels = next(batch._decoded_micro_batches(refs, 8, failures, [encoder], roots, beat))
+        sandboxed = batch.sandboxes.decode_image(files["photo.jpg"], JPEG, NO_OCR, TIME_LIMIT_S)
+    finally:
+        batch.close()
+    # The three JPEGs were offered to the GPU decoder; it decoded the photo only.
+    assert sorted(decoded_here) == [False, False, True]
+    names = [ref.uri.rsplit("/", 1)[1] for ref in got]
+    assert names == ["photo.jpg", "shape.png"]
+    (gpu_pixels, chunk), _ = pixels
+    assert gpu_pixels[0].dtype == torch.uint8 and chunk.locator == "image" and chunk.image is None
+    expected = vector(encoder, encoder.preprocess(sandboxed))
+    assert float((vector(encoder, gpu_pixels[0]) * expected).sum()) > 0.999
+    reasons = {ref.uri.rsplit("/", 1)[1]: failures[ref.asset_id].reason for ref in refs[1:3]}
+    assert "corrupt or truncated image" in reasons["corrupt.jpg"]
+    assert "MMRAG_MAX_IMAGE_PIXELS" in reasons["bomb.jpg"]
