@@ -10,15 +10,26 @@ image at a time, decoded in the same thread. Same images, same run. What it prin
 - decode + preprocess + encode images/second for the baseline and the project's pipeline;
 - text-query latency (one query, as ``encode_query`` does it) p50/p99 for fp32 and fp16;
 - agreement: the lowest cosine between fp16 and fp32 vectors of the same image;
-- the ratio project / baseline, then one line of JSON with every figure.
+- the ratio project / baseline;
+- JPEG images/second end to end as the encode worker runs them (``jpeg_decode``): decoded in
+  the decoder sandbox on CPU threads, against decoded on the encoder's device
+  (activities/media/jpeg_gpu.py, MMRAG_GPU_JPEG_DECODE), with the lowest cosine between
+  the two paths' vectors (issue 17's goal: >= 3,000 img/s per H200);
+- with ``--durable-images N``: the durable ``IngestBatch`` against the bare in-process loop
+  on a JPEG corpus, on its own embedded stack (bench/ingest.py's two sides; goal: >= 0.9x);
+
+then one line of JSON with every figure.
 
 Usage (random ViT-B-32 weights are fine for speed)::
 
     .venv/bin/python bench/encode_gpu.py [--model ViT-B-32] [--images 1024]
         [--batch-sizes 1,8,32,64,128,256] [--decode-threads 8] [--tiny] [--device auto]
+        [--gpu-decode-threads 32] [--durable-images 4096]
 
-On a CPU-only machine it runs too (fp32 both sides), which is how it is checked here; the
-figures that matter come from a CUDA device.
+On a CPU-only machine it runs too (fp32 both sides; the "GPU" decoder then runs libjpeg on
+the CPU in this process), which is how it is checked here:
+``--device cpu --images 64 --durable-images 144``; the figures that matter come from a CUDA
+device.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -49,11 +61,16 @@ from activities.clip.encoder import (  # noqa: E402
     ClipEncoder,
     resolve_device,
 )
-from activities.media.formats import MediaLimits  # noqa: E402
-from activities.media.images import decode_image
+from activities.media.formats import JPEG, MediaLimits  # noqa: E402
+from activities.media.images import decode_image  # noqa: E402
+from activities.media.jpeg_gpu import GpuJpegDecoder  # noqa: E402
+from activities.media.ocr import ocr_limits  # noqa: E402
+from activities.media.sandbox import SandboxPool  # noqa: E402
 from settings import Settings  # noqa: E402
 
 LIMITS = MediaLimits.from_settings(Settings())
+WORKER_LIMITS = ocr_limits(LIMITS)  # as the encode worker has them (OCR off without tesseract)
+IMAGE_TIME_LIMIT_S = Settings().image_decode_time_limit_s
 MAX_BYTES, MAX_PIXELS = LIMITS.max_object_bytes, LIMITS.max_image_pixels
 
 
@@ -102,15 +119,21 @@ def batches(items: list[bytes], size: int) -> Iterator[list[bytes]]:
 
 
 def project_pipeline(
-    encoder: ClipEncoder, jpegs: list[bytes], batch_size: int, pool: ThreadPoolExecutor
+    encoder: ClipEncoder,
+    jpegs: list[bytes],
+    batch_size: int,
+    pool: ThreadPoolExecutor,
+    prepare: Callable[[bytes], torch.Tensor] | None = None,
 ) -> np.ndarray:
-    """Decode on the pool one batch ahead of the model, as the encode activity does
-    (including its draft-mode JPEG shrink to ``render_max_side`` while decoding)."""
+    """Decode on the pool one batch ahead of the model, as the encode activity does;
+    ``prepare`` decodes and preprocesses one file (default: in this process, with the
+    draft-mode JPEG shrink to ``render_max_side`` while decoding)."""
 
-    def prepare(raw: bytes) -> torch.Tensor:
+    def in_process(raw: bytes) -> torch.Tensor:
         image = decode_image(raw, MAX_BYTES, MAX_PIXELS, "", LIMITS.render_max_side)
         return encoder.preprocess(image)
 
+    prepare = prepare or in_process
     pending: list[Future[torch.Tensor]] | None = None
     out = []
     for chunk in batches(jpegs, batch_size):
@@ -121,6 +144,135 @@ def project_pipeline(
     if pending is not None:
         out.append(encoder.encode_images([f.result() for f in pending]))
     return np.concatenate(out)
+
+
+Prepare = Callable[[bytes], torch.Tensor]
+
+
+def jpeg_decode_paths(
+    args: argparse.Namespace, encoder: ClipEncoder, jpegs: list[bytes], batch_size: int
+) -> dict:
+    """The encode worker's JPEG path end to end (decode + preprocess + encode), images/s:
+    decoded in the decoder sandbox on ``--decode-threads`` threads, against decoded on the
+    encoder's device by the batched GPU decoder on ``--gpu-decode-threads`` threads (a batch
+    holds the JPEGs those threads wait on), falling back to the sandbox as the worker does."""
+    sandboxes = SandboxPool.from_settings(Settings())
+    decoder = GpuJpegDecoder(encoder.device)
+    fallbacks = [0]
+
+    def sandboxed(raw: bytes) -> torch.Tensor:
+        image = sandboxes.decode_image(raw, JPEG, WORKER_LIMITS, IMAGE_TIME_LIMIT_S)
+        return encoder.preprocess(image)
+
+    def on_device(raw: bytes) -> torch.Tensor:
+        decoded = decoder.load(raw, WORKER_LIMITS)
+        pixels = encoder.preprocess_tensor(decoded) if decoded is not None else None
+        if pixels is None:
+            fallbacks[0] += 1
+            return sandboxed(raw)
+        return pixels
+
+    figures: dict = {"ocr_check": WORKER_LIMITS.ocr_enabled}
+    try:
+        for name, prepare, threads in (
+            ("sandbox_cpu_decode", sandboxed, args.decode_threads),
+            ("gpu_decode", on_device, args.gpu_decode_threads),
+        ):
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                project_pipeline(encoder, jpegs[: batch_size * 2], batch_size, pool, prepare)
+                fallbacks[0] = 0
+
+                def run(pool: ThreadPoolExecutor = pool, prepare: Prepare = prepare) -> None:
+                    project_pipeline(encoder, jpegs, batch_size, pool, prepare)
+
+                t = min(timed(run, encoder.device) for _ in range(args.repeats))
+            figures[f"{name}_img_s"] = round(len(jpegs) / t, 1)
+            figures[f"{name}_threads"] = threads
+        figures["gpu_decode_fallbacks"] = fallbacks[0]
+        figures["decoder_device"] = str(decoder.device)
+        figures["ratio_gpu_over_cpu_decode"] = round(
+            figures["gpu_decode_img_s"] / figures["sandbox_cpu_decode_img_s"], 2
+        )
+        sample = jpegs[:64]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            cpu_side = encoder.encode_images(list(pool.map(sandboxed, sample)))
+            gpu_side = encoder.encode_images(list(pool.map(on_device, sample)))
+        figures["min_cosine_gpu_vs_sandbox_decode"] = round(
+            float((cpu_side * gpu_side).sum(axis=1).min()), 5
+        )
+        figures["goal_3000_img_s_met"] = (
+            figures["gpu_decode_img_s"] >= 3000 if encoder.device.type == "cuda" else None
+        )
+    finally:
+        sandboxes.close()
+    return figures
+
+
+def durable_ratio(args: argparse.Namespace, model_name: str, checkpoint: Path | None) -> dict:
+    """bench/ingest.py's two sides on a JPEG corpus of ``--durable-images`` photo-sized
+    files, on this device: the durable IngestBatch (a worker process, --role all) against
+    the bare in-process loop, median of ``--repeats`` rounds each; both decode as the
+    worker's settings say (on the GPU with a CUDA encoder: MMRAG_GPU_JPEG_DECODE=auto)."""
+    import asyncio
+    import tempfile
+
+    from bench.harness import stack_env
+    from bench.ingest import bare_loop, durable
+    from settings import get_settings
+    from stack.services import Stack, StackPorts
+    from starters.background import WorkerProcess
+
+    device = resolve_device(args.device)
+    os.environ.update(
+        {
+            "MMRAG_CLIP_MODEL": model_name,
+            "MMRAG_CLIP_PRETRAINED": "",
+            "MMRAG_CLIP_CHECKPOINT": str(checkpoint or ""),
+            "MMRAG_DEVICE": str(device),
+            "MMRAG_GPU_JPEG_DECODE": "auto",
+            "MMRAG_BATCH_SIZE": str(args.durable_batch_size),
+            "MMRAG_DECODE_THREADS": str(
+                args.gpu_decode_threads if device.type == "cuda" else args.decode_threads
+            ),
+        }
+    )
+    with tempfile.TemporaryDirectory(prefix="mmrag-encode-gpu-") as tmp:
+        corpus = Path(tmp) / "corpus"
+        corpus.mkdir()
+        for i, raw in enumerate(synthetic_jpegs(args.durable_images, seed=11)):
+            (corpus / f"photo-{i:06d}.jpg").write_bytes(raw)
+        state = Path(tmp) / "state"
+        stack = Stack(state, StackPorts.free())
+        try:
+            os.environ.update(stack_env(state, stack.up()))
+            get_settings.cache_clear()
+            worker = WorkerProcess.start(state, "all", dict(os.environ))
+            try:
+                n, size = args.durable_images, args.durable_batch_size
+                asyncio.run(durable("warmup", corpus, size, n))  # index version, warm model
+                bare_loop("warmup-bare", corpus, size)
+                bare_runs, durable_runs = [], []
+                for r in range(args.repeats):
+                    bare_runs.append(bare_loop(f"bare-{r}", corpus, size))
+                    durable_runs.append(asyncio.run(durable(f"durable-{r}", corpus, size, n)))
+                    print(
+                        f"durable round {r}: bare {bare_runs[-1]:.1f} img/s, "
+                        f"durable {durable_runs[-1]:.1f} img/s",
+                        flush=True,
+                    )
+            finally:
+                worker.stop()
+        finally:
+            stack.down()
+    bare_ips, durable_ips = statistics.median(bare_runs), statistics.median(durable_runs)
+    return {
+        "images": args.durable_images,
+        "batch_size": args.durable_batch_size,
+        "bare_img_s": round(bare_ips, 1),
+        "durable_img_s": round(durable_ips, 1),
+        "ratio": round(durable_ips / bare_ips, 3),
+        "goal_ratio_0_9_met": durable_ips / bare_ips >= 0.9 if device.type == "cuda" else None,
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -201,6 +353,7 @@ def measure(args: argparse.Namespace, model_name: str, checkpoint: Path | None) 
         )
     figures["pipeline_project_img_s"] = round(len(jpegs) / t, 1)
     figures["decode_threads"] = args.decode_threads
+    figures["jpeg_decode"] = jpeg_decode_paths(args, encoder, jpegs, best_bs)
 
     # 3. One text query, as encode_query runs it (no cache).
     queries = [f"a photo of item number {i} on a table" for i in range(args.queries)]
@@ -257,6 +410,14 @@ def report(f: dict) -> None:
     )
     print(f"min cosine fp16 vs fp32: {f['min_cosine_vs_fp32']}")
     print(f"ratio project/baseline: model {f['ratio_model']}x, pipeline {f['ratio_pipeline']}x")
+    j = f["jpeg_decode"]
+    print(
+        f"JPEG end to end: sandbox CPU decode {j['sandbox_cpu_decode_img_s']} img/s "
+        f"({j['sandbox_cpu_decode_threads']} threads), decode on {j['decoder_device']} "
+        f"{j['gpu_decode_img_s']} img/s ({j['gpu_decode_threads']} threads, "
+        f"{j['gpu_decode_fallbacks']} fallbacks), min cosine "
+        f"{j['min_cosine_gpu_vs_sandbox_decode']}"
+    )
 
 
 def main() -> None:
@@ -273,19 +434,36 @@ def main() -> None:
         "--torch-threads", type=int, default=0, help="0: the encoder's default, as in workers"
     )
     parser.add_argument("--tiny", action="store_true", help="also run the repo's tiny model")
+    parser.add_argument(
+        "--gpu-decode-threads",
+        type=int,
+        default=32,
+        help="decode threads with GPU decoding (they wait on the batched decode: a batch "
+        "holds at most this many JPEGs); MMRAG_DECODE_THREADS of the durable run on CUDA",
+    )
+    parser.add_argument(
+        "--durable-images",
+        type=int,
+        default=0,
+        help="JPEGs of the durable IngestBatch vs bare loop run (its own stack); 0: skip",
+    )
+    parser.add_argument("--durable-batch-size", type=int, default=128)
     args = parser.parse_args()
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     torch.manual_seed(0)
-    results = {"host": platform.node(), "torch": torch.__version__}
+    results: dict[str, Any] = {"host": platform.node(), "torch": torch.__version__}
     if torch.cuda.is_available():
         results["gpu"] = torch.cuda.get_device_name(0)
-    runs = [(args.model, None)]
+    runs: list[tuple[str, Path | None]] = [(args.model, None)]
     if args.tiny:
         runs.append((TINY_MODEL_NAME, TINY_CHECKPOINT_PATH))
     for name, checkpoint in runs:
         figures = measure(args, name, checkpoint)
         report(figures)
         results[name] = figures
+    if args.durable_images:
+        results["durable_vs_bare"] = durable_ratio(args, args.model, None)
+        print(f"durable IngestBatch / bare loop: {results['durable_vs_bare']}")
     print(json.dumps(results))
 
 
