@@ -6,7 +6,7 @@ decides the tenant. A body that names another tenant is refused (403) and audite
 asset, preview or ingest of another tenant is not found (404, the same answer as for an id
 that exists nowhere) and audited.
 
-One module of ~480 lines: the endpoints of one API version, which share the key, role and
+One module of ~520 lines: the endpoints of one API version, which share the key, role and
 tenant checks (``api_key``, ``role``, ``contract_input``) that must read the same everywhere.
 """
 
