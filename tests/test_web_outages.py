@@ -64,7 +64,9 @@ def test_temporal_down_is_a_503_and_the_server_serves_again_when_it_is_back(
         (tmp_path / name).write_bytes(png_bytes((48, 48), (200, 20, 20)))
     ask = {"json": {"text": "a red square", "generate": False}}
     ingest = {"json": {"sources": [tmp_path.as_uri()]}}
-    assert request(server, key, "GET", "/v1/me").status_code == 200
+    # An Ask first, so the server knows its queue: in the outage its start is what waits.
+    warm = request(server, key, "POST", "/v1/ask", **ask)
+    assert warm.status_code == 200, warm.text
     test_stack.stack.stop_service("temporal")
     try:
         with ThreadPoolExecutor(3) as pool:
