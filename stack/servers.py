@@ -56,6 +56,7 @@ HOW_TO_CHANGE: dict[str, str] = {
     "gcs": "StackPorts.gcs / MMRAG_STACK_GCS",
 }
 
+MILVUS_TIME_TICK_MS = 50  # proxy.timeTickInterval (Milvus's default 200): see Milvus.env()
 DATABASE_NAME = "mmrag"
 # Dynamic config of the embedded Temporal server, for Ask latency: the history service's
 # transfer-queue reader polls at most 20 times a second by default, a ~50 ms step per
@@ -467,6 +468,11 @@ class Milvus(Server):
                 # Milvus reads config keys from the environment as well (queryNode.
                 # gracefulStopTimeout as QUERYNODE_GRACEFULSTOPTIMEOUT).
                 "QUERYNODE_GRACEFULSTOPTIMEOUT": str(self.query_node_stop_s),
+                # proxy.timeTickInterval: a Strong read waits for the next time tick (200 ms
+                # by default; ~220 ms per read after a write, measured). Every ingest batch
+                # reads its rows back Strong for the lexical index (store/lexical.py): 50 ms
+                # cut that read to ~77 ms for a few % of one core at idle (docs/performance.md).
+                "PROXY_TIMETICKINTERVAL": str(MILVUS_TIME_TICK_MS),
                 "LD_LIBRARY_PATH": ":".join(p for p in (bin_dir, env.get("LD_LIBRARY_PATH")) if p),
             }
         )
