@@ -213,14 +213,12 @@ def durable_ratio(args: argparse.Namespace, model_name: str, checkpoint: Path | 
     files, on this device: the durable IngestBatch (a worker process, --role all) against
     the bare in-process loop, median of ``--repeats`` rounds each; both decode as the
     worker's settings say (on the GPU with a CUDA encoder: MMRAG_GPU_JPEG_DECODE=auto)."""
-    import asyncio
     import tempfile
 
     from bench.harness import stack_env
-    from bench.ingest import bare_loop, durable
+    from bench.ingest import alternate
     from settings import get_settings
     from stack.services import Stack, StackPorts
-    from starters.background import WorkerProcess
 
     device = resolve_device(args.device)
     os.environ.update(
@@ -246,25 +244,11 @@ def durable_ratio(args: argparse.Namespace, model_name: str, checkpoint: Path | 
         try:
             os.environ.update(stack_env(state, stack.up()))
             get_settings.cache_clear()
-            worker = WorkerProcess.start(state, "all", dict(os.environ))
-            try:
-                n, size = args.durable_images, args.durable_batch_size
-                asyncio.run(durable("warmup", corpus, size, n))  # index version, warm model
-                bare_loop("warmup-bare", corpus, size)
-                bare_runs, durable_runs = [], []
-                for r in range(args.repeats):
-                    bare_runs.append(bare_loop(f"bare-{r}", corpus, size))
-                    durable_runs.append(asyncio.run(durable(f"durable-{r}", corpus, size, n)))
-                    print(
-                        f"durable round {r}: bare {bare_runs[-1]:.1f} img/s, "
-                        f"durable {durable_runs[-1]:.1f} img/s",
-                        flush=True,
-                    )
-            finally:
-                worker.stop()
+            bare_ips, durable_ips = alternate(
+                state, corpus, args.durable_batch_size, args.durable_images, args.repeats, "jpeg"
+            )
         finally:
             stack.down()
-    bare_ips, durable_ips = statistics.median(bare_runs), statistics.median(durable_runs)
     return {
         "images": args.durable_images,
         "batch_size": args.durable_batch_size,

@@ -92,6 +92,30 @@ async def durable(tenant: str, corpus: Path, batch_size: int, expected: int) -> 
     return expected / elapsed
 
 
+def alternate(
+    state: Path, corpus: Path, batch_size: int, n: int, rounds: int, label: str
+) -> tuple[float, float]:
+    """Median images/s of the bare loop and of the durable pipeline (a worker process with
+    every role, on the stack of ``state``) over ``corpus``'s ``n`` objects, in alternating
+    rounds after one warm-up of each (it creates the index version and warms the models)."""
+    worker = WorkerProcess.start(state, "all", dict(os.environ))
+    try:
+        asyncio.run(durable("warmup", corpus, batch_size, n))
+        bare_loop("warmup-bare", corpus, batch_size)
+        bare_runs, durable_runs = [], []
+        for r in range(rounds):
+            bare_runs.append(bare_loop(f"bare-{r}", corpus, batch_size))
+            durable_runs.append(asyncio.run(durable(f"durable-{r}", corpus, batch_size, n)))
+            print(
+                f"{label} round {r}: bare {bare_runs[-1]:.1f} img/s, "
+                f"durable {durable_runs[-1]:.1f} img/s",
+                flush=True,
+            )
+    finally:
+        worker.stop()
+    return statistics.median(bare_runs), statistics.median(durable_runs)
+
+
 def measure(
     model: str, images: int, batch_size: int, rounds: int, image_size: int
 ) -> dict[str, float]:
@@ -108,25 +132,9 @@ def measure(
             corpus = Path(tmp) / "corpus"
             write_corpus(corpus, per_class=per_class, seed=1, size=image_size)
             n = per_class * 18
-            worker = WorkerProcess.start(state, "all", dict(os.environ))
-            try:
-                # Warm-up: creates the index version and warms both sides' models.
-                asyncio.run(durable("warmup", corpus, batch_size, n))
-                bare_loop("warmup-bare", corpus, batch_size)
-                bare_runs, durable_runs = [], []
-                for r in range(rounds):
-                    bare_runs.append(bare_loop(f"bare-{r}", corpus, batch_size))
-                    durable_runs.append(asyncio.run(durable(f"durable-{r}", corpus, batch_size, n)))
-                    print(
-                        f"{model} round {r}: bare {bare_runs[-1]:.1f} img/s, "
-                        f"durable {durable_runs[-1]:.1f} img/s",
-                        flush=True,
-                    )
-            finally:
-                worker.stop()
+            bare_ips, durable_ips = alternate(state, corpus, batch_size, n, rounds, model)
         finally:
             stack.down()
-    bare_ips, durable_ips = statistics.median(bare_runs), statistics.median(durable_runs)
     return {
         "images": n,
         "bare_ips": round(bare_ips, 2),
