@@ -305,7 +305,7 @@ class Settings(BaseSettings):
     index_type: Literal["HNSW", "IVF_SQ8", "IVF_PQ", "IVF_FLAT", "FLAT"] = "HNSW"
     hnsw_m: int = Field(default=16, ge=4, le=64)  # graph degree: memory and recall
     hnsw_ef_construction: int = Field(default=200, ge=8, le=1024)  # build effort
-    hnsw_ef: int = Field(default=128, ge=1, le=32768)  # search breadth: latency vs recall
+    hnsw_ef: int = Field(default=256, ge=1, le=32768)  # search breadth: latency vs recall
     ivf_nlist: int = Field(default=1024, ge=1, le=65536)  # clusters per segment
     ivf_nprobe: int = Field(default=32, ge=1, le=65536)  # clusters searched
     ivf_pq_m: int = Field(default=64, ge=1, le=1024)  # IVF_PQ sub-quantizers; divides the dim

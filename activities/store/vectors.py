@@ -104,7 +104,7 @@ class IndexConfig:
     index_type: str = "HNSW"
     hnsw_m: int = 16
     hnsw_ef_construction: int = 200
-    hnsw_ef: int = 128
+    hnsw_ef: int = 256
     ivf_nlist: int = 1024
     ivf_nprobe: int = 32
     ivf_pq_m: int = 64
