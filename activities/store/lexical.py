@@ -31,8 +31,7 @@ One module of ~410 lines: the table, its writers and its one query share the wor
 from __future__ import annotations
 
 import re
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -225,14 +224,13 @@ def index_assets(
     ingested: Sequence[str],
     failed: Sequence[str] = (),
     unchanged: Iterable[str] = (),
-    expected: Mapping[str, int] | None = None,
 ) -> int:
     """Copy the chunk rows an encode batch wrote for ``ingested`` assets from Milvus (Strong
     read of ``collection``) into the lexical index, replacing the assets' rows; ``failed``
     assets lose theirs, as they lost their vectors. Idempotent: a retried batch writes the
     same rows again; ``unchanged`` assets keep their captions (:func:`replace_assets`).
     ``store`` is a :class:`activities.store.vectors.VectorStore`."""
-    chunk_rows = _written_rows(store, collection, tenant, list(ingested), expected or {})
+    chunk_rows = store.chunk_rows(collection, tenant, list(ingested)) if ingested else []
     rows = [
         LexicalRow(
             tenant=tenant,
@@ -249,25 +247,6 @@ def index_assets(
     ]
     with engine.begin() as conn:
         return replace_assets(conn, tenant, [*ingested, *failed], rows, unchanged)
-
-
-def _written_rows(
-    store: Any, collection: str, tenant: str, ingested: list[str], expected: Mapping[str, int]
-) -> list[Any]:
-    """The rows an encode batch wrote for ``ingested``. When every asset is new (``expected``
-    names each with its chunk count, and none can have older rows under the same keys), a
-    read that does not wait for Milvus's next time tick is tried first and kept only if it
-    holds exactly the expected rows; anything else is read Strong, as always before."""
-    if not ingested:
-        return []
-    if expected and set(ingested) <= set(expected):
-        rows = store.chunk_rows(collection, tenant, ingested, strong=False)
-        counts = Counter(r.asset_id for r in rows)
-        if len(rows) == sum(expected[a] for a in ingested) and all(
-            counts.get(a, 0) == expected[a] for a in ingested
-        ):
-            return list(rows)
-    return list(store.chunk_rows(collection, tenant, ingested))
 
 
 def index_outcomes(
@@ -297,12 +276,7 @@ def index_outcomes(
     )
     if not collection:  # the version was dropped meanwhile: nothing to copy from
         ingested = []
-    # Assets the registry has never recorded have no older rows under their keys: their
-    # rows may be read without waiting for Milvus's time tick (checked by count).
-    expected = {
-        o.asset_id: o.chunks for o in outcomes if o.status == INGESTED and o.asset_id not in known
-    }
-    return index_assets(engine, store, collection, tenant, ingested, failed, unchanged, expected)
+    return index_assets(engine, store, collection, tenant, ingested, failed, unchanged)
 
 
 # -- reads ---------------------------------------------------------------------------------

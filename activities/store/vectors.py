@@ -533,14 +533,13 @@ class VectorStore:
                 return found
             last = max(row["pk"] for row in rows)
 
-    def chunk_rows(
-        self, collection: str, tenant: str, asset_ids: Sequence[str], strong: bool = True
-    ) -> list[ChunkRow]:
+    def chunk_rows(self, collection: str, tenant: str, asset_ids: Sequence[str]) -> list[ChunkRow]:
         """Every chunk row (without its vector) of these assets of one tenant, paged by
         primary key like :meth:`asset_generations`: what the lexical index copies from the
-        rows an encode batch just wrote (activities/store/lexical.py). Strong by default;
-        ``strong=False`` reads what Milvus has without waiting for its next time tick (the
-        caller checks it got every row it expects)."""
+        rows an encode batch just wrote (activities/store/lexical.py), so Strong: a row
+        inserted by another process is visible only after Milvus's next time tick (an
+        ``Eventually`` read found none of 108 batches' rows; the stack sets the tick to 50
+        ms, docs/performance.md)."""
         if not asset_ids:
             return []
         scope = f"tenant == {literal(tenant)} and {in_list('asset_id', asset_ids)}"
@@ -553,7 +552,7 @@ class VectorStore:
                 filter=f"({scope}) and pk > {literal(last)}",
                 output_fields=fields_,
                 limit=GENERATION_PAGE,
-                consistency_level="Strong" if strong else "Eventually",
+                consistency_level="Strong",
             )
             for row in rows:
                 tags = dict(str(t).partition("=")[::2] for t in row.get("tags") or [])
