@@ -71,8 +71,8 @@ PRIORITY_DYNAMIC_CONFIG = (
     # One partition per task queue: priority and fairness order tasks within a partition;
     # with the default 4, tenant B's tasks waited up to 4 s behind tenant A's backlog
     # (bench/fairness.py: B's wait for a slot ~50 -> ~16 ms at p50, the seconds-long tail
-    # gone; docs/scaling.md). One partition takes hundreds of tasks a second, well above
-    # what one host's queues dispatch.
+    # gone; docs/scaling.md). What one partition sustains at its limit was not measured;
+    # the bench's ~80 tasks a second and the test suite ran on one.
     "matching.numTaskqueueReadPartitions=1",
     "matching.numTaskqueueWritePartitions=1",
 )
